@@ -1,0 +1,46 @@
+"""FedAvg / FedIT: average A and B separately (same ranks required).
+
+Inexact by design: the product of the averages contains cross terms B_i A_j.
+It is the baseline the other methods are measured against.
+"""
+
+from __future__ import annotations
+
+from fedtune.aggregation.base import (
+    AggregationError,
+    Aggregator,
+    common_modules,
+    example_weights,
+    next_round,
+)
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
+
+
+class FedAvg(Aggregator):
+    name = "fedavg"
+    requires_equal_ranks = True
+
+    def aggregate(
+        self, updates: list[ClientUpdate], previous: GlobalAdapter | None
+    ) -> GlobalAdapter:
+        weights = example_weights(updates)
+        merged: dict[str, LoraFactors] = {}
+        for module in common_modules(updates):
+            parts = [u.factors[module] for u in updates]
+            ranks = {p.rank for p in parts}
+            if len(ranks) != 1:
+                raise AggregationError(
+                    f"fedavg needs equal ranks, module {module!r} has ranks {sorted(ranks)}; "
+                    "use flora, zeropad, hetlora or flexlora for mixed ranks"
+                )
+            scales = {p.scale for p in parts}
+            if len(scales) != 1:
+                raise AggregationError(
+                    f"fedavg needs equal scales, module {module!r} has {sorted(scales)}"
+                )
+            merged[module] = LoraFactors(
+                A=sum(w * p.A for w, p in zip(weights, parts, strict=True)),
+                B=sum(w * p.B for w, p in zip(weights, parts, strict=True)),
+                scale=parts[0].scale,
+            )
+        return GlobalAdapter(merged, round=next_round(previous))

@@ -1,0 +1,93 @@
+"""`fedtune` command line: simulate (more commands arrive with their issues)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from fedtune.config import ConfigError, load_scenario
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Federated fine-tuning of language models with quantized LoRA adapters.")
+console = Console(stderr=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One human line per round for the progress display."""
+    eval_loss = record.get("eval_loss")
+    held_out = "n/a" if eval_loss is None else f"{eval_loss:.4f}"
+    if record["round"] == 0:
+        return f"[bold]round 0/{rounds}[/] (before training)  held-out loss {held_out}"
+    dropped = f"  dropped {len(record['dropped'])}" if record.get("dropped") else ""
+    return (
+        f"[bold]round {record['round']}/{rounds}[/]  train loss {record['train_loss']:.4f}  "
+        f"held-out loss {held_out}  clients {record['clients_replied']}/"
+        f"{record['clients_sampled']}{dropped}  up {_fmt_bytes(record['bytes_up'])}  "
+        f"down {_fmt_bytes(record['bytes_down'])}  {record['seconds']:.1f} s"
+    )
+
+
+@app.command()
+def simulate(
+    scenario: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional here
+        None, "--scenario", "-s",
+        help="Scenario TOML file or bundled name (default: simulations/default.toml).",
+    ),
+    overrides: list[str] = typer.Option(  # noqa: B006
+        [], "--set", help="Override a scenario key: section.key=value (repeatable)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder for the run directory."),  # noqa: UP045
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's own logs."),
+) -> None:
+    """Run a federated fine-tuning simulation with virtual clients on this machine."""
+    from fedtune.simulate import SimulationError
+    from fedtune.simulate import simulate as run
+
+    try:
+        chosen = load_scenario(scenario, overrides)
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/] {err}")
+        raise typer.Exit(2) from None
+    rounds = chosen.run.rounds
+    console.print(
+        f"fedtune: [bold]{chosen.run.name}[/] — model {chosen.model.source} "
+        f"({chosen.model.quantization}), {chosen.data.num_clients} clients "
+        f"({chosen.data.source}), {rounds} rounds, aggregator {chosen.federation.aggregator}"
+    )
+    with console.status("starting the simulation engine and loading the model...") as status:
+        def progress(record: dict[str, Any]) -> None:
+            console.print(round_line(record, rounds))
+            status.update(f"round {record['round'] + 1}/{rounds} in progress...")
+
+        try:
+            run_dir = run(chosen, out, progress=progress, verbose=verbose)
+        except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(1) from None
+    console.print(f"[green]done[/]: run directory {run_dir}")
+    print(run_dir)
+
+
+@app.callback()
+def _root() -> None:
+    """fedtune command line."""
+
+
+def main() -> None:
+    app(prog_name="fedtune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

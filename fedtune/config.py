@@ -1,0 +1,307 @@
+"""Scenario files: TOML validated into typed, frozen config objects.
+
+A scenario has one table per section (``[run]``, ``[model]``, ``[lora]``, ``[data]``,
+``[train]``, ``[federation]``, ``[simulation]``). Each section is a dataclass; the
+section's own ``__post_init__`` checks values, this module checks keys and types, so
+every error names the key, the value and what is allowed before any work starts.
+The same keys can be overridden as ``section.key=value`` strings (``--set``) and
+travel to Flower apps as a flat run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedtune.model.loading import ModelSpec
+from fedtune.model.lora import LoraSpec
+from fedtune.train.local import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCENARIO_DIR = REPO_ROOT / "simulations"
+DEFAULT_SCENARIO = SCENARIO_DIR / "default.toml"
+
+
+class ConfigError(ValueError):
+    """A scenario key or value is wrong; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str = "fedtune"
+    seed: int = 0
+    rounds: int = 3
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
+        _require(bool(self.name.strip()), "name", self.name, "a non-empty string")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    source: str = "shakespeare"
+    path: str = ""
+    num_clients: int = 8
+    min_lines: int = 64
+    eval_fraction: float = 0.1
+    seq_len: int = 128
+    max_samples_per_client: int = 0  # 0 = no cap
+    max_eval_sequences: int = 0  # 0 = all held-out sequences
+
+    def __post_init__(self) -> None:
+        _require(self.source in ("shakespeare", "jsonl"), "source", self.source,
+                 "one of 'shakespeare', 'jsonl'")
+        _require(self.source != "jsonl" or bool(self.path), "path", self.path,
+                 "a file or directory of JSONL records when source = 'jsonl'")
+        _require(self.num_clients >= 1, "num_clients", self.num_clients, "an integer >= 1")
+        _require(self.min_lines >= 1, "min_lines", self.min_lines, "an integer >= 1")
+        _require(0.0 < self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction,
+                 "a number in (0, 1)")
+        _require(self.seq_len >= 8, "seq_len", self.seq_len, "an integer >= 8")
+        _require(self.max_samples_per_client >= 0, "max_samples_per_client",
+                 self.max_samples_per_client, "an integer >= 0 (0 = no cap)")
+        _require(self.max_eval_sequences >= 0, "max_eval_sequences", self.max_eval_sequences,
+                 "an integer >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    aggregator: str = "fedavg"
+    clients_per_round: int = 0  # 0 = every client, every round
+    min_clients: int = 1
+    round_timeout: float = 3600.0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        from fedtune.aggregation import available
+
+        _require(self.aggregator in available(), "aggregator", self.aggregator,
+                 f"one of {', '.join(available())}")
+        _require(self.clients_per_round >= 0, "clients_per_round", self.clients_per_round,
+                 "an integer >= 0 (0 = all clients)")
+        _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
+        _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
+        _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class SimulationSpec:
+    backend: str = "ray"
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.backend == "ray", "backend", self.backend, "'ray'")
+        _require(self.cpus_per_client > 0, "cpus_per_client", self.cpus_per_client, "> 0")
+        _require(self.gpus_per_client >= 0, "gpus_per_client", self.gpus_per_client, ">= 0")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    run: RunSpec = field(default_factory=RunSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationSpec = field(default_factory=FederationSpec)
+    simulation: SimulationSpec = field(default_factory=SimulationSpec)
+
+    def __post_init__(self) -> None:
+        n = self.data.num_clients
+        if self.federation.clients_per_round > n:
+            raise ConfigError(
+                f"federation.clients_per_round = {self.federation.clients_per_round} is larger "
+                f"than data.num_clients = {n}; allowed: 0 (all) to {n}"
+            )
+        if self.federation.min_clients > self.sampled_per_round:
+            raise ConfigError(
+                f"federation.min_clients = {self.federation.min_clients} exceeds the "
+                f"{self.sampled_per_round} clients sampled per round"
+            )
+
+    @property
+    def sampled_per_round(self) -> int:
+        return self.federation.clients_per_round or self.data.num_clients
+
+    # ---- conversions -------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            f.name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+            for f in dataclasses.fields(self)
+        }
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat ``section.key`` mapping of scalars (lists joined by commas) for Flower."""
+        flat: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+        return flat
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTION_TYPES = {
+    "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
+    "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
+}
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+# ---- building ---------------------------------------------------------------------
+def build_scenario(raw: Mapping[str, Any], origin: str = "scenario") -> Scenario:
+    """Validate a nested mapping (parsed TOML) into a :class:`Scenario`."""
+    unknown = sorted(set(raw) - set(_SECTION_TYPES))
+    if unknown:
+        raise ConfigError(
+            f"{origin}: unknown section [{unknown[0]}]; allowed sections: "
+            f"{', '.join(_SECTION_TYPES)}"
+        )
+    sections = {}
+    for name, cls in _SECTION_TYPES.items():
+        values = raw.get(name, {})
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: [{name}] must be a table, got {values!r}")
+        sections[name] = _build_section(name, cls, values, origin)
+    try:
+        return Scenario(**sections)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def _build_section(name: str, cls: type, values: Mapping[str, Any], origin: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for raw_key, value in values.items():
+        key = raw_key.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(
+                f"{origin}: unknown key {name}.{raw_key}; allowed keys in [{name}]: "
+                f"{', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key], origin)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{origin}: [{name}] {err}") from None
+
+
+def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
+    """Check a value against a field's type, converting where it is lossless."""
+    expected = _describe(hint)
+    origin_hint = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin_hint in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0], origin)
+    if origin_hint is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items):
+            return tuple(i.strip() for i in items if i.strip())
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{origin}: {key} = {value!r} has the wrong type; expected {expected}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "none"}.get(hint, str(hint))
+
+
+# ---- loading and overriding ----------------------------------------------------------
+def resolve_scenario_path(name: str | Path | None) -> Path:
+    """A path, or the name of a bundled scenario (``default``, ``tiny``, ...)."""
+    if name is None:
+        return DEFAULT_SCENARIO
+    path = Path(name)
+    if path.exists():
+        return path
+    bundled = SCENARIO_DIR / (path.name if path.suffix else f"{path.name}.toml")
+    if bundled.exists():
+        return bundled
+    choices = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+    raise ConfigError(f"scenario file {str(name)!r} not found; bundled scenarios: {choices}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value parsed as a TOML value or a string)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. run.rounds=2")
+    dotted, raw_value = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw_value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value.strip()
+    return section, key, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply flat ``section.key`` overrides onto a nested mapping (a copy)."""
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_scenario(path: str | Path | None = None, overrides: list[str] | None = None) -> Scenario:
+    """Read a scenario TOML file and apply ``section.key=value`` overrides."""
+    resolved = resolve_scenario_path(path)
+    try:
+        raw = tomllib.loads(resolved.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{resolved}: not valid TOML: {err}") from None
+    flat = {}
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        flat[f"{section}.{key}"] = value
+    return build_scenario(apply_overrides(raw, flat), origin=str(resolved))
+
+
+def scenario_from_flat(flat: Mapping[str, Any]) -> Scenario:
+    """Rebuild a scenario from a Flower run config.
+
+    ``scenario`` (a file) is read first when present; every ``section.key`` entry
+    then overrides it, so ``flwr run . --run-config 'run.rounds=2'`` works too.
+    """
+    base: dict[str, Any] = {}
+    if flat.get("scenario"):
+        base = tomllib.loads(resolve_scenario_path(str(flat["scenario"])).read_text())
+    dotted = {k: v for k, v in flat.items() if "." in k}
+    return build_scenario(apply_overrides(base, dotted), origin="run config")

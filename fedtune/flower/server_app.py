@@ -1,0 +1,90 @@
+"""The fedtune ServerApp: runs the rounds and keeps the run directory current."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune.config import Scenario, scenario_from_flat
+from fedtune.flower.strategy import FedtuneStrategy
+from fedtune.rundir import ADAPTER_DIR, RunRecorder, new_run_dir
+
+log = logging.getLogger("fedtune")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path) -> Path | None:
+    """Write the global adapter in peft format (loadable by ``PeftModel.from_pretrained``)."""
+    from fedtune.core.codec import scale_folded_state_dict
+    from fedtune.model.lora import base_model_name, save_peft_adapter
+
+    adapter = strategy.global_adapter
+    if adapter is None:
+        return None
+    ranks = {f.rank for f in adapter.factors.values()}
+    rank = max(ranks)
+    if len(ranks) != 1:
+        raise ValueError(f"cannot export an adapter with mixed module ranks {sorted(ranks)}")
+    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A.
+    state = scale_folded_state_dict(adapter.factors)
+    target = out / ADAPTER_DIR
+    save_peft_adapter(target, state, scenario.lora, base_model_name(scenario.model),
+                      rank=rank, alpha=float(rank))
+    return target
+
+
+def run_federation(
+    grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None
+) -> RunRecorder:
+    """Run every round of ``scenario`` on ``grid``, recording into ``run_dir``."""
+    recorder = RunRecorder(run_dir, scenario.to_dict())
+    report = progress or (lambda record: None)
+
+    def on_round(record: dict[str, Any]) -> None:
+        if record["round"] == 0:
+            if record["eval_loss"] is not None:
+                recorder.log_initial_eval(record["eval_loss"])
+        else:
+            recorder.log_round(record)
+        report(record)
+
+    strategy = FedtuneStrategy(scenario, on_client=recorder.log_client, on_round=on_round)
+    try:
+        strategy.run(grid)
+        save_global_adapter(strategy, scenario, run_dir)
+    except BaseException:
+        recorder.close("failed")
+        raise
+    recorder.close("completed")
+    return recorder
+
+
+def make_server_app(
+    scenario: Scenario | None = None,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+) -> ServerApp:
+    """A ServerApp bound to a scenario and run directory, or reading both from the run
+    config (``scenario`` file + ``section.key`` overrides, ``out`` folder) when None."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        chosen = scenario if scenario is not None else scenario_from_flat(context.run_config)
+        target = run_dir
+        if target is None:
+            out = str(context.run_config.get("out", chosen.run.out_dir))
+            target = new_run_dir(out, chosen.run.name)
+        log.info("fedtune: writing run directory %s", target)
+        run_federation(grid, chosen, target, progress)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,277 @@
+"""Flower Strategy adapter: Flower messages in, a fedtune aggregator in the middle.
+
+The strategy keeps the global adapter in factored form (core types), samples nodes
+with its own seeded generator (so a seeded run is reproducible), validates every
+reply before it reaches the aggregator (a bad reply is dropped with a logged reason
+and the round goes on), and reports each client and round to a recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.result import Result
+
+from fedtune.aggregation import get_aggregator
+from fedtune.config import Scenario
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter
+from fedtune.core.codec import CodecError
+from fedtune.flower import messages as keys
+
+log = logging.getLogger("fedtune")
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+class RoundFailedError(RuntimeError):
+    """Too few valid replies for the configured minimum."""
+
+
+@dataclass
+class RoundStats:
+    """What the strategy measured in one round (bytes from the actual arrays)."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sampled: int = 0
+    dropped: list[str] = field(default_factory=list)
+    client_records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FedtuneStrategy(Strategy):
+    """Runs fedtune's aggregators inside Flower's Strategy contract."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        on_client: RoundCallback | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.aggregator = get_aggregator(scenario.federation.aggregator)
+        self.global_adapter: GlobalAdapter | None = None
+        self.rng = random.Random(scenario.run.seed)
+        self.on_client = on_client or (lambda record: None)
+        self.on_round = on_round or (lambda record: None)
+        self.stats = RoundStats()
+
+    # ---- helpers ---------------------------------------------------------------------
+    def _sample_nodes(self, grid: Grid, wanted: int, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while len(nodes := sorted(grid.get_node_ids())) < wanted:
+            if time.monotonic() > deadline:
+                raise RoundFailedError(
+                    f"only {len(nodes)} nodes connected after {timeout:.0f} s, need {wanted}"
+                )
+            time.sleep(0.5)
+        return sorted(self.rng.sample(nodes, wanted))
+
+    def _payload(self) -> ArrayRecord:
+        if self.global_adapter is None:
+            return ArrayRecord()
+        rank = self.scenario.lora.rank
+        return keys.factors_to_record(self.aggregator.payload_for(self.global_adapter, rank))
+
+    def _messages(self, nodes: list[int], server_round: int, message_type: str) -> list[Message]:
+        payload = self._payload()
+        config = {keys.ROUND: server_round, keys.SEED: self.scenario.run.seed * 1000 + server_round}
+        self.stats.bytes_down += keys.record_nbytes(payload) * len(nodes)
+        return [
+            Message(content=keys.make_content(payload, config), message_type=message_type,
+                    dst_node_id=node)
+            for node in nodes
+        ]
+
+    def _decode(self, message: Message) -> ClientUpdate:
+        """Turn one reply into a ClientUpdate or raise ValueError with the reason."""
+        if message.has_error():
+            raise ValueError(f"client error: {message.error.reason}")
+        content = message.content
+        if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
+            raise ValueError("reply has no adapter or no metrics")
+        metrics = dict(content.metric_records[keys.METRICS])
+        num_examples = int(metrics.get(keys.NUM_EXAMPLES, 0))
+        if num_examples <= 0:
+            raise ValueError(f"num-examples must be positive, got {num_examples}")
+        try:
+            factors = keys.record_to_factors(
+                content.array_records[keys.ADAPTER], float(metrics.get(keys.LORA_SCALE, 1.0))
+            )
+        except CodecError as err:
+            raise ValueError(f"undecodable adapter: {err}") from None
+        if not factors:
+            raise ValueError("empty adapter")
+        bad = [name for name, f in factors.items() if not f.is_finite()]
+        if bad:
+            raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
+        self._check_shapes(factors)
+        return ClientUpdate(
+            factors=factors,
+            num_examples=num_examples,
+            client_id=str(int(metrics.get(keys.PARTITION, -1))),
+            metrics=metrics,
+        )
+
+    def _check_shapes(self, factors: dict) -> None:
+        expected = self.global_adapter
+        if expected is None or self.aggregator.client_mode != "continue":
+            return
+        if set(factors) != set(expected.factors):
+            unknown = sorted(set(factors) - set(expected.factors))[:3]
+            missing = sorted(set(expected.factors) - set(factors))[:3]
+            raise ValueError(f"module names differ (unknown {unknown}, missing {missing})")
+        for name, f in factors.items():
+            g = expected.factors[name]
+            if f.A.shape[1] != g.A.shape[1] or f.B.shape[0] != g.B.shape[0]:
+                raise ValueError(f"module {name} has shape {tuple(f.B.shape)}x{tuple(f.A.shape)}")
+
+    # ---- Strategy contract -------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.stats = RoundStats()
+        nodes = self._sample_nodes(
+            grid, self.scenario.sampled_per_round, self.scenario.federation.round_timeout
+        )
+        self.stats.sampled = len(nodes)
+        return self._messages(nodes, server_round, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates: list[ClientUpdate] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            try:
+                update = self._decode(message)
+            except ValueError as err:
+                self.stats.dropped.append(f"node {node}: {err}")
+                log.warning("round %d: dropped reply from node %s: %s", server_round, node, err)
+                continue
+            up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
+            self.stats.bytes_up += up
+            updates.append(update)
+            record = {"round": server_round, "phase": "train", "node_id": node,
+                      "client": update.client_id, "bytes_up": up,
+                      **{k.replace("-", "_"): v for k, v in update.metrics.items()}}
+            self.stats.client_records.append(record)
+            self.on_client(record)
+        minimum = self.scenario.federation.min_clients
+        if len(updates) < minimum:
+            raise RoundFailedError(
+                f"round {server_round}: {len(updates)} valid replies, fewer than "
+                f"federation.min_clients = {minimum}; dropped: {self.stats.dropped}"
+            )
+        start = time.perf_counter()
+        self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
+        aggregate_seconds = time.perf_counter() - start
+        total = sum(u.num_examples for u in updates)
+        metrics = MetricRecord({
+            "train-loss": sum(u.metrics[keys.TRAIN_LOSS] * u.num_examples for u in updates) / total,
+            "num-clients": len(updates),
+            "seconds-aggregate": aggregate_seconds,
+        })
+        return keys.factors_to_record(self.global_adapter.factors), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        every = self.scenario.federation.eval_every
+        last = server_round == self.scenario.run.rounds
+        if server_round % every and not last and server_round != 0:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        saved = self.stats.bytes_down
+        messages = self._messages(nodes, server_round, MessageType.EVALUATE)
+        self.stats.bytes_down = saved  # evaluation downloads are not training traffic
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        loss_sum, tokens = 0.0, 0
+        for message in replies:
+            if message.has_error():
+                log.warning("round %d: evaluation failed on node %s: %s", server_round,
+                            message.metadata.src_node_id, message.error.reason)
+                continue
+            m = message.content.metric_records[keys.METRICS]
+            loss_sum += float(m[keys.EVAL_LOSS]) * int(m[keys.EVAL_TOKENS])
+            tokens += int(m[keys.EVAL_TOKENS])
+            self.on_client({"round": server_round, "phase": "eval",
+                            "node_id": message.metadata.src_node_id,
+                            **{k.replace("-", "_"): v for k, v in m.items()}})
+        if tokens == 0:
+            return None
+        return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens})
+
+    def summary(self) -> None:
+        log.info("fedtune strategy: aggregator=%s rounds=%d clients/round=%d",
+                 self.aggregator.name, self.scenario.run.rounds, self.scenario.sampled_per_round)
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _evaluate(self, grid: Grid, server_round: int) -> float | None:
+        timeout = self.scenario.federation.round_timeout
+        messages = list(self.configure_evaluate(server_round, ArrayRecord(), ConfigRecord(), grid))
+        if not messages:
+            return None
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        metrics = self.aggregate_evaluate(server_round, replies)
+        return None if metrics is None else float(metrics["eval-loss"])
+
+    def run(self, grid: Grid, initial_eval: bool = True) -> Result:
+        """All rounds: train, aggregate, evaluate; report each round to ``on_round``."""
+        result = Result()
+        timeout = self.scenario.federation.round_timeout
+        if initial_eval:
+            loss = self._evaluate(grid, 0)
+            self.on_round({"round": 0, "eval_loss": loss})
+        for server_round in range(1, self.scenario.run.rounds + 1):
+            start = time.perf_counter()
+            messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(),
+                                                 grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            train_done = time.perf_counter()
+            arrays, train_metrics = self.aggregate_train(server_round, replies)
+            aggregate_done = time.perf_counter()
+            eval_loss = self._evaluate(grid, server_round)
+            result.arrays = arrays
+            record = {
+                "round": server_round,
+                "train_loss": float(train_metrics["train-loss"]),
+                "eval_loss": eval_loss,
+                "bytes_up": self.stats.bytes_up,
+                "bytes_down": self.stats.bytes_down,
+                "clients_sampled": self.stats.sampled,
+                "clients_replied": int(train_metrics["num-clients"]),
+                "dropped": list(self.stats.dropped),
+                "seconds": time.perf_counter() - start,
+                "seconds_train_phase": train_done - start,
+                "seconds_aggregate": aggregate_done - train_done,
+                "seconds_eval_phase": time.perf_counter() - aggregate_done,
+                **_client_time_breakdown(self.stats.client_records),
+            }
+            self.on_round(record)
+        return result
+
+
+def _client_time_breakdown(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean per-client seconds for model load, training and serialisation."""
+    if not records:
+        return {}
+    out = {}
+    for key in ("seconds_load", "seconds_train", "seconds_codec", "peak_memory_mb"):
+        values = [float(r[key]) for r in records if key in r]
+        if values:
+            out[f"client_{key}_mean" if key != "peak_memory_mb" else "peak_memory_mb_max"] = (
+                sum(values) / len(values) if key != "peak_memory_mb" else max(values)
+            )
+    return out

@@ -1,0 +1,143 @@
+"""The run directory: metrics as JSONL, a summary JSON, a loss plot, the final adapter.
+
+Every file that is rewritten (summary, plot, adapter) is written to a temporary name
+and renamed, so a crash never leaves a half-written file; ``metrics.jsonl`` is
+append-only and flushed line by line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+SCENARIO_FILE = "scenario.json"
+PLOT_FILE = "loss.png"
+ADAPTER_DIR = "adapter"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def new_run_dir(out_dir: str | Path, name: str) -> Path:
+    """A fresh, unique run directory ``<out_dir>/<name>-<UTC timestamp>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path(out_dir) / f"{name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+@dataclass
+class RunRecorder:
+    """Collects per-client and per-round metrics and keeps the run directory current."""
+
+    path: Path
+    scenario: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+
+    def __post_init__(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / SCENARIO_FILE, json.dumps(self.scenario, indent=2))
+        self._metrics = open(self.path / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
+        self.write_summary()
+
+    def log_client(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def log_initial_eval(self, eval_loss: float) -> None:
+        self.initial = {"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)}
+        self.write_summary()
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        record = dict(record)
+        record["eval_perplexity"] = perplexity(record.get("eval_loss"))
+        self.rounds.append(record)
+        self.write_summary()
+        self.write_plot()
+
+    def summary(self) -> dict[str, Any]:
+        last_eval = next((r for r in reversed(self.rounds) if r.get("eval_loss") is not None), {})
+        return {
+            "status": self.status,
+            "scenario": self.scenario,
+            "initial": self.initial,
+            "rounds": self.rounds,
+            "final": {
+                "round": last_eval.get("round"),
+                "eval_loss": last_eval.get("eval_loss"),
+                "eval_perplexity": last_eval.get("eval_perplexity"),
+            },
+            "totals": {
+                "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
+                "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
+                "seconds": sum(r.get("seconds", 0.0) for r in self.rounds),
+            },
+        }
+
+    def write_summary(self) -> None:
+        atomic_write_text(self.path / SUMMARY_FILE, json.dumps(self.summary(), indent=2))
+
+    def write_plot(self) -> None:
+        """Held-out and training loss per round (round 0 = before training)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        eval_points = [(0, self.initial["eval_loss"])] if self.initial else []
+        eval_points += [(r["round"], r["eval_loss"]) for r in self.rounds
+                        if r.get("eval_loss") is not None]
+        if eval_points:
+            ax.plot(*zip(*eval_points), marker="o", label="held-out loss")
+        train_points = [(r["round"], r["train_loss"]) for r in self.rounds
+                        if r.get("train_loss") is not None]
+        if train_points:
+            ax.plot(*zip(*train_points), marker="s", linestyle="--", label="train loss")
+        ax.set_xlabel("round")
+        ax.set_ylabel("loss (nats / token)")
+        ax.set_title(str(self.scenario.get("run", {}).get("name", "fedtune")))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{PLOT_FILE}.", suffix=".png")
+        os.close(fd)
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        os.replace(tmp, self.path / PLOT_FILE)
+
+    def close(self, status: str) -> None:
+        self.status = status
+        self.write_summary()
+        self._metrics.close()

@@ -1,0 +1,100 @@
+"""Single-machine simulation on Flower's simulation engine (Ray backend).
+
+Everything that can fail cheaply (scenario values, data, model location) is checked
+before the run directory is created or the engine starts, so a bad start leaves
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Scenario
+from fedtune.flower.server_app import Progress
+from fedtune.rundir import SUMMARY_FILE, new_run_dir
+
+log = logging.getLogger("fedtune")
+
+
+class SimulationError(RuntimeError):
+    """The simulation did not complete."""
+
+
+def preflight(scenario: Scenario) -> None:
+    """Fail before any work starts if data or model cannot be found."""
+    from fedtune.data import load_clients
+    from fedtune.model.loading import bundled_model_dir, check_model_source
+
+    data = scenario.data
+    clients = load_clients(
+        source=data.source, path=data.path or None, num_clients=data.num_clients,
+        min_lines=data.min_lines, eval_fraction=data.eval_fraction, seed=scenario.run.seed,
+        max_samples_per_client=data.max_samples_per_client or None,
+    )
+    if len(clients) < data.num_clients:
+        raise SimulationError(
+            f"data.num_clients = {data.num_clients} but the data has only {len(clients)} clients"
+        )
+    check_model_source(scenario.model.source)
+    if scenario.model.source == "smollm2":
+        bundled_model_dir()  # convert once here, not in every simulation worker at once
+
+
+def backend_config(scenario: Scenario) -> dict[str, Any]:
+    sim = scenario.simulation
+    cpus = os.cpu_count() or 1
+    if sim.cpus_per_client > cpus:
+        raise SimulationError(
+            f"simulation.cpus_per_client = {sim.cpus_per_client} exceeds the {cpus} CPUs here"
+        )
+    if sim.gpus_per_client > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SimulationError(
+                f"simulation.gpus_per_client = {sim.gpus_per_client} but no CUDA GPU is visible"
+            )
+    return {
+        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
+                      "log_to_driver": True},
+    }
+
+
+def simulate(
+    scenario: Scenario,
+    out_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Run ``scenario`` with virtual clients; return the run directory."""
+    from flwr.simulation import run_simulation
+
+    from fedtune.flower.client_app import make_client_app
+    from fedtune.flower.server_app import make_server_app
+
+    config = backend_config(scenario)
+    preflight(scenario)
+    run_dir = new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    try:
+        run_simulation(
+            server_app=make_server_app(scenario, run_dir, progress),
+            client_app=make_client_app(scenario),
+            num_supernodes=scenario.data.num_clients,
+            backend_name=scenario.simulation.backend,
+            backend_config=config,
+            verbose_logging=verbose,
+        )
+    except Exception as err:
+        raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})") from err
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    if summary.get("status") != "completed":
+        raise SimulationError(f"simulation ended with status {summary.get('status')!r}; "
+                              f"see {run_dir}")
+    return run_dir
