@@ -1,0 +1,82 @@
+"""FLoRA stacking, with the accumulated update held as a recompressed global adapter.
+
+This round's contribution is B = [s_1 B_1, ..., s_K B_K], A = [p_1 A_1; ...; p_K A_K],
+so B A = sum_k p_k s_k B_k A_k exactly for any mix of ranks. Unlike FLoRA, which merges
+that into the (possibly 4-bit) base weights and restarts, the server keeps the running
+sum of all rounds as a full-precision adapter: previous and this round are stacked and
+recompressed (factored SVD) to ``rank_budget``, so the download is bounded by the budget,
+not by the number of clients. Clients apply it frozen and train a fresh LoRA on top
+("residual" client mode); that fresh LoRA is what they send back.
+"""
+
+from __future__ import annotations
+
+from fedtune.aggregation.base import (
+    AggregationError,
+    Aggregator,
+    common_modules,
+    example_weights,
+    module_parts,
+    next_round,
+)
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
+from fedtune.core.lowrank import Split, check_split, stack, truncate
+
+
+class FLoRA(Aggregator):
+    """Exact stacking plus recompression of the accumulated update to a rank budget."""
+
+    name = "flora"
+    requires_equal_ranks = False
+    client_mode = "residual"
+
+    def __init__(self, rank_budget: int = 64, split: Split = "balanced") -> None:
+        if rank_budget < 1:
+            raise ValueError(f"rank_budget must be at least 1, got {rank_budget}")
+        self.rank_budget = rank_budget
+        self.split: Split = check_split(split)
+        #: Per module, ||exact - recompressed||_F / ||exact||_F of the last aggregate, where
+        #: "exact" is previous (as stored) + this round: the error this round's step added.
+        self.last_truncation_errors: dict[str, float] = {}
+
+    @property
+    def last_truncation_error(self) -> float:
+        """Worst relative truncation error over the modules of the last aggregate."""
+        return max(self.last_truncation_errors.values(), default=0.0)
+
+    def metrics(self) -> dict[str, float]:
+        errors = list(self.last_truncation_errors.values())
+        if not errors:
+            return {}
+        return {
+            "truncation_error_max": max(errors),
+            "truncation_error_mean": sum(errors) / len(errors),
+        }
+
+    def _accumulate(self, parts: list[LoraFactors], weights: list[float],
+                    carried: LoraFactors | None) -> tuple[LoraFactors, float]:
+        """Stack previous (weight 1) with this round and recompress to the budget."""
+        members = parts if carried is None else [carried, *parts]
+        member_weights = weights if carried is None else [1.0, *weights]
+        try:
+            B, A = stack(members, member_weights)
+        except ValueError as err:
+            raise AggregationError(str(err)) from None
+        result = truncate(B, A, self.rank_budget, split=self.split)
+        return LoraFactors(A=result.A, B=result.B, scale=1.0), result.relative_error
+
+    def aggregate(
+        self, updates: list[ClientUpdate], previous: GlobalAdapter | None
+    ) -> GlobalAdapter:
+        weights = example_weights(updates)
+        carried = {} if previous is None else dict(previous.factors)
+        merged: dict[str, LoraFactors] = {}
+        errors: dict[str, float] = {}
+        for module in common_modules(updates):
+            parts = module_parts(updates, module)
+            merged[module], errors[module] = self._accumulate(
+                parts, weights, carried.pop(module, None)
+            )
+        merged.update(carried)  # modules nobody trained this round keep their update
+        self.last_truncation_errors = errors
+        return GlobalAdapter(merged, round=next_round(previous))

@@ -1,0 +1,81 @@
+"""Zero-padding: pad every client to the largest rank, average, hand out slices.
+
+Client k's A_k [r_k, in] becomes [A_k; 0] and B_k [out, r_k] becomes [B_k, 0]; A and
+B are averaged separately (so, like FedAvg, the product has cross terms) and client k
+downloads the first r_k rows of A and columns of B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedtune.aggregation.base import (
+    Aggregator,
+    common_modules,
+    example_weights,
+    module_parts,
+    next_round,
+    shared_scale,
+    with_scale,
+)
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
+
+
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """Append zero rows up to ``rows``."""
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, t.shape[1])])
+
+
+def padded_average(parts: Sequence[LoraFactors], weights: Sequence[float]) -> LoraFactors:
+    """Weighted average of zero-padded A and B.
+
+    Clients that share a scale keep it; with mixed scales (peft's alpha / r differs
+    with r) each B_k is first multiplied by s_k, so the result has scale 1.0.
+    """
+    r_max = max(p.rank for p in parts)
+    scale = shared_scale(parts)
+    A = sum(w * pad_rows(p.A, r_max) for w, p in zip(weights, parts, strict=True))
+    B = sum(
+        (w * p.scale / scale) * pad_rows(p.B.T, r_max).T
+        for w, p in zip(weights, parts, strict=True)
+    )
+    return LoraFactors(A=A, B=B, scale=scale)
+
+
+def slice_rank(factors: LoraFactors, rank: int) -> LoraFactors:
+    """The first ``rank`` components (A[:r], B[:, :r]); the whole thing if it is smaller."""
+    return LoraFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
+
+
+class ZeroPad(Aggregator):
+    """Zero-padded weighted average with example weights p_k."""
+
+    name = "zeropad"
+    requires_equal_ranks = False
+
+    def client_weights(self, updates: list[ClientUpdate], module: str) -> list[float]:
+        """Weights of the average for one module: p_k here, overridden by hetlora."""
+        return example_weights(updates)
+
+    def aggregate(
+        self, updates: list[ClientUpdate], previous: GlobalAdapter | None
+    ) -> GlobalAdapter:
+        example_weights(updates)  # rejects an empty round with a clear error
+        merged = {
+            module: padded_average(
+                module_parts(updates, module), self.client_weights(updates, module)
+            )
+            for module in common_modules(updates)
+        }
+        return GlobalAdapter(merged, round=next_round(previous))
+
+    def payload_for(
+        self, adapter: GlobalAdapter, rank: int, scale: float | None = None
+    ) -> dict[str, LoraFactors]:
+        """The first ``rank`` components of every module."""
+        sliced = {name: slice_rank(f, rank) for name, f in adapter.factors.items()}
+        return with_scale(sliced, scale)

@@ -1,0 +1,17 @@
+"""Local training and evaluation of a causal LM on packed token blocks."""
+
+from __future__ import annotations
+
+from fedtune.train.evaluate import EvalResult, combine, evaluate
+from fedtune.train.local import SCHEDULES, TrainConfig, TrainResult, lr_at, train_local
+
+__all__ = [
+    "SCHEDULES",
+    "EvalResult",
+    "TrainConfig",
+    "TrainResult",
+    "combine",
+    "evaluate",
+    "lr_at",
+    "train_local",
+]
