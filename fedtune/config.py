@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+
+import tomllib
 
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec

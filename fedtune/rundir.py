@@ -121,11 +121,12 @@ class RunRecorder:
         eval_points += [(r["round"], r["eval_loss"]) for r in self.rounds
                         if r.get("eval_loss") is not None]
         if eval_points:
-            ax.plot(*zip(*eval_points), marker="o", label="held-out loss")
+            ax.plot(*zip(*eval_points, strict=True), marker="o", label="held-out loss")
         train_points = [(r["round"], r["train_loss"]) for r in self.rounds
                         if r.get("train_loss") is not None]
         if train_points:
-            ax.plot(*zip(*train_points), marker="s", linestyle="--", label="train loss")
+            ax.plot(*zip(*train_points, strict=True), marker="s", linestyle="--",
+                    label="train loss")
         ax.set_xlabel("round")
         ax.set_ylabel("loss (nats / token)")
         ax.set_title(str(self.scenario.get("run", {}).get("name", "fedtune")))

@@ -6,8 +6,8 @@ reused anywhere. The effective weight update of a module is ``scale * B @ A``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 from torch import Tensor
@@ -87,7 +87,9 @@ class GlobalAdapter:
     def delta(self, module: str) -> Tensor:
         """Dense effective update of one module."""
         if module not in self.factors:
-            raise KeyError(f"unknown module {module!r}; the adapter has {len(self.factors)} modules")
+            raise KeyError(
+                f"unknown module {module!r}; the adapter has {len(self.factors)} modules"
+            )
         return self.factors[module].delta()
 
     def num_parameters(self) -> int:

@@ -9,7 +9,7 @@ Everything here is plain tensors; the Flower ``ArrayRecord`` wrapper lives in
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor

@@ -13,17 +13,17 @@ import time
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
-from fedtune.data import ClientData, load_clients, pack_texts
+from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
 from fedtune.model.device import peak_memory_mb, pick_device
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import adapter_state, load_adapter_state, reset_lora
-from fedtune.train import evaluate, train_local
+from fedtune.train import EvalResult, evaluate, train_local
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,8 @@ class ClientBatch:
     """One client's tokenised partition: packed training and held-out sequences."""
 
     client_id: str
-    train: torch.Tensor
-    eval: torch.Tensor
+    train: torch.Tensor  # [n, seq_len] full packed blocks
+    eval: PackedData  # held-out blocks, the last one padded (labels mask the padding)
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,9 +61,9 @@ def _tokenised(scenario: Scenario, partition_id: int) -> ClientBatch:
     _, tokenizer = get_peft_model(scenario.model, scenario.lora, scenario.run.seed)
     seq_len = scenario.data.seq_len
     train = pack_texts(client.train, tokenizer, seq_len)
-    held_out = pack_texts(client.eval, tokenizer, seq_len)
-    if scenario.data.max_eval_sequences:
-        held_out = held_out[: scenario.data.max_eval_sequences]
+    held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
+    cap = scenario.data.max_eval_sequences or None
+    held_out = PackedData(held_out.input_ids[:cap], held_out.labels[:cap])
     if train.shape[0] == 0:
         raise ValueError(
             f"client {client.client_id} has no full training sequence of {seq_len} tokens; "
@@ -106,9 +106,22 @@ def _device(model_spec: ModelSpec) -> torch.device:
     return pick_device(model_spec.device)
 
 
+def _use_cpu_share(scenario: Scenario) -> None:
+    """One torch thread per CPU the engine gave this client (oversubscription is slow)."""
+    torch.set_num_threads(max(1, int(scenario.simulation.cpus_per_client)))
+
+
+def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: int) -> EvalResult:
+    """Held-out loss of ``model`` on one client's data (the number the server reports)."""
+    held_out = client_batch(scenario, partition_id).eval
+    return evaluate(model, held_out.input_ids, scenario.train.batch_size,
+                    _device(scenario.model), labels=held_out.labels)
+
+
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one train message: load payload, train locally, reply with the adapter."""
     partition = _partition_id(context)
+    _use_cpu_share(scenario)
     model, load_s = _prepare_model(scenario, message)
     data = client_batch(scenario, partition)
     config = message.content.config_records[keys.CONFIG]
@@ -133,13 +146,12 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
 def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one evaluate message: held-out loss of the received global adapter."""
     partition = _partition_id(context)
+    _use_cpu_share(scenario)
     model, _ = _prepare_model(scenario, message)
-    data = client_batch(scenario, partition)
     start = time.perf_counter()
-    batch_size = scenario.train.batch_size
-    result = evaluate(model, data.eval, batch_size, _device(scenario.model))
+    result = evaluate_client(model, scenario, partition)
     metrics = {
-        keys.NUM_EXAMPLES: int(data.eval.shape[0]),
+        keys.NUM_EXAMPLES: int(client_batch(scenario, partition).eval.input_ids.shape[0]),
         keys.EVAL_LOSS: float(result.loss),
         keys.EVAL_TOKENS: int(result.tokens),
         keys.PARTITION: partition,
@@ -165,4 +177,4 @@ def make_client_app(scenario: Scenario | None = None) -> ClientApp:
 
 app = make_client_app()
 
-__all__ = ["ArrayRecord", "app", "client_batch", "make_client_app"]
+__all__ = ["app", "client_batch", "evaluate_client", "make_client_app"]

@@ -9,7 +9,7 @@ A reply carries ``adapter`` (train only) and ``metrics`` (MetricRecord).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict

@@ -1,0 +1,62 @@
+"""Per-process cache of LoRA-wrapped base models.
+
+Loading a base model costs seconds and hundreds of MB; a simulation process serves many
+virtual clients over many rounds, so it loads once and callers swap adapter state in
+(``load_adapter_state`` / ``reset_lora``) instead of reloading. Use a run-level seed in
+the key, not a per-client one, or every client pays a full load.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple
+
+from peft import PeftModel
+
+from fedtune.model.loading import ModelSpec, load_base_model
+from fedtune.model.lora import LoraSpec, attach_lora
+
+_Key = tuple[ModelSpec, LoraSpec, int]
+
+
+class CacheInfo(NamedTuple):
+    """``loads``: base models loaded; ``hits``: calls served from memory; ``size``: entries."""
+
+    loads: int
+    hits: int
+    size: int
+
+
+_lock = threading.Lock()
+_entries: dict[_Key, tuple[PeftModel, Any]] = {}
+_stats = {"loads": 0, "hits": 0}
+
+
+def get_peft_model(model_spec: ModelSpec, lora_spec: LoraSpec, seed: int) -> tuple[PeftModel, Any]:
+    """Return the process-wide (model, tokenizer) for this key, loading on first use.
+
+    The returned object is shared: its adapter holds whatever the last caller left, so
+    reset or load adapter state before use.
+    """
+    key = (model_spec, lora_spec, int(seed))
+    with _lock:  # held while loading so concurrent callers never load the same model twice
+        if key in _entries:
+            _stats["hits"] += 1
+            return _entries[key]
+        base, tokenizer = load_base_model(model_spec)
+        entry = (attach_lora(base, lora_spec, seed), tokenizer)
+        _entries[key] = entry
+        _stats["loads"] += 1
+        return entry
+
+
+def cache_info() -> CacheInfo:
+    with _lock:
+        return CacheInfo(loads=_stats["loads"], hits=_stats["hits"], size=len(_entries))
+
+
+def clear() -> None:
+    """Drop cached models (and reset counters) so their memory can be reclaimed."""
+    with _lock:
+        _entries.clear()
+        _stats.update(loads=0, hits=0)

@@ -1,0 +1,273 @@
+"""LoRA adapters on top of a frozen (optionally quantized) base, via peft.
+
+Federated clients only ever exchange the adapter tensors, so this module owns the
+round trip: seeded attach/reset, state extraction/loading with strict key checks, and
+export to a folder that ``PeftModel.from_pretrained`` understands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass
+from numbers import Integral, Real
+from pathlib import Path
+
+import torch
+from peft import (
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from fedtune.model._fsutil import atomic_directory
+from fedtune.model.loading import base_model_name
+
+__all__ = [
+    "LoraSpec",
+    "adapter_state",
+    "attach_lora",
+    "base_model_name",
+    "load_adapter_state",
+    "reset_lora",
+    "save_peft_adapter",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_A_SUFFIX = ".lora_A.weight"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters; the update applied to a module is ``scale * B @ A``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, Integral) or self.rank < 1:
+            raise ValueError(f"LoraSpec.rank must be an integer >= 1, got {self.rank!r}")
+        if not isinstance(self.alpha, Real) or not self.alpha > 0:
+            raise ValueError(f"LoraSpec.alpha must be a number > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, Real) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(
+                "LoraSpec.target_modules must be a non-empty tuple of module names, "
+                f"got {self.target_modules!r}"
+            )
+        # Normalise (e.g. numpy ints, lists from TOML) so equal specs hash equal.
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _lora_config(spec: LoraSpec, **overrides: object) -> LoraConfig:
+    kwargs: dict[str, object] = {
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": list(spec.target_modules),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    return LoraConfig(**(kwargs | overrides))
+
+
+# --------------------------------------------------------------------------- attach / init
+
+
+def _linear_leaf_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of Linear modules (bnb Linear4bit/8bitLt included)."""
+    names = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    return sorted(names)
+
+
+def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
+    """Fail with the available names instead of peft's bare 'not found'."""
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        available = ", ".join(_linear_leaf_names(model)[:12]) or "(none)"
+        raise ValueError(
+            f"LoRA target module(s) {missing} match no module in {type(model).__name__}; "
+            f"linear modules that exist: {available}"
+        )
+
+
+def _is_kbit(model: nn.Module) -> bool:
+    return bool(
+        getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    )
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """Per-module seed so a module's A depends only on (seed, name), not on other targets."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _seeded_init(model: nn.Module, seed: int) -> None:
+    """peft's default init (A ~ kaiming-uniform(a=sqrt 5), B = 0), from a CPU generator.
+
+    Drawing on CPU makes A identical across processes and devices for the same seed.
+    """
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, lora_a in module.lora_A.items():
+            generator = torch.Generator(device="cpu").manual_seed(_module_seed(seed, name))
+            fresh = torch.empty(lora_a.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            with torch.no_grad():
+                lora_a.weight.copy_(fresh)
+                module.lora_B[adapter].weight.zero_()
+
+
+def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int) -> PeftModel:
+    """Wrap ``model`` with trainable LoRA on ``spec.target_modules``; the base stays frozen.
+
+    Returned in eval mode (peft leaves a mix of modes); trainers call ``.train()``.
+    """
+    _check_targets(model, spec.target_modules)
+    if _is_kbit(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    with torch.random.fork_rng(devices=[]):  # peft's own init must not shift the caller's RNG
+        peft_model = get_peft_model(model, _lora_config(spec))
+    _seeded_init(peft_model, seed)
+    return peft_model.eval()
+
+
+def reset_lora(model: PeftModel, seed: int) -> None:
+    """Put LoRA weights back to the state ``attach_lora(..., seed)`` would produce."""
+    _seeded_init(model, seed)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _lora_tensors(model: PeftModel) -> dict[str, Tensor]:
+    """Live LoRA tensors. ``save_embedding_layers=False``: clients never ship embeddings,
+    and peft's 'auto' probes the Hub for the base config on every call."""
+    return get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def adapter_state(model: PeftModel) -> dict[str, Tensor]:
+    """LoRA tensors under peft's portable keys, as detached fp32 CPU copies."""
+    return {
+        key: value.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        for key, value in _lora_tensors(model).items()
+    }
+
+
+def _describe(keys: list[str], limit: int = 5) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _state_mismatches(expected: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing keys: {_describe(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_describe(unexpected)}")
+    wrong = [
+        f"{key} has shape {tuple(state[key].shape)}, model expects {tuple(expected[key].shape)}"
+        for key in sorted(set(expected) & set(state))
+        if tuple(state[key].shape) != tuple(expected[key].shape)
+    ]
+    if wrong:
+        problems.append(f"shape mismatches: {_describe(wrong, 3)}")
+    return problems
+
+
+def load_adapter_state(model: PeftModel, state: dict[str, Tensor]) -> None:
+    """Copy exactly the model's LoRA keys from ``state``; anything else is a ValueError."""
+    problems = _state_mismatches(_lora_tensors(model), state)
+    if problems:
+        raise ValueError("adapter state does not fit this model: " + "; ".join(problems))
+    result = set_peft_model_state_dict(model, state)
+    leftover = [k for k in [*result.missing_keys, *result.unexpected_keys] if "lora_" in k]
+    if leftover:
+        raise ValueError(f"peft did not load LoRA keys: {_describe(sorted(leftover))}")
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _module_ranks(state: dict[str, Tensor]) -> dict[str, int]:
+    """Rank per adapted module, keyed by module path relative to the base model."""
+    ranks = {}
+    for key, value in state.items():
+        if key.endswith(_LORA_A_SUFFIX):
+            module = key.removesuffix(_LORA_A_SUFFIX).removeprefix(_PEFT_PREFIX)
+            ranks[module] = int(value.shape[0])
+    if not ranks:
+        raise ValueError("adapter state holds no '*.lora_A.weight' tensors; nothing to save")
+    return ranks
+
+
+def _export_config(
+    state: dict[str, Tensor], spec: LoraSpec, name: str, rank: int | None, alpha: float | None
+) -> LoraConfig:
+    """Config for the saved tensors, whose rank may differ from training (e.g. stacking).
+
+    The scale alpha/rank is preserved unless ``alpha`` is given; modules whose rank differs
+    from the main one get ``rank_pattern``/``alpha_pattern`` entries with the same scale.
+    """
+    ranks = _module_ranks(state)
+    main_rank = rank if rank is not None else Counter(ranks.values()).most_common(1)[0][0]
+    if alpha is None:
+        alpha = spec.alpha if main_rank == spec.rank else spec.scale * main_rank
+    scale = alpha / main_rank
+    odd = {module: r for module, r in sorted(ranks.items()) if r != main_rank}
+    return _lora_config(
+        spec,
+        r=main_rank,
+        lora_alpha=alpha,
+        rank_pattern=odd,
+        alpha_pattern={module: scale * r for module, r in odd.items()},
+        base_model_name_or_path=name,
+    )
+
+
+def save_peft_adapter(
+    out_dir: str | Path,
+    state: dict[str, Tensor],
+    spec: LoraSpec,
+    base_model_name: str,
+    rank: int | None = None,
+    alpha: float | None = None,
+) -> Path:
+    """Write a standard peft adapter folder atomically; returns its path.
+
+    ``rank``/``alpha`` override the spec when the exported tensors were re-shaped by the
+    aggregator; by default the rank is read from the tensors.
+    """
+    out = Path(out_dir)
+    config = _export_config(state, spec, base_model_name, rank, alpha)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+    with atomic_directory(out) as tmp:
+        config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,74 @@
+"""The `fedtune` command as a real process: bad input fails early and leaves nothing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedtune.config import ConfigError, load_scenario
+
+FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDTUNE, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.stepz=3", "unknown key train.stepz"),
+        ("model.quantization=3bit", "'3bit'"),
+        ("lora.rank=0", "rank"),
+        ("data.eval_fraction=1.5", "eval_fraction"),
+        ("train.lr=fast", "train.lr = 'fast' has the wrong type"),
+        ("federation.aggregator=magic", "fedavg"),
+        ("nosuch.key=1", "unknown section [nosuch]"),
+        ("federation.clients_per_round=9", "larger than data.num_clients"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_scenario("tiny", [override])
+    assert fragment in str(err.value)
+
+
+def test_bad_scenario_exits_nonzero_and_writes_nothing(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("simulate", "-s", "tiny", "--set", "train.stepz=3", "--out", str(out),
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "unknown key train.stepz" in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_data_path_fails_before_the_engine_starts(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("simulate", "-s", "tiny", "--set", "data.source='jsonl'",
+                   "--set", f"data.path='{tmp_path / 'nope'}'", "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "nope" in proc.stderr
+    assert not out.exists()
+
+
+def test_missing_model_says_what_was_looked_for(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("simulate", "-s", "tiny", "--set", "model.source='/no/such/model-dir'",
+                   "--out", str(out), cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "/no/such/model-dir" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_runs_a_one_round_simulation(tmp_path):
+    out = tmp_path / "runs"
+    proc = run_cli("simulate", "-s", "tiny", "--set", "run.rounds=1", "--out", str(out),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and len(summary["rounds"]) == 1
+    assert "round 1/1" in proc.stderr and "held-out loss" in proc.stderr
