@@ -80,6 +80,7 @@ class FederationSpec:
     min_clients: int = 1
     round_timeout: float = 3600.0
     eval_every: int = 1
+    rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -91,6 +92,35 @@ class FederationSpec:
         _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        _require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
+
+    def aggregator_options(self) -> dict[str, Any]:
+        """Options of the chosen aggregator that come from scenario keys."""
+        return {"rank_budget": self.rank_budget} if self.aggregator == "flora" else {}
+
+
+@dataclass(frozen=True)
+class ClientsSpec:
+    """Device profiles per client: a list cycled over clients, or a mix by proportion.
+
+    Empty (the default): every client uses ``[lora]``, ``[model]`` and ``[train]`` as
+    given. With profiles, each client's rank, alpha, quantization, batch size and sequence
+    length come from its profile (``rank = "auto"`` asks the memory estimator).
+    """
+
+    profiles: tuple[str, ...] = ()
+    mix: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(not (self.profiles and self.mix), "profiles", list(self.profiles),
+                 "either clients.profiles or clients.mix, not both")
+
+    def __hash__(self) -> int:
+        return hash((self.profiles, tuple(sorted(self.mix.items()))))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.profiles or self.mix)
 
 
 @dataclass(frozen=True)
@@ -114,6 +144,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationSpec = field(default_factory=FederationSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
+    clients: ClientsSpec = field(default_factory=ClientsSpec)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -144,7 +175,11 @@ class Scenario:
         flat: dict[str, Any] = {}
         for section, values in self.to_dict().items():
             for key, value in values.items():
-                flat[f"{section}.{key}"] = ",".join(value) if isinstance(value, list) else value
+                if isinstance(value, list):
+                    value = ",".join(value)
+                elif isinstance(value, dict):
+                    value = ",".join(f"{k}={v}" for k, v in value.items())
+                flat[f"{section}.{key}"] = value
         return flat
 
     def to_json(self) -> str:
@@ -154,6 +189,7 @@ class Scenario:
 _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
+    "clients": ClientsSpec,
 }
 
 
@@ -215,7 +251,16 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0], origin)
-    if origin_hint is tuple:
+    if origin_hint is dict:
+        if isinstance(value, str):  # the flat form "a=0.5,b=0.5"
+            pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+            if all(len(p) == 2 for p in pairs):
+                value = {k.strip(): _number(v) for k, v in pairs}
+        if isinstance(value, Mapping) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+        ):
+            return {str(k): float(v) for k, v in value.items()}
+    elif origin_hint is tuple:
         items = value.split(",") if isinstance(value, str) else value
         if isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items):
             return tuple(i.strip() for i in items if i.strip())
@@ -236,7 +281,16 @@ def _coerce(key: str, value: Any, hint: Any, origin: str) -> Any:
     raise ConfigError(f"{origin}: {key} = {value!r} has the wrong type; expected {expected}")
 
 
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is dict:
+        return "a table of name = proportion"
     if typing.get_origin(hint) is tuple:
         return "a list of strings"
     if typing.get_origin(hint) in (types.UnionType, typing.Union):

@@ -26,6 +26,7 @@ class SimulationError(RuntimeError):
 
 def preflight(scenario: Scenario) -> None:
     """Fail before any work starts if data or model cannot be found."""
+    from fedtune.assignments import check_ranks_fit_model, client_settings
     from fedtune.data import load_clients
     from fedtune.model.loading import bundled_model_dir, check_model_source
 
@@ -42,6 +43,8 @@ def preflight(scenario: Scenario) -> None:
     check_model_source(scenario.model.source)
     if scenario.model.source == "smollm2":
         bundled_model_dir()  # convert once here, not in every simulation worker at once
+    settings = client_settings(scenario)  # profiles, ranks the aggregator can serve
+    check_ranks_fit_model(scenario, settings)
 
 
 def backend_config(scenario: Scenario) -> dict[str, Any]:

@@ -11,18 +11,30 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from peft import PeftModel
 
+from fedtune.assignments import ClientSettings
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
 from fedtune.model.device import peak_memory_mb, pick_device
-from fedtune.model.loading import ModelSpec
-from fedtune.model.lora import adapter_state, load_adapter_state, reset_lora
+from fedtune.model.loading import ModelSpec, load_tokenizer
+from fedtune.model.lora import (
+    GLOBAL_ADAPTER,
+    LoraSpec,
+    activate,
+    adapter_name,
+    adapter_state,
+    load_adapter_state,
+    load_frozen_global,
+    reset_lora,
+)
 from fedtune.train import EvalResult, evaluate, train_local
 
 
@@ -51,15 +63,14 @@ def _all_clients(data: DataSpec, seed: int) -> tuple[ClientData, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _tokenised(scenario: Scenario, partition_id: int) -> ClientBatch:
+def _tokenised(scenario: Scenario, partition_id: int, seq_len: int) -> ClientBatch:
     clients = _all_clients(scenario.data, scenario.run.seed)
     if not 0 <= partition_id < len(clients):
         raise ValueError(
             f"partition-id {partition_id} is out of range: the scenario has {len(clients)} clients"
         )
     client = clients[partition_id]
-    _, tokenizer = get_peft_model(scenario.model, scenario.lora, scenario.run.seed)
-    seq_len = scenario.data.seq_len
+    tokenizer = _tokenizer(scenario.model.source)
     train = pack_texts(client.train, tokenizer, seq_len)
     held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
     cap = scenario.data.max_eval_sequences or None
@@ -72,9 +83,16 @@ def _tokenised(scenario: Scenario, partition_id: int) -> ClientBatch:
     return ClientBatch(client.client_id, train, held_out)
 
 
-def client_batch(scenario: Scenario, partition_id: int) -> ClientBatch:
+def client_batch(scenario: Scenario, partition_id: int, seq_len: int | None = None
+                 ) -> ClientBatch:
     """The packed data of one client (public so tests and evaluators use the same data)."""
-    return _tokenised(scenario, partition_id)
+    return _tokenised(scenario, partition_id, seq_len or scenario.data.seq_len)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(source: str) -> Any:
+    """One tokenizer per process (quantization does not change it)."""
+    return load_tokenizer(source)
 
 
 def _scenario(bound: Scenario | None, context: Context) -> Scenario:
@@ -90,15 +108,46 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _prepare_model(scenario: Scenario, message: Message) -> tuple[torch.nn.Module, float]:
-    """Cached model with the message's adapter loaded (or the seeded init); load seconds."""
+def _settings(message: Message, context: Context) -> ClientSettings:
+    settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
+    if settings.partition != _partition_id(context):
+        raise ValueError(f"settings for partition {settings.partition} sent to partition "
+                         f"{_partition_id(context)}")
+    return settings
+
+
+def _model(scenario: Scenario, settings: ClientSettings) -> tuple[PeftModel, LoraSpec]:
+    """The cached base (this client's quantization) with this client's LoRA active."""
+    lora = settings.lora_spec(scenario.lora)
+    model, _ = get_peft_model(settings.model_spec(scenario.model), lora, scenario.run.seed)
+    return model, lora
+
+
+def _payload(message: Message) -> dict[str, torch.Tensor]:
+    return keys.record_to_state(message.content.array_records[keys.ADAPTER])
+
+
+def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message: Message
+                          ) -> tuple[PeftModel, float]:
+    """Cached model set up as the server asked; returns it and the set-up seconds.
+
+    continue: the payload (or the shared seeded init) is the trainable LoRA's start.
+    residual: a fresh seeded LoRA trains on top of the payload, applied frozen.
+    """
     start = time.perf_counter()
-    model, _ = get_peft_model(scenario.model, scenario.lora, scenario.run.seed)
-    state = keys.record_to_state(message.content.array_records[keys.ADAPTER])
-    if state:
-        load_adapter_state(model, state)
-    else:
+    config = message.content.config_records[keys.CONFIG]
+    model, lora = _model(scenario, settings)
+    local = adapter_name(lora)
+    state = _payload(message)
+    residual = config.get(keys.MODE, "continue") == "residual"
+    if residual or not state:
         reset_lora(model, scenario.run.seed)
+    else:
+        load_adapter_state(model, state)
+    if residual and state:
+        load_frozen_global(model, state, lora)
+    activate(model, local, with_global=residual and bool(state),
+             freeze_A=bool(config.get(keys.FREEZE_A, False)))
     return model, time.perf_counter() - start
 
 
@@ -111,31 +160,32 @@ def _use_cpu_share(scenario: Scenario) -> None:
     torch.set_num_threads(max(1, int(scenario.simulation.cpus_per_client)))
 
 
-def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: int) -> EvalResult:
+def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: int,
+                    seq_len: int | None = None, batch_size: int | None = None) -> EvalResult:
     """Held-out loss of ``model`` on one client's data (the number the server reports)."""
-    held_out = client_batch(scenario, partition_id).eval
-    return evaluate(model, held_out.input_ids, scenario.train.batch_size,
+    held_out = client_batch(scenario, partition_id, seq_len).eval
+    return evaluate(model, held_out.input_ids, batch_size or scenario.train.batch_size,
                     _device(scenario.model), labels=held_out.labels)
 
 
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
-    """Handle one train message: load payload, train locally, reply with the adapter."""
-    partition = _partition_id(context)
+    """Handle one train message: set up the payload, train locally, reply with the LoRA."""
     _use_cpu_share(scenario)
-    model, load_s = _prepare_model(scenario, message)
-    data = client_batch(scenario, partition)
+    settings = _settings(message, context)
+    model, setup_s = _prepare_for_training(scenario, settings, message)
+    data = client_batch(scenario, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
-    round_seed = int(config.get(keys.SEED, scenario.run.seed)) * 100_003 + partition
-    result = train_local(model, data.train, scenario.train, round_seed, _device(scenario.model))
+    round_seed = int(config[keys.SEED]) * 100_003 + settings.partition
+    result = train_local(model, data.train, settings.train_config(scenario.train), round_seed,
+                         _device(scenario.model))
     codec_start = time.perf_counter()
     adapter = keys.state_to_record(adapter_state(model))
     codec_s = time.perf_counter() - codec_start
     metrics = {
         keys.NUM_EXAMPLES: int(data.train.shape[0]),
         keys.TRAIN_LOSS: float(result.loss),
-        keys.LORA_SCALE: float(scenario.lora.scale),
-        keys.PARTITION: partition,
-        keys.SECONDS_LOAD: load_s,
+        keys.PARTITION: settings.partition,
+        keys.SECONDS_LOAD: setup_s,
         keys.SECONDS_TRAIN: float(result.seconds),
         keys.SECONDS_CODEC: codec_s,
         keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
@@ -144,20 +194,35 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
 
 
 def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
-    """Handle one evaluate message: held-out loss of the received global adapter."""
-    partition = _partition_id(context)
+    """Handle one evaluate message: held-out loss of exactly the global adapter."""
     _use_cpu_share(scenario)
-    model, _ = _prepare_model(scenario, message)
+    settings = _settings(message, context)
+    model, lora = _model(scenario, settings)
+    state = _payload(message)
     start = time.perf_counter()
-    result = evaluate_client(model, scenario, partition)
+    if state:
+        load_frozen_global(model, state, lora)
+        model.base_model.set_adapter([GLOBAL_ADAPTER])
+        result = evaluate_client(model, scenario, settings.partition, settings.seq_len,
+                                 settings.batch_size)
+    else:
+        with model.disable_adapter():
+            result = evaluate_client(model, scenario, settings.partition, settings.seq_len,
+                                     settings.batch_size)
     metrics = {
-        keys.NUM_EXAMPLES: int(client_batch(scenario, partition).eval.input_ids.shape[0]),
+        keys.NUM_EXAMPLES: int(client_batch(scenario, settings.partition, settings.seq_len)
+                               .eval.input_ids.shape[0]),
         keys.EVAL_LOSS: float(result.loss),
         keys.EVAL_TOKENS: int(result.tokens),
-        keys.PARTITION: partition,
+        keys.PARTITION: settings.partition,
         keys.SECONDS_EVAL: time.perf_counter() - start,
     }
     return keys.reply(message, metrics)
+
+
+def query_message(message: Message, context: Context) -> Message:
+    """Tell the server which client (partition) this node is."""
+    return keys.reply(message, {keys.PARTITION: _partition_id(context)})
 
 
 def make_client_app(scenario: Scenario | None = None) -> ClientApp:
@@ -171,6 +236,10 @@ def make_client_app(scenario: Scenario | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
         return evaluate_message(_scenario(scenario, context), message, context)
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return query_message(message, context)
 
     return app
 

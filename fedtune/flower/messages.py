@@ -21,9 +21,11 @@ ADAPTER = "adapter"
 CONFIG = "config"
 METRICS = "metrics"
 
-# config keys (server -> client)
+# config keys (server -> client); the client's settings travel as "client.*" keys
 ROUND = "round"
 SEED = "seed"
+MODE = "mode"  # "continue" | "residual" (see fedtune.aggregation.base.Aggregator)
+FREEZE_A = "freeze-a"
 
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"

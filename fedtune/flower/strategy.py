@@ -21,9 +21,10 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
 from fedtune.aggregation import get_aggregator
+from fedtune.assignments import ClientSettings, client_settings
 from fedtune.config import Scenario
-from fedtune.core.adapters import ClientUpdate, GlobalAdapter
-from fedtune.core.codec import CodecError
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
+from fedtune.core.codec import CodecError, scale_folded_state_dict
 from fedtune.flower import messages as keys
 
 log = logging.getLogger("fedtune")
@@ -56,15 +57,19 @@ class FedtuneStrategy(Strategy):
         on_round: RoundCallback | None = None,
     ) -> None:
         self.scenario = scenario
-        self.aggregator = get_aggregator(scenario.federation.aggregator)
+        self.aggregator = get_aggregator(scenario.federation.aggregator,
+                                         **scenario.federation.aggregator_options())
+        self.settings = client_settings(scenario)
+        self.node_partition: dict[int, int] = {}
         self.global_adapter: GlobalAdapter | None = None
+        self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
         self.rng = random.Random(scenario.run.seed)
         self.on_client = on_client or (lambda record: None)
         self.on_round = on_round or (lambda record: None)
         self.stats = RoundStats()
 
     # ---- helpers ---------------------------------------------------------------------
-    def _sample_nodes(self, grid: Grid, wanted: int, timeout: float) -> list[int]:
+    def _wait_for_nodes(self, grid: Grid, wanted: int, timeout: float) -> list[int]:
         deadline = time.monotonic() + timeout
         while len(nodes := sorted(grid.get_node_ids())) < wanted:
             if time.monotonic() > deadline:
@@ -72,26 +77,86 @@ class FedtuneStrategy(Strategy):
                     f"only {len(nodes)} nodes connected after {timeout:.0f} s, need {wanted}"
                 )
             time.sleep(0.5)
-        return sorted(self.rng.sample(nodes, wanted))
+        return nodes
 
-    def _payload(self) -> ArrayRecord:
+    def discover(self, grid: Grid) -> None:
+        """Ask every node which client (partition) it is, so the server can send each
+        node the settings of its own device profile."""
+        timeout = self.scenario.federation.round_timeout
+        nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients, timeout)
+        unknown = [n for n in nodes if n not in self.node_partition]
+        if not unknown:
+            return
+        queries = [Message(content=keys.make_content(None, {keys.ROUND: 0}),
+                           message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=timeout):
+            if reply.has_error():
+                log.warning("node %s did not say who it is: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            partition = int(reply.content.metric_records[keys.METRICS][keys.PARTITION])
+            if not 0 <= partition < len(self.settings):
+                log.warning("node %s reports partition %d, outside 0..%d; ignored",
+                            reply.metadata.src_node_id, partition, len(self.settings) - 1)
+                continue
+            self.node_partition[reply.metadata.src_node_id] = partition
+
+    def _sample_nodes(self, grid: Grid, wanted: int) -> list[int]:
+        self.discover(grid)
+        known = sorted(self.node_partition)
+        if len(known) < wanted:
+            raise RoundFailedError(f"{len(known)} nodes identified themselves, need {wanted}")
+        return sorted(self.rng.sample(known, wanted))
+
+    def _settings(self, node: int) -> ClientSettings:
+        return self.settings[self.node_partition[node]]
+
+    def _train_payload(self, settings: ClientSettings) -> dict[str, LoraFactors]:
         if self.global_adapter is None:
-            return ArrayRecord()
-        rank = self.scenario.lora.rank
-        return keys.factors_to_record(self.aggregator.payload_for(self.global_adapter, rank))
+            return {}
+        scale = settings.alpha / settings.rank
+        return self.aggregator.payload_for(self.global_adapter, settings.rank, scale=scale)
 
-    def _messages(self, nodes: list[int], server_round: int, message_type: str) -> list[Message]:
-        payload = self._payload()
-        config = {keys.ROUND: server_round, keys.SEED: self.scenario.run.seed * 1000 + server_round}
-        self.stats.bytes_down += keys.record_nbytes(payload) * len(nodes)
-        return [
-            Message(content=keys.make_content(payload, config), message_type=message_type,
-                    dst_node_id=node)
-            for node in nodes
-        ]
+    def _train_messages(self, nodes: list[int], server_round: int) -> list[Message]:
+        """One message per node: its payload, its settings, the round's seed and mode."""
+        records: dict[tuple[int, float], ArrayRecord] = {}  # one encoding per (rank, alpha)
+        messages = []
+        for node in nodes:
+            settings = self._settings(node)
+            key = (settings.rank, settings.alpha)
+            if key not in records:
+                records[key] = keys.factors_to_record(self._train_payload(settings))
+            payload = records[key]
+            self.stats.bytes_down += keys.record_nbytes(payload)
+            config = {keys.ROUND: server_round, keys.SEED: self._round_seed(server_round),
+                      keys.MODE: self.aggregator.client_mode,
+                      keys.FREEZE_A: self.aggregator.freeze_A, **settings.to_config()}
+            messages.append(Message(content=keys.make_content(payload, config),
+                                    message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def _round_seed(self, server_round: int) -> int:
+        return self.scenario.run.seed * 1000 + server_round
+
+    def _eval_messages(self, nodes: list[int], server_round: int) -> list[Message]:
+        """Every node evaluates exactly the global adapter (scale folded into B), the
+        same tensors that are exported at the end of the run."""
+        state = {} if self.global_adapter is None else scale_folded_state_dict(
+            self.global_adapter.factors)
+        payload = keys.state_to_record(state)
+        messages = []
+        for node in nodes:
+            config = {keys.ROUND: server_round, **self._settings(node).to_config()}
+            messages.append(Message(content=keys.make_content(payload, config),
+                                    message_type=MessageType.EVALUATE, dst_node_id=node))
+        return messages
 
     def _decode(self, message: Message) -> ClientUpdate:
         """Turn one reply into a ClientUpdate or raise ValueError with the reason."""
+        node = message.metadata.src_node_id
+        if node not in self.node_partition:
+            raise ValueError("reply from a node that was not sampled")
+        settings = self._settings(node)
         if message.has_error():
             raise ValueError(f"client error: {message.error.reason}")
         content = message.content
@@ -103,7 +168,7 @@ class FedtuneStrategy(Strategy):
             raise ValueError(f"num-examples must be positive, got {num_examples}")
         try:
             factors = keys.record_to_factors(
-                content.array_records[keys.ADAPTER], float(metrics.get(keys.LORA_SCALE, 1.0))
+                content.array_records[keys.ADAPTER], settings.alpha / settings.rank
             )
         except CodecError as err:
             raise ValueError(f"undecodable adapter: {err}") from None
@@ -112,37 +177,39 @@ class FedtuneStrategy(Strategy):
         bad = [name for name, f in factors.items() if not f.is_finite()]
         if bad:
             raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
-        self._check_shapes(factors)
+        self._check_shapes(factors, settings.rank)
         return ClientUpdate(
             factors=factors,
             num_examples=num_examples,
-            client_id=str(int(metrics.get(keys.PARTITION, -1))),
-            metrics=metrics,
+            client_id=str(settings.partition),
+            metrics={**metrics, "rank": settings.rank},
         )
 
-    def _check_shapes(self, factors: dict) -> None:
-        expected = self.global_adapter
-        if expected is None or self.aggregator.client_mode != "continue":
-            return
-        if set(factors) != set(expected.factors):
-            unknown = sorted(set(factors) - set(expected.factors))[:3]
-            missing = sorted(set(expected.factors) - set(factors))[:3]
-            raise ValueError(f"module names differ (unknown {unknown}, missing {missing})")
-        for name, f in factors.items():
-            g = expected.factors[name]
-            if f.A.shape[1] != g.A.shape[1] or f.B.shape[0] != g.B.shape[0]:
-                raise ValueError(f"module {name} has shape {tuple(f.B.shape)}x{tuple(f.A.shape)}")
+    def _check_shapes(self, factors: dict[str, LoraFactors], rank: int) -> None:
+        """Rank as assigned; module names and (in, out) as every other client's."""
+        wrong_rank = sorted({f.rank for f in factors.values() if f.rank != rank})
+        if wrong_rank:
+            raise ValueError(f"rank {wrong_rank} instead of the assigned rank {rank}")
+        if self.expected:
+            if set(factors) != set(self.expected):
+                unknown = sorted(set(factors) - set(self.expected))[:3]
+                missing = sorted(set(self.expected) - set(factors))[:3]
+                raise ValueError(f"module names differ (unknown {unknown}, missing {missing})")
+            for name, f in factors.items():
+                if (f.in_features, f.out_features) != self.expected[name]:
+                    raise ValueError(
+                        f"module {name} is {f.out_features}x{f.in_features}, expected "
+                        f"{self.expected[name][1]}x{self.expected[name][0]}"
+                    )
 
     # ---- Strategy contract -------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.stats = RoundStats()
-        nodes = self._sample_nodes(
-            grid, self.scenario.sampled_per_round, self.scenario.federation.round_timeout
-        )
+        nodes = self._sample_nodes(grid, self.scenario.sampled_per_round)
         self.stats.sampled = len(nodes)
-        return self._messages(nodes, server_round, MessageType.TRAIN)
+        return self._train_messages(nodes, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -156,6 +223,9 @@ class FedtuneStrategy(Strategy):
                 self.stats.dropped.append(f"node {node}: {err}")
                 log.warning("round %d: dropped reply from node %s: %s", server_round, node, err)
                 continue
+            if not self.expected:
+                self.expected = {n: (f.in_features, f.out_features)
+                                 for n, f in update.factors.items()}
             up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
             self.stats.bytes_up += up
             updates.append(update)
@@ -178,6 +248,7 @@ class FedtuneStrategy(Strategy):
             "train-loss": sum(u.metrics[keys.TRAIN_LOSS] * u.num_examples for u in updates) / total,
             "num-clients": len(updates),
             "seconds-aggregate": aggregate_seconds,
+            **{k.replace("_", "-"): float(v) for k, v in self.aggregator.metrics().items()},
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics
 
@@ -188,11 +259,8 @@ class FedtuneStrategy(Strategy):
         last = server_round == self.scenario.run.rounds
         if server_round % every and not last and server_round != 0:
             return []
-        nodes = sorted(grid.get_node_ids())
-        saved = self.stats.bytes_down
-        messages = self._messages(nodes, server_round, MessageType.EVALUATE)
-        self.stats.bytes_down = saved  # evaluation downloads are not training traffic
-        return messages
+        self.discover(grid)
+        return self._eval_messages(sorted(self.node_partition), server_round)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -253,6 +321,8 @@ class FedtuneStrategy(Strategy):
                 "clients_sampled": self.stats.sampled,
                 "clients_replied": int(train_metrics["num-clients"]),
                 "dropped": list(self.stats.dropped),
+                **{k.replace("-", "_"): v for k, v in train_metrics.items()
+                   if k not in ("train-loss", "num-clients", "seconds-aggregate")},
                 "seconds": time.perf_counter() - start,
                 "seconds_train_phase": train_done - start,
                 "seconds_aggregate": aggregate_done - train_done,

@@ -1,9 +1,11 @@
 """Per-process cache of LoRA-wrapped base models.
 
 Loading a base model costs seconds and hundreds of MB; a simulation process serves many
-virtual clients over many rounds, so it loads once and callers swap adapter state in
-(``load_adapter_state`` / ``reset_lora``) instead of reloading. Use a run-level seed in
-the key, not a per-client one, or every client pays a full load.
+virtual clients over many rounds, so it loads each base (model spec) once and callers
+swap adapter state in (``load_adapter_state`` / ``reset_lora``) instead of reloading.
+Clients of different LoRA ranks share the base: each LoRA spec is its own (small)
+adapter on it, and the one asked for is made the active, trainable one. Use a run-level
+seed in the key, not a per-client one, or every client pays a full load.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from typing import Any, NamedTuple
 from peft import PeftModel
 
 from fedtune.model.loading import ModelSpec, load_base_model
-from fedtune.model.lora import LoraSpec, attach_lora
+from fedtune.model.lora import LoraSpec, activate, adapter_name, attach_lora, ensure_adapter
 
-_Key = tuple[ModelSpec, LoraSpec, int]
+_Key = tuple[ModelSpec, int]
 
 
 class CacheInfo(NamedTuple):
@@ -36,15 +38,18 @@ def get_peft_model(model_spec: ModelSpec, lora_spec: LoraSpec, seed: int) -> tup
     """Return the process-wide (model, tokenizer) for this key, loading on first use.
 
     The returned object is shared: its adapter holds whatever the last caller left, so
-    reset or load adapter state before use.
+    reset or load adapter state before use. The adapter for ``lora_spec`` is the only
+    active one on return.
     """
-    key = (model_spec, lora_spec, int(seed))
+    key = (model_spec, int(seed))
     with _lock:  # held while loading so concurrent callers never load the same model twice
         if key in _entries:
             _stats["hits"] += 1
-            return _entries[key]
+            model, tokenizer = _entries[key]
+            activate(model, ensure_adapter(model, lora_spec, seed))
+            return model, tokenizer
         base, tokenizer = load_base_model(model_spec)
-        entry = (attach_lora(base, lora_spec, seed), tokenizer)
+        entry = (attach_lora(base, lora_spec, seed, adapter=adapter_name(lora_spec)), tokenizer)
         _entries[key] = entry
         _stats["loads"] += 1
         return entry

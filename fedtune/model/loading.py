@@ -33,7 +33,7 @@ from transformers import (
 
 from fedtune.model._fsutil import atomic_directory, file_lock
 from fedtune.model.device import is_valid_device, pick_device
-from fedtune.model.tiny import build_tiny_model
+from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -398,6 +398,27 @@ def check_model_source(source: str) -> None:
     snapshot = _cached_snapshot(source)
     if snapshot is None and (_hub_offline() or not _hub_reachable()):
         raise _hub_error(source, None)
+
+
+def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of ``source`` (no weights): data can be tokenised once per
+    process whatever quantization each client's base uses."""
+    source = source.strip()
+    if source == "smollm2":
+        tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    elif parse_tiny_seed(source) is not None:
+        tokenizer = build_byte_tokenizer()
+    else:
+        path = _local_path(source)
+        if path is not None and path.suffix == ".gguf":
+            tokenizer = _load_gguf_tokenizer(path)
+        elif path is not None:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(_cached_snapshot(source) or source)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:

@@ -32,13 +32,19 @@ from fedtune.model._fsutil import atomic_directory
 from fedtune.model.loading import base_model_name
 
 __all__ = [
+    "GLOBAL_ADAPTER",
     "LoraSpec",
+    "activate",
+    "adapter_name",
     "adapter_state",
     "attach_lora",
     "base_model_name",
+    "ensure_adapter",
     "load_adapter_state",
+    "load_frozen_global",
     "reset_lora",
     "save_peft_adapter",
+    "training_adapter",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -125,7 +131,7 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _seeded_init(model: nn.Module, seed: int) -> None:
+def _seeded_init(model: nn.Module, seed: int, only: str | None = None) -> None:
     """peft's default init (A ~ kaiming-uniform(a=sqrt 5), B = 0), from a CPU generator.
 
     Drawing on CPU makes A identical across processes and devices for the same seed.
@@ -134,6 +140,8 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
         if not isinstance(module, LoraLayer):
             continue
         for adapter, lora_a in module.lora_A.items():
+            if only is not None and adapter != only:
+                continue
             generator = torch.Generator(device="cpu").manual_seed(_module_seed(seed, name))
             fresh = torch.empty(lora_a.weight.shape, dtype=torch.float32)
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
@@ -142,7 +150,9 @@ def _seeded_init(model: nn.Module, seed: int) -> None:
                 module.lora_B[adapter].weight.zero_()
 
 
-def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int) -> PeftModel:
+def attach_lora(
+    model: PreTrainedModel, spec: LoraSpec, seed: int, adapter: str = "default"
+) -> PeftModel:
     """Wrap ``model`` with trainable LoRA on ``spec.target_modules``; the base stays frozen.
 
     Returned in eval mode (peft leaves a mix of modes); trainers call ``.train()``.
@@ -151,23 +161,89 @@ def attach_lora(model: PreTrainedModel, spec: LoraSpec, seed: int) -> PeftModel:
     if _is_kbit(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with torch.random.fork_rng(devices=[]):  # peft's own init must not shift the caller's RNG
-        peft_model = get_peft_model(model, _lora_config(spec))
-    _seeded_init(peft_model, seed)
+        peft_model = get_peft_model(model, _lora_config(spec), adapter_name=adapter)
+    _seeded_init(peft_model, seed, adapter)
     return peft_model.eval()
 
 
 def reset_lora(model: PeftModel, seed: int) -> None:
-    """Put LoRA weights back to the state ``attach_lora(..., seed)`` would produce."""
-    _seeded_init(model, seed)
+    """Put the training adapter back to the state ``attach_lora(..., seed)`` would produce."""
+    _seeded_init(model, seed, training_adapter(model))
+
+
+# --------------------------------------------------------------------------- several adapters
+# One base model serves clients of different ranks (one adapter per LoRA spec) and can
+# carry a frozen full-precision "global" adapter under the trainable one (FLoRA-style
+# residual training on a quantized base that is never modified).
+
+GLOBAL_ADAPTER = "global"
+
+
+def adapter_name(spec: LoraSpec) -> str:
+    """Stable adapter name for a LoRA spec (keys in state dicts never include it)."""
+    digest = hashlib.sha256(repr(spec).encode()).hexdigest()[:8]
+    return f"r{spec.rank}_{digest}"
+
+
+def training_adapter(model: PeftModel) -> str:
+    """The active adapter that trains (the first active one that is not the global one)."""
+    for name in model.active_adapters:
+        if name != GLOBAL_ADAPTER:
+            return name
+    raise ValueError("the model has no active trainable adapter")
+
+
+def ensure_adapter(model: PeftModel, spec: LoraSpec, seed: int) -> str:
+    """Add (seeded) an adapter for ``spec`` unless the model has one; return its name."""
+    name = adapter_name(spec)
+    if name not in model.peft_config:
+        _check_targets(model, spec.target_modules)
+        with torch.random.fork_rng(devices=[]):
+            model.add_adapter(name, _lora_config(spec))
+        _seeded_init(model, seed, name)
+    return name
+
+
+def activate(model: PeftModel, adapter: str, with_global: bool = False,
+             freeze_A: bool = False) -> None:
+    """Make ``adapter`` the trainable one; optionally stack the frozen global adapter under
+    it, and optionally freeze its A factors (FFA-LoRA trains B only)."""
+    names = [adapter, GLOBAL_ADAPTER] if with_global else [adapter]
+    model.base_model.set_adapter(names)  # active adapters become trainable, others frozen
+    for name, param in model.named_parameters():
+        if with_global and f".{GLOBAL_ADAPTER}." in name:
+            param.requires_grad_(False)
+        elif freeze_A and f"lora_A.{adapter}." in name:
+            param.requires_grad_(False)
+
+
+def load_frozen_global(model: PeftModel, state: dict[str, Tensor], spec: LoraSpec) -> None:
+    """Install ``state`` (scale 1: ``B @ A`` is the update) as the frozen global adapter."""
+    ranks = set(_module_ranks(state).values())
+    if len(ranks) != 1:
+        raise ValueError(f"global adapter must have one rank for all modules, got {sorted(ranks)}")
+    rank = ranks.pop()
+    config = model.peft_config.get(GLOBAL_ADAPTER)
+    if config is not None and config.r != rank:
+        model.delete_adapter(GLOBAL_ADAPTER)
+        config = None
+    if config is None:
+        global_spec = LoraSpec(rank=rank, alpha=float(rank), dropout=0.0,
+                               target_modules=spec.target_modules)
+        with torch.random.fork_rng(devices=[]):
+            model.add_adapter(GLOBAL_ADAPTER, _lora_config(global_spec))
+    _load_into(model, state, GLOBAL_ADAPTER)
 
 
 # --------------------------------------------------------------------------- state
 
 
-def _lora_tensors(model: PeftModel) -> dict[str, Tensor]:
+def _lora_tensors(model: PeftModel, adapter: str | None = None) -> dict[str, Tensor]:
     """Live LoRA tensors. ``save_embedding_layers=False``: clients never ship embeddings,
     and peft's 'auto' probes the Hub for the base config on every call."""
-    return get_peft_model_state_dict(model, save_embedding_layers=False)
+    return get_peft_model_state_dict(
+        model, adapter_name=adapter or training_adapter(model), save_embedding_layers=False
+    )
 
 
 def adapter_state(model: PeftModel) -> dict[str, Tensor]:
@@ -203,11 +279,17 @@ def _state_mismatches(expected: dict[str, Tensor], state: dict[str, Tensor]) -> 
 
 def load_adapter_state(model: PeftModel, state: dict[str, Tensor]) -> None:
     """Copy exactly the model's LoRA keys from ``state``; anything else is a ValueError."""
-    problems = _state_mismatches(_lora_tensors(model), state)
+    _load_into(model, state, training_adapter(model))
+
+
+def _load_into(model: PeftModel, state: dict[str, Tensor], adapter: str) -> None:
+    problems = _state_mismatches(_lora_tensors(model, adapter), state)
     if problems:
         raise ValueError("adapter state does not fit this model: " + "; ".join(problems))
-    result = set_peft_model_state_dict(model, state)
-    leftover = [k for k in [*result.missing_keys, *result.unexpected_keys] if "lora_" in k]
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter)
+    # peft lists every other adapter's keys as missing; only this adapter's count
+    leftover = [k for k in [*result.missing_keys, *result.unexpected_keys]
+                if "lora_" in k and f".{adapter}." in k]
     if leftover:
         raise ValueError(f"peft did not load LoRA keys: {_describe(sorted(leftover))}")
 

@@ -1,0 +1,130 @@
+"""What each client trains with: rank, alpha, quantization, batch size, sequence length.
+
+Without device profiles every client uses the scenario's ``[lora]``, ``[model]`` and
+``[train]`` values. With profiles (``[clients]``), each client's settings come from its
+profile, resolved against the model's dimensions by the memory estimator. The server is
+authoritative: it computes these settings and sends them to each node with every
+message, and checks that replies match them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from fedtune.aggregation import AggregationError, get_aggregator
+from fedtune.config import ConfigError, Scenario
+from fedtune.model.loading import ModelSpec
+from fedtune.model.lora import LoraSpec
+from fedtune.train.local import TrainConfig
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """The settings one client trains with in this federation."""
+
+    partition: int
+    profile: str
+    rank: int
+    alpha: float
+    quantization: str
+    batch_size: int
+    seq_len: int
+    speed_factor: float = 1.0
+
+    def lora_spec(self, base: LoraSpec) -> LoraSpec:
+        return replace(base, rank=self.rank, alpha=self.alpha)
+
+    def model_spec(self, base: ModelSpec) -> ModelSpec:
+        return replace(base, quantization=self.quantization)
+
+    def train_config(self, base: TrainConfig) -> TrainConfig:
+        return replace(base, batch_size=self.batch_size)
+
+    def to_config(self) -> dict[str, Any]:
+        """As ConfigRecord entries (prefixed so they never clash with other keys)."""
+        return {f"client.{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ClientSettings:
+        values = {k.removeprefix("client."): v for k, v in config.items()
+                  if k.startswith("client.")}
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ValueError(f"message carries incomplete client settings: {err}") from None
+
+
+def _uniform(scenario: Scenario, partition: int) -> ClientSettings:
+    return ClientSettings(
+        partition=partition, profile="", rank=scenario.lora.rank, alpha=scenario.lora.alpha,
+        quantization=scenario.model.quantization, batch_size=scenario.train.batch_size,
+        seq_len=scenario.data.seq_len,
+    )
+
+
+def _from_profiles(scenario: Scenario) -> list[ClientSettings]:
+    from fedtune.model.memory import model_dims
+    from fedtune.profiles import assign_profiles, load_profile, resolve_profile
+
+    spec = scenario.clients
+    names = assign_profiles(scenario.data.num_clients, spec.mix or list(spec.profiles),
+                            scenario.run.seed)
+    dims = model_dims(scenario.model.source)
+    resolved = {
+        name: resolve_profile(load_profile(name), dims, scenario.lora.target_modules)
+        for name in sorted(set(names))
+    }
+    return [
+        ClientSettings(
+            partition=i, profile=name, rank=resolved[name].rank, alpha=resolved[name].alpha,
+            quantization=resolved[name].quantization, batch_size=resolved[name].batch_size,
+            seq_len=min(resolved[name].seq_len, scenario.data.seq_len),
+            speed_factor=resolved[name].speed_factor,
+        )
+        for i, name in enumerate(names)
+    ]
+
+
+@functools.lru_cache(maxsize=16)
+def client_settings(scenario: Scenario) -> tuple[ClientSettings, ...]:
+    """Settings of every client (index = partition id), checked against the aggregator."""
+    if scenario.clients.enabled:
+        try:
+            settings = _from_profiles(scenario)
+        except ValueError as err:  # ProfileError, MemoryBudgetError
+            raise ConfigError(f"[clients] {err}") from None
+    else:
+        settings = [_uniform(scenario, i) for i in range(scenario.data.num_clients)]
+    check_ranks(scenario, [s.rank for s in settings])
+    return tuple(settings)
+
+
+def check_ranks(scenario: Scenario, ranks: list[int]) -> None:
+    """Configuration errors for ranks the aggregator cannot serve."""
+    aggregator = get_aggregator(scenario.federation.aggregator,
+                                **scenario.federation.aggregator_options())
+    try:
+        aggregator.validate_ranks(ranks)
+    except AggregationError as err:
+        raise ConfigError(
+            f"federation.aggregator = {scenario.federation.aggregator!r} cannot serve the "
+            f"client ranks {sorted(set(ranks))}: {err}"
+        ) from None
+
+
+def check_ranks_fit_model(scenario: Scenario, settings: tuple[ClientSettings, ...]) -> None:
+    """A rank larger than min(in, out) of a target module is a configuration error."""
+    from fedtune.model.memory import model_dims
+
+    dims = model_dims(scenario.model.source)
+    limit = dims.max_rank(scenario.lora.target_modules)
+    too_big = sorted({s.rank for s in settings if s.rank > limit})
+    if too_big:
+        raise ConfigError(
+            f"LoRA rank {too_big} is larger than the target modules "
+            f"{list(scenario.lora.target_modules)} allow (at most {limit}) for "
+            f"model {scenario.model.source!r}"
+        )
