@@ -77,15 +77,30 @@ def _from_profiles(scenario: Scenario) -> list[ClientSettings]:
         name: resolve_profile(load_profile(name), dims, scenario.lora.target_modules)
         for name in sorted(set(names))
     }
+    rank_of = {name: r.rank for name, r in resolved.items()}
+    if _equal_ranks(scenario):
+        smallest = min(rank_of.values())
+        rank_of = dict.fromkeys(rank_of, smallest)
     return [
         ClientSettings(
-            partition=i, profile=name, rank=resolved[name].rank, alpha=resolved[name].alpha,
+            partition=i, profile=name, rank=rank_of[name],
+            alpha=resolved[name].alpha * rank_of[name] / resolved[name].rank,
             quantization=resolved[name].quantization, batch_size=resolved[name].batch_size,
             seq_len=min(resolved[name].seq_len, scenario.data.seq_len),
             speed_factor=resolved[name].speed_factor,
         )
         for i, name in enumerate(names)
     ]
+
+
+def _equal_ranks(scenario: Scenario) -> bool:
+    """Whether the rank policy asks every client to train the smallest profile rank."""
+    policy = scenario.clients.rank_policy
+    if policy == "auto":
+        aggregator = get_aggregator(scenario.federation.aggregator,
+                                    **scenario.federation.aggregator_options())
+        return aggregator.requires_equal_ranks
+    return policy == "min"
 
 
 @functools.lru_cache(maxsize=16)

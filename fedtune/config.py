@@ -110,13 +110,19 @@ class ClientsSpec:
 
     profiles: tuple[str, ...] = ()
     mix: dict[str, float] = field(default_factory=dict)
+    # "profile": each client trains its profile's rank; "min": every client trains the
+    # smallest of them; "auto": "min" for aggregators that need equal ranks (fedavg, ffa),
+    # else "profile".
+    rank_policy: str = "auto"
 
     def __post_init__(self) -> None:
         _require(not (self.profiles and self.mix), "profiles", list(self.profiles),
                  "either clients.profiles or clients.mix, not both")
+        _require(self.rank_policy in ("auto", "profile", "min"), "rank_policy",
+                 self.rank_policy, "one of 'auto', 'profile', 'min'")
 
     def __hash__(self) -> int:
-        return hash((self.profiles, tuple(sorted(self.mix.items()))))
+        return hash((self.profiles, tuple(sorted(self.mix.items())), self.rank_policy))
 
     @property
     def enabled(self) -> bool:

@@ -27,11 +27,9 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
     adapter = strategy.global_adapter
     if adapter is None:
         return None
-    ranks = {f.rank for f in adapter.factors.values()}
-    rank = max(ranks)
-    if len(ranks) != 1:
-        raise ValueError(f"cannot export an adapter with mixed module ranks {sorted(ranks)}")
-    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A.
+    rank = max(f.rank for f in adapter.factors.values())
+    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A (modules of
+    # another rank get rank_pattern / alpha_pattern entries with the same scale 1).
     state = scale_folded_state_dict(adapter.factors)
     target = out / ADAPTER_DIR
     save_peft_adapter(target, state, scenario.lora, base_model_name(scenario.model),

@@ -158,7 +158,7 @@ class FedtuneStrategy(Strategy):
             raise ValueError("reply from a node that was not sampled")
         settings = self._settings(node)
         if message.has_error():
-            raise ValueError(f"client error: {message.error.reason}")
+            raise ValueError(f"client error: {short_reason(message.error.reason)}")
         content = message.content
         if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
             raise ValueError("reply has no adapter or no metrics")
@@ -331,6 +331,16 @@ class FedtuneStrategy(Strategy):
             }
             self.on_round(record)
         return result
+
+
+def short_reason(reason: str | None, limit: int = 300) -> str:
+    """The client's own exception message out of an engine's wrapped traceback."""
+    text = reason or "unknown error"
+    marker = "Message: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    text = text.strip().splitlines()[0] if text.strip() else text
+    return text[:limit].rstrip("'>")
 
 
 def _client_time_breakdown(records: list[dict[str, Any]]) -> dict[str, float]:

@@ -218,11 +218,13 @@ def activate(model: PeftModel, adapter: str, with_global: bool = False,
 
 
 def load_frozen_global(model: PeftModel, state: dict[str, Tensor], spec: LoraSpec) -> None:
-    """Install ``state`` (scale 1: ``B @ A`` is the update) as the frozen global adapter."""
-    ranks = set(_module_ranks(state).values())
-    if len(ranks) != 1:
-        raise ValueError(f"global adapter must have one rank for all modules, got {sorted(ranks)}")
-    rank = ranks.pop()
+    """Install ``state`` (scale 1: ``B @ A`` is the update) as the frozen global adapter.
+
+    Modules may have different ranks (a recompressed module's rank is capped by its
+    shape); they are zero-padded to the largest, which leaves every ``B @ A`` unchanged.
+    """
+    rank = max(_module_ranks(state).values())
+    state = _pad_ranks(state, rank)
     config = model.peft_config.get(GLOBAL_ADAPTER)
     if config is not None and config.r != rank:
         model.delete_adapter(GLOBAL_ADAPTER)
@@ -292,6 +294,18 @@ def _load_into(model: PeftModel, state: dict[str, Tensor], adapter: str) -> None
                 if "lora_" in k and f".{adapter}." in k]
     if leftover:
         raise ValueError(f"peft did not load LoRA keys: {_describe(sorted(leftover))}")
+
+
+def _pad_ranks(state: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+    padded = {}
+    for key, value in state.items():
+        missing = rank - (value.shape[0] if key.endswith(_LORA_A_SUFFIX) else value.shape[1])
+        if missing > 0 and key.endswith(_LORA_A_SUFFIX):
+            value = torch.cat([value, value.new_zeros(missing, value.shape[1])], dim=0)
+        elif missing > 0:
+            value = torch.cat([value, value.new_zeros(value.shape[0], missing)], dim=1)
+        padded[key] = value
+    return padded
 
 
 # --------------------------------------------------------------------------- export
