@@ -80,6 +80,52 @@ def simulate(
     print(run_dir)
 
 
+@app.command()
+def compare(
+    scenario: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional here
+        None, "--scenario", "-s",
+        help="Scenario TOML file or bundled name (default: simulations/default.toml).",
+    ),
+    aggregators: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--aggregators", "-a",
+        help="Comma-separated aggregators to compare (default: every available one).",
+    ),
+    overrides: list[str] = typer.Option(  # noqa: B006
+        [], "--set", help="Override a scenario key: section.key=value (repeatable)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder for the comparison."),  # noqa: UP045
+    no_baselines: bool = typer.Option(
+        False, "--no-baselines", help="Skip the centralised and local-only baselines."
+    ),
+) -> None:
+    """Run one scenario under several aggregators and baselines with the same seed."""
+    import shlex
+
+    from fedtune.aggregation import available
+    from fedtune.compare import BASELINES, COMPARISON_MD, describe_event, failed, run_comparison
+    from fedtune.simulate import SimulationError
+
+    names = [a.strip() for a in (aggregators or ",".join(available())).split(",") if a.strip()]
+    try:
+        chosen = load_scenario(scenario, overrides)
+        folder = run_comparison(
+            chosen, names, out or chosen.run.out_dir,
+            baselines=() if no_baselines else BASELINES,
+            progress=lambda event: console.print(describe_event(event), markup=False),
+            command=shlex.join(["fedtune", *sys.argv[1:]]),
+        )
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/] {err}")
+        raise typer.Exit(2) from None
+    except (SimulationError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(1) from None
+    print((folder / COMPARISON_MD).read_text())
+    print(folder)
+    if failed(folder):
+        raise typer.Exit(1)
+
+
 @app.callback()
 def _root() -> None:
     """fedtune command line."""

@@ -81,6 +81,7 @@ class FederationSpec:
     round_timeout: float = 3600.0
     eval_every: int = 1
     rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
+    prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -93,6 +94,11 @@ class FederationSpec:
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
         _require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
+        _require(0.0 <= self.prune_gamma < 1.0, "prune_gamma", self.prune_gamma,
+                 "a number in [0, 1) (0 = no rank self-pruning)")
+        _require(self.prune_gamma == 0.0 or self.aggregator == "hetlora", "prune_gamma",
+                 self.prune_gamma, "0 unless aggregator = 'hetlora' (HetLoRA's rank "
+                 "self-pruning)")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
@@ -360,10 +366,15 @@ def scenario_from_flat(flat: Mapping[str, Any]) -> Scenario:
     """Rebuild a scenario from a Flower run config.
 
     ``scenario`` (a file) is read first when present; every ``section.key`` entry
-    then overrides it, so ``flwr run . --run-config 'run.rounds=2'`` works too.
+    then overrides it, and so does each whitespace-separated ``section.key=value`` in
+    ``overrides``. ``flwr run`` only accepts run-config keys that pyproject.toml declares,
+    so there it is ``--run-config 'overrides="run.rounds=2 train.steps=4"'``.
     """
     base: dict[str, Any] = {}
     if flat.get("scenario"):
         base = tomllib.loads(resolve_scenario_path(str(flat["scenario"])).read_text())
     dotted = {k: v for k, v in flat.items() if "." in k}
+    for text in str(flat.get("overrides") or "").split():
+        section, key, value = parse_override(text)
+        dotted[f"{section}.{key}"] = value
     return build_scenario(apply_overrides(base, dotted), origin="run config")

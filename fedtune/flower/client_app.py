@@ -18,8 +18,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fedtune.aggregation.hetlora import self_prune_rank
 from fedtune.assignments import ClientSettings
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
+from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
@@ -168,6 +170,18 @@ def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: in
                     _device(scenario.model), labels=held_out.labels)
 
 
+def prune_rank(state: dict[str, torch.Tensor], scale: float, gamma: float
+               ) -> dict[str, torch.Tensor]:
+    """HetLoRA rank self-pruning: keep the first r' components when the rest carry too
+    little of the update (criterion in ``fedtune.aggregation.hetlora.self_prune_rank``)."""
+    factors = factors_from_state_dict(state, scale)
+    keep = self_prune_rank(factors, gamma)
+    rank = next(iter(factors.values())).rank
+    if keep >= rank:
+        return state
+    return {k: (v[:keep] if k.endswith(A_SUFFIX) else v[:, :keep]) for k, v in state.items()}
+
+
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one train message: set up the payload, train locally, reply with the LoRA."""
     _use_cpu_share(scenario)
@@ -179,7 +193,11 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     result = train_local(model, data.train, settings.train_config(scenario.train), round_seed,
                          _device(scenario.model))
     codec_start = time.perf_counter()
-    adapter = keys.state_to_record(adapter_state(model))
+    state = adapter_state(model)
+    gamma = float(config.get(keys.PRUNE_GAMMA, 0.0))
+    if gamma > 0.0:
+        state = prune_rank(state, settings.alpha / settings.rank, gamma)
+    adapter = keys.state_to_record(state)
     codec_s = time.perf_counter() - codec_start
     metrics = {
         keys.NUM_EXAMPLES: int(data.train.shape[0]),

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -63,6 +63,7 @@ class FedtuneStrategy(Strategy):
         self.node_partition: dict[int, int] = {}
         self.global_adapter: GlobalAdapter | None = None
         self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
+        self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
         self.rng = random.Random(scenario.run.seed)
         self.on_client = on_client or (lambda record: None)
         self.on_round = on_round or (lambda record: None)
@@ -109,7 +110,13 @@ class FedtuneStrategy(Strategy):
         return sorted(self.rng.sample(known, wanted))
 
     def _settings(self, node: int) -> ClientSettings:
-        return self.settings[self.node_partition[node]]
+        """The node's profile settings, with its self-pruned rank once it has pruned
+        (alpha follows the rank so the LoRA scale alpha / r is unchanged)."""
+        settings = self.settings[self.node_partition[node]]
+        rank = self.pruned_rank.get(settings.partition)
+        if rank is None:
+            return settings
+        return replace(settings, rank=rank, alpha=settings.alpha * rank / settings.rank)
 
     def _train_payload(self, settings: ClientSettings) -> dict[str, LoraFactors]:
         if self.global_adapter is None:
@@ -130,7 +137,9 @@ class FedtuneStrategy(Strategy):
             self.stats.bytes_down += keys.record_nbytes(payload)
             config = {keys.ROUND: server_round, keys.SEED: self._round_seed(server_round),
                       keys.MODE: self.aggregator.client_mode,
-                      keys.FREEZE_A: self.aggregator.freeze_A, **settings.to_config()}
+                      keys.FREEZE_A: self.aggregator.freeze_A,
+                      keys.PRUNE_GAMMA: self.scenario.federation.prune_gamma,
+                      **settings.to_config()}
             messages.append(Message(content=keys.make_content(payload, config),
                                     message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
@@ -169,7 +178,7 @@ class FedtuneStrategy(Strategy):
         try:
             factors = keys.record_to_factors(
                 content.array_records[keys.ADAPTER], settings.alpha / settings.rank
-            )
+            )  # a pruned reply keeps the scale: alpha shrinks with the rank
         except CodecError as err:
             raise ValueError(f"undecodable adapter: {err}") from None
         if not factors:
@@ -177,19 +186,24 @@ class FedtuneStrategy(Strategy):
         bad = [name for name, f in factors.items() if not f.is_finite()]
         if bad:
             raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
-        self._check_shapes(factors, settings.rank)
+        rank = self._check_shapes(factors, settings.rank)
+        if rank < settings.rank:
+            self.pruned_rank[settings.partition] = rank
         return ClientUpdate(
             factors=factors,
             num_examples=num_examples,
             client_id=str(settings.partition),
-            metrics={**metrics, "rank": settings.rank},
+            metrics={**metrics, "rank": rank},
         )
 
-    def _check_shapes(self, factors: dict[str, LoraFactors], rank: int) -> None:
-        """Rank as assigned; module names and (in, out) as every other client's."""
-        wrong_rank = sorted({f.rank for f in factors.values() if f.rank != rank})
-        if wrong_rank:
-            raise ValueError(f"rank {wrong_rank} instead of the assigned rank {rank}")
+    def _check_shapes(self, factors: dict[str, LoraFactors], rank: int) -> int:
+        """Rank as assigned (or one smaller rank for every module when HetLoRA
+        self-pruning is on); module names and (in, out) as every other client's.
+        Returns the reply's rank."""
+        ranks = sorted({f.rank for f in factors.values()})
+        pruning = self.scenario.federation.prune_gamma > 0.0
+        if ranks != [rank] and not (pruning and len(ranks) == 1 and ranks[0] < rank):
+            raise ValueError(f"rank {ranks} instead of the assigned rank {rank}")
         if self.expected:
             if set(factors) != set(self.expected):
                 unknown = sorted(set(factors) - set(self.expected))[:3]
@@ -201,6 +215,7 @@ class FedtuneStrategy(Strategy):
                         f"module {name} is {f.out_features}x{f.in_features}, expected "
                         f"{self.expected[name][1]}x{self.expected[name][0]}"
                     )
+        return ranks[0]
 
     # ---- Strategy contract -------------------------------------------------------------
     def configure_train(

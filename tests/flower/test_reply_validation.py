@@ -109,3 +109,44 @@ def test_aggregated_update_is_the_weighted_mean_of_the_valid_replies():
     for module, factors in strategy.global_adapter.factors.items():
         expected_a = (10 * a[module + ".lora_A.weight"] + 30 * b[module + ".lora_A.weight"]) / 40
         torch.testing.assert_close(factors.A, expected_a)
+
+
+def test_hetlora_self_pruned_reply_is_accepted_and_the_node_keeps_its_new_rank():
+    scenario = load_scenario("tiny", ["federation.min_clients=2",
+                                      'federation.aggregator="hetlora"',
+                                      "federation.prune_gamma=0.5"])
+    strategy = FedtuneStrategy(scenario)
+    strategy.node_partition = {100 + i: i for i in range(4)}
+    pruned = _bad("rank")  # every module at rank 2 instead of 4
+    strategy.aggregate_train(1, [_reply(100, _good_state()), _reply(101, pruned)])
+    assert strategy.stats.dropped == []
+    assert strategy.pruned_rank == {1: 2}
+    settings = strategy._settings(101)
+    assert (settings.rank, settings.alpha) == (2, 4.0)  # alpha / r stays 2
+    message = strategy._train_messages([101], 2)[0]
+    config = message.content.config_records[keys.CONFIG]
+    assert config["client.rank"] == 2 and config[keys.PRUNE_GAMMA] == 0.5
+    payload = keys.record_to_state(message.content.array_records[keys.ADAPTER])
+    assert {v.shape[0] for k, v in payload.items() if "lora_A" in k} == {2}
+
+
+def test_client_prunes_only_a_weak_tail():
+    from fedtune.flower.client_app import prune_rank
+
+    state = _good_state()  # rank 4, components of similar strength: kept
+    assert prune_rank(state, 2.0, 0.5) is state
+    weak = {k: (v.clone() if "lora_A" in k else v.clone()) for k, v in state.items()}
+    for key, value in weak.items():
+        if "lora_B" in key:
+            value[:, 2:] *= 1e-3  # components 3 and 4 nearly unused
+    pruned = prune_rank(weak, 2.0, 0.5)
+    assert {v.shape[0] for k, v in pruned.items() if "lora_A" in k} == {2}
+    assert all(torch.equal(pruned[k], weak[k][:2] if "lora_A" in k else weak[k][:, :2])
+               for k in pruned)
+
+
+def test_prune_gamma_needs_hetlora():
+    from fedtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prune_gamma"):
+        load_scenario("tiny", ["federation.prune_gamma=0.5"])
