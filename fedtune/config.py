@@ -82,6 +82,7 @@ class FederationSpec:
     eval_every: int = 1
     rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
     prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
+    flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -94,6 +95,9 @@ class FederationSpec:
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
         _require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
+        _require(self.flora_init in ("fresh", "global"), "flora_init", self.flora_init,
+                 "'fresh' (a new LoRA on top of the frozen global adapter each round) or "
+                 "'global' (start from the global adapter's top components)")
         _require(0.0 <= self.prune_gamma < 1.0, "prune_gamma", self.prune_gamma,
                  "a number in [0, 1) (0 = no rank self-pruning)")
         _require(self.prune_gamma == 0.0 or self.aggregator == "hetlora", "prune_gamma",
@@ -102,7 +106,9 @@ class FederationSpec:
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
-        return {"rank_budget": self.rank_budget} if self.aggregator == "flora" else {}
+        if self.aggregator == "flora":
+            return {"rank_budget": self.rank_budget, "init": self.flora_init}
+        return {}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ sum of all rounds as a full-precision adapter: previous and this round are stack
 recompressed (factored SVD) to ``rank_budget``, so the download is bounded by the budget,
 not by the number of clients. Clients apply it frozen and train a fresh LoRA on top
 ("residual" client mode); that fresh LoRA is what they send back.
+
+With ``init="global"`` a client of rank r instead starts its LoRA from the global
+adapter's top-r components (``split_top``) and applies only the rest frozen, so its
+model starts exactly at the global one; what it sends is then its whole final LoRA, and
+the server subtracts the top-r part it started from:
+new = previous + sum_k p_k (s_k B_k A_k - top_{r_k}(previous)), still exact by stacking.
+This relies on the global factors being in SVD order, which ``truncate`` guarantees.
 """
 
 from __future__ import annotations
@@ -23,6 +30,14 @@ from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.lowrank import Split, check_split, stack, truncate
 
 
+def split_top(factors: LoraFactors, rank: int) -> tuple[LoraFactors, LoraFactors]:
+    """(first ``rank`` components, the rest) of SVD-ordered factors; either may be empty."""
+    k = min(rank, factors.rank)
+    top = LoraFactors(A=factors.A[:k], B=factors.B[:, :k], scale=factors.scale)
+    rest = LoraFactors(A=factors.A[k:], B=factors.B[:, k:], scale=factors.scale)
+    return top, rest
+
+
 class FLoRA(Aggregator):
     """Exact stacking plus recompression of the accumulated update to a rank budget."""
 
@@ -30,10 +45,14 @@ class FLoRA(Aggregator):
     requires_equal_ranks = False
     client_mode = "residual"
 
-    def __init__(self, rank_budget: int = 64, split: Split = "balanced") -> None:
+    def __init__(self, rank_budget: int = 64, split: Split = "balanced",
+                 init: str = "fresh") -> None:
         if rank_budget < 1:
             raise ValueError(f"rank_budget must be at least 1, got {rank_budget}")
+        if init not in ("fresh", "global"):
+            raise ValueError(f"init must be 'fresh' or 'global', got {init!r}")
         self.rank_budget = rank_budget
+        self.init = init
         self.split: Split = check_split(split)
         #: Per module, ||exact - recompressed||_F / ||exact||_F of the last aggregate, where
         #: "exact" is previous (as stored) + this round: the error this round's step added.
@@ -58,6 +77,9 @@ class FLoRA(Aggregator):
         """Stack previous (weight 1) with this round and recompress to the budget."""
         members = parts if carried is None else [carried, *parts]
         member_weights = weights if carried is None else [1.0, *weights]
+        if carried is not None and self.init == "global":  # what each client started from
+            members = [*members, *(split_top(carried, p.rank)[0] for p in parts)]
+            member_weights = [*member_weights, *(-w for w in weights)]
         try:
             B, A = stack(members, member_weights)
         except ValueError as err:

@@ -18,10 +18,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
+from fedtune.aggregation.flora import split_top
 from fedtune.aggregation.hetlora import self_prune_rank
 from fedtune.assignments import ClientSettings
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
-from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
+from fedtune.core.adapters import LoraFactors
+from fedtune.core.codec import A_SUFFIX, factors_from_state_dict, state_dict_from_factors
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
@@ -134,7 +136,9 @@ def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message:
     """Cached model set up as the server asked; returns it and the set-up seconds.
 
     continue: the payload (or the shared seeded init) is the trainable LoRA's start.
-    residual: a fresh seeded LoRA trains on top of the payload, applied frozen.
+    residual: a fresh seeded LoRA trains on top of the payload, applied frozen; with
+    init "global" the LoRA starts from the payload's top components instead and only
+    the rest is applied frozen.
     """
     start = time.perf_counter()
     config = message.content.config_records[keys.CONFIG]
@@ -142,15 +146,37 @@ def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message:
     local = adapter_name(lora)
     state = _payload(message)
     residual = config.get(keys.MODE, "continue") == "residual"
-    if residual or not state:
-        reset_lora(model, scenario.run.seed)
-    else:
+    reset_lora(model, scenario.run.seed)
+    frozen: dict[str, torch.Tensor] = state if residual else {}
+    if residual and state and config.get(keys.INIT, "fresh") == "global":
+        start_state, frozen = start_from_global(state, adapter_state(model), lora.scale,
+                                                lora.rank)
+        load_adapter_state(model, start_state)
+    elif state and not residual:
         load_adapter_state(model, state)
-    if residual and state:
-        load_frozen_global(model, state, lora)
-    activate(model, local, with_global=residual and bool(state),
+    if frozen:
+        load_frozen_global(model, frozen, lora)
+    activate(model, local, with_global=bool(frozen),
              freeze_A=bool(config.get(keys.FREEZE_A, False)))
     return model, time.perf_counter() - start
+
+
+def start_from_global(global_state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
+                      scale: float, rank: int
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FLoRA with ``init = "global"``: the LoRA starts from the global adapter's top-r
+    components (rescaled for the client's scale; beyond the global rank it keeps its
+    fresh seeded rows), and the remaining components are applied frozen. Their sum is
+    exactly the global adapter, so training starts from the global model."""
+    start, rest = {}, {}
+    init = factors_from_state_dict(fresh, scale)
+    for name, factors in factors_from_state_dict(global_state, 1.0).items():
+        top, rest[name] = split_top(factors, rank)
+        A, B = init[name].A.clone(), init[name].B.clone()
+        A[: top.rank], B[:, : top.rank] = top.A, top.B / scale
+        start[name] = LoraFactors(A=A, B=B, scale=scale)
+    remaining = {} if all(f.rank == 0 for f in rest.values()) else state_dict_from_factors(rest)
+    return state_dict_from_factors(start), remaining
 
 
 def _device(model_spec: ModelSpec) -> torch.device:

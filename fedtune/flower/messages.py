@@ -26,6 +26,7 @@ ROUND = "round"
 SEED = "seed"
 MODE = "mode"  # "continue" | "residual" (see fedtune.aggregation.base.Aggregator)
 FREEZE_A = "freeze-a"
+INIT = "init"  # residual mode: "fresh" local LoRA, or start from the "global" top
 PRUNE_GAMMA = "prune-gamma"  # hetlora: the client may shrink its rank (self-pruning)
 
 # metric keys (client -> server)

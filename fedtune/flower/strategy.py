@@ -139,6 +139,7 @@ class FedtuneStrategy(Strategy):
                       keys.MODE: self.aggregator.client_mode,
                       keys.FREEZE_A: self.aggregator.freeze_A,
                       keys.PRUNE_GAMMA: self.scenario.federation.prune_gamma,
+                      keys.INIT: self.scenario.federation.flora_init,
                       **settings.to_config()}
             messages.append(Message(content=keys.make_content(payload, config),
                                     message_type=MessageType.TRAIN, dst_node_id=node))

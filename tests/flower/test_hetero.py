@@ -79,3 +79,12 @@ def test_rank_larger_than_the_model_allows_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigError, match="larger than the target modules"):
         simulate(scenario, out_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_flora_clients_can_start_from_the_global_top_components(tmp_path):
+    scenario = hetero("flora", 'federation.flora_init="global"', "run.rounds=3")
+    run_dir = simulate(scenario, out_dir=tmp_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    losses = [r["eval_loss"] for r in summary["rounds"]]
+    assert summary["status"] == "completed" and losses[-1] < summary["initial"]["eval_loss"]
+    assert all(r["clients_replied"] == scenario.data.num_clients for r in summary["rounds"])
