@@ -8,12 +8,14 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedtune.config import ConfigError, load_scenario
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Federated fine-tuning of language models with quantized LoRA adapters.")
-console = Console(stderr=True)
+# soft_wrap: never break a message into lines (tools and tests read them whole)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -58,11 +60,11 @@ def simulate(
     try:
         chosen = load_scenario(scenario, overrides)
     except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {err}")
+        console.print(f"[red]configuration error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     rounds = chosen.run.rounds
     console.print(
-        f"fedtune: [bold]{chosen.run.name}[/] — model {chosen.model.source} "
+        f"fedtune: [bold]{escape(chosen.run.name)}[/] — model {escape(chosen.model.source)} "
         f"({chosen.model.quantization}), {chosen.data.num_clients} clients "
         f"({chosen.data.source}), {rounds} rounds, aggregator {chosen.federation.aggregator}"
     )
@@ -74,9 +76,9 @@ def simulate(
         try:
             run_dir = run(chosen, out, progress=progress, verbose=verbose)
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
-            console.print(f"[red]error:[/] {err}")
+            console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None
-    console.print(f"[green]done[/]: run directory {run_dir}")
+    console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
 
 
@@ -115,10 +117,10 @@ def compare(
             command=shlex.join(["fedtune", *sys.argv[1:]]),
         )
     except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {err}")
+        console.print(f"[red]configuration error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     except (SimulationError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     print((folder / COMPARISON_MD).read_text())
     print(folder)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from fedtune.assignments import ClientSettings
+from fedtune.assignments import ClientSettings, client_seed
+from fedtune.assignments import round_seed as federation_round_seed
 from fedtune.config import ConfigError, Scenario
 from fedtune.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
@@ -140,29 +141,14 @@ def run_federated(scenario: Scenario, name: str, runs_dir: Path, progress: Progr
 # ---- baselines (in-process, no Flower) -----------------------------------------------------
 def round_seed(scenario: Scenario, server_round: int, partition: int = 0) -> int:
     """The seed the federation gives client ``partition`` in a round: the same batch order."""
-    return (scenario.run.seed * 1000 + server_round) * 100_003 + partition
-
-
-def keep_4bit_trainable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference on the first eval.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.50) converts a ``Linear4bit`` weight to a
-    packed layout the first time it runs in eval mode without grad, for good; later
-    forwards, training ones included, then take a kernel autograd does not see, so a LoRA
-    trained after an evaluation gets no gradient. Baselines evaluate between rounds and
-    train again on the same cached base, so the conversion is switched off.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    return client_seed(federation_round_seed(scenario.run.seed, server_round), partition)
 
 
 def _model(scenario: Scenario, model_spec: Any, lora: Any) -> Any:
-    """The cached base with ``lora`` active, safe to train after evaluating."""
+    """The cached base with ``lora`` active."""
     from fedtune.model.cache import get_peft_model
 
     model, _ = get_peft_model(model_spec, lora, scenario.run.seed)
-    keep_4bit_trainable(model)
     return model
 
 
@@ -437,7 +423,8 @@ def run_comparison(
     check_methods(aggregators, baselines)
     report = progress or (lambda event: None)
     command = command or shlex.join(sys.argv)
-    # every aggregator is checked first: a wrong data path or model stops here, leaving nothing
+    # checked first: a wrong data path or model raises here and leaves nothing behind
+    skip_reason(scenario)
     skipped = {a: skip_reason(with_aggregator(scenario, a)) for a in aggregators}
     folder = new_run_dir(out_dir, f"compare-{scenario.run.name}")
     done: list[MethodResult] = []

@@ -1,6 +1,7 @@
 """The `fedtune` command as a real process: bad input fails early and leaves nothing."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    # a narrow terminal, as in CI logs: messages must still come out whole
+    env = {**os.environ, "COLUMNS": "60"}
     return subprocess.run([*FEDTUNE, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +44,7 @@ def test_bad_scenario_exits_nonzero_and_writes_nothing(tmp_path):
     proc = run_cli("simulate", "-s", "tiny", "--set", "train.stepz=3", "--out", str(out),
                    cwd=tmp_path)
     assert proc.returncode == 2
-    assert "unknown key train.stepz" in proc.stderr
+    assert "unknown key train.stepz; allowed keys in [train]: steps" in proc.stderr
     assert not out.exists()
 
 

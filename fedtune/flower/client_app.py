@@ -20,7 +20,7 @@ from peft import PeftModel
 
 from fedtune.aggregation.flora import split_top
 from fedtune.aggregation.hetlora import self_prune_rank
-from fedtune.assignments import ClientSettings
+from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.adapters import LoraFactors
 from fedtune.core.codec import A_SUFFIX, factors_from_state_dict, state_dict_from_factors
@@ -215,8 +215,8 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     model, setup_s = _prepare_for_training(scenario, settings, message)
     data = client_batch(scenario, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
-    round_seed = int(config[keys.SEED]) * 100_003 + settings.partition
-    result = train_local(model, data.train, settings.train_config(scenario.train), round_seed,
+    seed = client_seed(int(config[keys.SEED]), settings.partition)
+    result = train_local(model, data.train, settings.train_config(scenario.train), seed,
                          _device(scenario.model))
     codec_start = time.perf_counter()
     state = adapter_state(model)

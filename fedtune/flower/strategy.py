@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
 from fedtune.aggregation import get_aggregator
-from fedtune.assignments import ClientSettings, client_settings
+from fedtune.assignments import ClientSettings, client_settings, round_seed
 from fedtune.config import Scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.codec import CodecError, scale_folded_state_dict
@@ -146,7 +146,7 @@ class FedtuneStrategy(Strategy):
         return messages
 
     def _round_seed(self, server_round: int) -> int:
-        return self.scenario.run.seed * 1000 + server_round
+        return round_seed(self.scenario.run.seed, server_round)
 
     def _eval_messages(self, nodes: list[int], server_round: int) -> list[Message]:
         """Every node evaluates exactly the global adapter (scale folded into B), the

@@ -431,10 +431,25 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def keep_4bit_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference on the first eval.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a ``Linear4bit`` weight to a
+    packed layout the first time it runs in eval mode without grad, for good; later
+    forwards, training ones included, take a kernel autograd does not see, so a LoRA
+    trained after an evaluation gets no gradient. Federated clients evaluate and train on
+    the same cached base, so the conversion is switched off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base_model(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the frozen base model (eval mode, no grads) and its tokenizer on the spec's device."""
     device = pick_device(spec.device)
     model, tokenizer = _load_any(spec, device)
+    keep_4bit_trainable(model)
     _ensure_pad_token(tokenizer, model)
     model.eval()
     model.requires_grad_(False)

@@ -49,3 +49,19 @@ def test_lora_gradients_through_a_quantized_base_match_dequantized_fp32(quantiza
         assert got is not None and ref.norm() > 0
         tolerance = 2e-2 if quantization == "8bit" else 1e-4
         assert float((got - ref).norm() / ref.norm()) < tolerance, name
+
+
+def test_a_4bit_lora_still_trains_after_an_evaluation():
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights on the first no-grad eval
+    forward into a layout autograd does not see; clients evaluate then train on the same
+    cached model, so fedtune switches that off (``keep_4bit_trainable``)."""
+    base, _ = load_base_model(ModelSpec(source="tiny", quantization="4bit", device="cpu"))
+    model = attach_lora(base, LoraSpec(rank=4, alpha=8, dropout=0.0), seed=0)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
