@@ -9,7 +9,6 @@ approximation of W, expressed in its own scale, and keeps training it.
 from __future__ import annotations
 
 from fedtune.aggregation.base import (
-    AggregationError,
     Aggregator,
     common_modules,
     example_weights,
@@ -17,8 +16,9 @@ from fedtune.aggregation.base import (
     next_round,
     with_scale,
 )
+from fedtune.aggregation.recompress import TruncationReport, stack_and_truncate
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
-from fedtune.core.lowrank import Split, check_split, stack, truncate
+from fedtune.core.lowrank import Split, check_split, truncate
 
 
 def best_rank(factors: LoraFactors, rank: int, split: Split = "balanced") -> LoraFactors:
@@ -27,7 +27,7 @@ def best_rank(factors: LoraFactors, rank: int, split: Split = "balanced") -> Lor
     return LoraFactors(A=result.A, B=result.B, scale=1.0)
 
 
-class FlexLoRA(Aggregator):
+class FlexLoRA(TruncationReport, Aggregator):
     """Weighted average of full updates, truncated SVD per client rank."""
 
     name = "flexlora"
@@ -41,16 +41,6 @@ class FlexLoRA(Aggregator):
         self.split: Split = check_split(split)
         self.last_truncation_errors: dict[str, float] = {}
 
-    @property
-    def last_truncation_error(self) -> float:
-        """Worst relative error of the stored global adapter against the exact W."""
-        return max(self.last_truncation_errors.values(), default=0.0)
-
-    def metrics(self) -> dict[str, float]:
-        if not self.last_truncation_errors:
-            return {}
-        return {"truncation_error_max": self.last_truncation_error}
-
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None
     ) -> GlobalAdapter:
@@ -60,13 +50,8 @@ class FlexLoRA(Aggregator):
         for module in common_modules(updates):
             parts = module_parts(updates, module)
             keep = self.max_rank or max(p.rank for p in parts)
-            try:
-                B, A = stack(parts, weights)
-            except ValueError as err:
-                raise AggregationError(str(err)) from None
-            result = truncate(B, A, keep, split=self.split)
-            merged[module] = LoraFactors(A=result.A, B=result.B, scale=1.0)
-            errors[module] = result.relative_error
+            merged[module], errors[module] = stack_and_truncate(parts, weights, keep,
+                                                                self.split)
         self.last_truncation_errors = errors
         return GlobalAdapter(merged, round=next_round(previous))
 

@@ -19,15 +19,15 @@ This relies on the global factors being in SVD order, which ``truncate`` guarant
 from __future__ import annotations
 
 from fedtune.aggregation.base import (
-    AggregationError,
     Aggregator,
     common_modules,
     example_weights,
     module_parts,
     next_round,
 )
+from fedtune.aggregation.recompress import TruncationReport, stack_and_truncate
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
-from fedtune.core.lowrank import Split, check_split, stack, truncate
+from fedtune.core.lowrank import Split, check_split
 
 
 def split_top(factors: LoraFactors, rank: int) -> tuple[LoraFactors, LoraFactors]:
@@ -38,7 +38,7 @@ def split_top(factors: LoraFactors, rank: int) -> tuple[LoraFactors, LoraFactors
     return top, rest
 
 
-class FLoRA(Aggregator):
+class FLoRA(TruncationReport, Aggregator):
     """Exact stacking plus recompression of the accumulated update to a rank budget."""
 
     name = "flora"
@@ -58,20 +58,6 @@ class FLoRA(Aggregator):
         #: "exact" is previous (as stored) + this round: the error this round's step added.
         self.last_truncation_errors: dict[str, float] = {}
 
-    @property
-    def last_truncation_error(self) -> float:
-        """Worst relative truncation error over the modules of the last aggregate."""
-        return max(self.last_truncation_errors.values(), default=0.0)
-
-    def metrics(self) -> dict[str, float]:
-        errors = list(self.last_truncation_errors.values())
-        if not errors:
-            return {}
-        return {
-            "truncation_error_max": max(errors),
-            "truncation_error_mean": sum(errors) / len(errors),
-        }
-
     def _accumulate(self, parts: list[LoraFactors], weights: list[float],
                     carried: LoraFactors | None) -> tuple[LoraFactors, float]:
         """Stack previous (weight 1) with this round and recompress to the budget."""
@@ -80,12 +66,7 @@ class FLoRA(Aggregator):
         if carried is not None and self.init == "global":  # what each client started from
             members = [*members, *(split_top(carried, p.rank)[0] for p in parts)]
             member_weights = [*member_weights, *(-w for w in weights)]
-        try:
-            B, A = stack(members, member_weights)
-        except ValueError as err:
-            raise AggregationError(str(err)) from None
-        result = truncate(B, A, self.rank_budget, split=self.split)
-        return LoraFactors(A=result.A, B=result.B, scale=1.0), result.relative_error
+        return stack_and_truncate(members, member_weights, self.rank_budget, self.split)
 
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None
