@@ -47,7 +47,9 @@ def preflight(scenario: Scenario) -> None:
     check_ranks_fit_model(scenario, settings)
 
 
-def backend_config(scenario: Scenario) -> dict[str, Any]:
+def backend_config(scenario: Scenario, verbose: bool = False) -> dict[str, Any]:
+    """Ray resources per virtual client; workers' own output only with ``verbose``
+    (a client's failure still reaches the server as an error reply and is reported)."""
     sim = scenario.simulation
     cpus = os.cpu_count() or 1
     if sim.cpus_per_client > cpus:
@@ -64,7 +66,7 @@ def backend_config(scenario: Scenario) -> dict[str, Any]:
     return {
         "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                      "log_to_driver": True},
+                      "log_to_driver": verbose},
     }
 
 
@@ -80,7 +82,7 @@ def simulate(
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
 
-    config = backend_config(scenario)
+    config = backend_config(scenario, verbose)
     preflight(scenario)
     run_dir = new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
     if not verbose:
