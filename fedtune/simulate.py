@@ -20,6 +20,14 @@ from fedtune.rundir import SUMMARY_FILE, new_run_dir
 log = logging.getLogger("fedtune")
 
 
+class _HideRunSimulationDeprecation(logging.Filter):
+    """fedtune drives Flower's simulation engine through ``run_simulation`` on purpose
+    (its Python entry point); ``flwr run`` is documented as the alternative."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
 class SimulationError(RuntimeError):
     """The simulation did not complete."""
 
@@ -86,7 +94,9 @@ def simulate(
     preflight(scenario)
     run_dir = new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        flwr_log.addFilter(_HideRunSimulationDeprecation())
     try:
         run_simulation(
             server_app=make_server_app(scenario, run_dir, progress),
