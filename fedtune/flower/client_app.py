@@ -153,7 +153,9 @@ def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message:
                                                 lora.rank)
         load_adapter_state(model, start_state)
     elif state and not residual:
-        load_adapter_state(model, state)
+        # a payload of lower rank (the global lost components nobody of this rank sent)
+        # fills the first components; the rest keep the seeded init with B = 0
+        load_adapter_state(model, overlay(adapter_state(model), state))
     if frozen:
         load_frozen_global(model, frozen, lora)
     activate(model, local, with_global=bool(frozen),
@@ -168,15 +170,28 @@ def start_from_global(global_state: dict[str, torch.Tensor], fresh: dict[str, to
     components (rescaled for the client's scale; beyond the global rank it keeps its
     fresh seeded rows), and the remaining components are applied frozen. Their sum is
     exactly the global adapter, so training starts from the global model."""
-    start, rest = {}, {}
-    init = factors_from_state_dict(fresh, scale)
+    top, rest = {}, {}
     for name, factors in factors_from_state_dict(global_state, 1.0).items():
-        top, rest[name] = split_top(factors, rank)
-        A, B = init[name].A.clone(), init[name].B.clone()
-        A[: top.rank], B[:, : top.rank] = top.A, top.B / scale
-        start[name] = LoraFactors(A=A, B=B, scale=scale)
+        head, rest[name] = split_top(factors, rank)
+        top[name] = LoraFactors(A=head.A, B=head.B / scale, scale=scale)
     remaining = {} if all(f.rank == 0 for f in rest.values()) else state_dict_from_factors(rest)
-    return state_dict_from_factors(start), remaining
+    return overlay(fresh, state_dict_from_factors(top)), remaining
+
+
+def overlay(fresh: dict[str, torch.Tensor], head: dict[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+    """``fresh`` LoRA tensors with their first components replaced by ``head``'s (which
+    may have fewer components, never more)."""
+    out = {}
+    for key, value in fresh.items():
+        value = value.clone()
+        part = head[key]
+        if key.endswith(A_SUFFIX):
+            value[: part.shape[0]] = part
+        else:
+            value[:, : part.shape[1]] = part
+        out[key] = value
+    return out
 
 
 def _device(model_spec: ModelSpec) -> torch.device:

@@ -103,11 +103,14 @@ class FedtuneStrategy(Strategy):
             self.node_partition[reply.metadata.src_node_id] = partition
 
     def _sample_nodes(self, grid: Grid, wanted: int) -> list[int]:
+        """Seeded sample of clients by partition id (node ids are random per run)."""
         self.discover(grid)
-        known = sorted(self.node_partition)
-        if len(known) < wanted:
-            raise RoundFailedError(f"{len(known)} nodes identified themselves, need {wanted}")
-        return sorted(self.rng.sample(known, wanted))
+        by_partition = {p: n for n, p in self.node_partition.items()}
+        if len(by_partition) < wanted:
+            raise RoundFailedError(
+                f"{len(by_partition)} nodes identified themselves, need {wanted}")
+        chosen = sorted(self.rng.sample(sorted(by_partition), wanted))
+        return [by_partition[p] for p in chosen]
 
     def _settings(self, node: int) -> ClientSettings:
         """The node's profile settings, with its self-pruned rank once it has pruned
@@ -119,9 +122,12 @@ class FedtuneStrategy(Strategy):
         return replace(settings, rank=rank, alpha=settings.alpha * rank / settings.rank)
 
     def _train_payload(self, settings: ClientSettings) -> dict[str, LoraFactors]:
+        """continue mode: factors re-expressed at the client's own LoRA scale, to load as
+        its trainable adapter; residual mode: the global adapter at scale 1, applied frozen."""
         if self.global_adapter is None:
             return {}
-        scale = settings.alpha / settings.rank
+        residual = self.aggregator.client_mode == "residual"
+        scale = None if residual else settings.alpha / settings.rank
         return self.aggregator.payload_for(self.global_adapter, settings.rank, scale=scale)
 
     def _train_messages(self, nodes: list[int], server_round: int) -> list[Message]:
@@ -250,6 +256,7 @@ class FedtuneStrategy(Strategy):
                       **{k.replace("-", "_"): v for k, v in update.metrics.items()}}
             self.stats.client_records.append(record)
             self.on_client(record)
+        updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
         minimum = self.scenario.federation.min_clients
         if len(updates) < minimum:
             raise RoundFailedError(
