@@ -85,11 +85,13 @@ def check_methods(aggregators: Sequence[str], baselines: Sequence[str]) -> None:
 
 
 def with_aggregator(scenario: Scenario, name: str) -> Scenario:
-    """The scenario under another aggregator; the run is named after it for a readable folder."""
+    """The scenario under another aggregator; the run is named after it for a readable folder.
+    HetLoRA's rank self-pruning (``prune_gamma``) only applies to hetlora."""
+    prune = scenario.federation.prune_gamma if name == "hetlora" else 0.0
     return replace(
         scenario,
         run=replace(scenario.run, name=f"{scenario.run.name}-{name}"),
-        federation=replace(scenario.federation, aggregator=name),
+        federation=replace(scenario.federation, aggregator=name, prune_gamma=prune),
     )
 
 

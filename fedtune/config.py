@@ -326,7 +326,7 @@ def resolve_scenario_path(name: str | Path | None) -> Path:
     if path.exists():
         return path
     bundled = SCENARIO_DIR / (path.name if path.suffix else f"{path.name}.toml")
-    if bundled.exists():
+    if path.parent == Path(".") and bundled.exists():  # a bare name, never a missing path
         return bundled
     choices = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
     raise ConfigError(f"scenario file {str(name)!r} not found; bundled scenarios: {choices}")

@@ -96,7 +96,8 @@ def simulate(
     if not verbose:
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
-        flwr_log.addFilter(_HideRunSimulationDeprecation())
+        if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
+            flwr_log.addFilter(_HideRunSimulationDeprecation())
     try:
         run_simulation(
             server_app=make_server_app(scenario, run_dir, progress),

@@ -66,18 +66,20 @@ def _all_clients(data: DataSpec, seed: int) -> tuple[ClientData, ...]:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _tokenised(scenario: Scenario, partition_id: int, seq_len: int) -> ClientBatch:
-    clients = _all_clients(scenario.data, scenario.run.seed)
+@functools.lru_cache(maxsize=1024)
+def _tokenised(data: DataSpec, seed: int, source: str, partition_id: int, seq_len: int
+               ) -> ClientBatch:
+    """Keyed on what the data depends on only, so other scenario keys never re-tokenise."""
+    clients = _all_clients(data, seed)
     if not 0 <= partition_id < len(clients):
         raise ValueError(
             f"partition-id {partition_id} is out of range: the scenario has {len(clients)} clients"
         )
     client = clients[partition_id]
-    tokenizer = _tokenizer(scenario.model.source)
+    tokenizer = _tokenizer(source)
     train = pack_texts(client.train, tokenizer, seq_len)
     held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
-    cap = scenario.data.max_eval_sequences or None
+    cap = data.max_eval_sequences or None
     held_out = PackedData(held_out.input_ids[:cap], held_out.labels[:cap])
     if train.shape[0] == 0:
         raise ValueError(
@@ -90,7 +92,8 @@ def _tokenised(scenario: Scenario, partition_id: int, seq_len: int) -> ClientBat
 def client_batch(scenario: Scenario, partition_id: int, seq_len: int | None = None
                  ) -> ClientBatch:
     """The packed data of one client (public so tests and evaluators use the same data)."""
-    return _tokenised(scenario, partition_id, seq_len or scenario.data.seq_len)
+    return _tokenised(scenario.data, scenario.run.seed, scenario.model.source, partition_id,
+                      seq_len or scenario.data.seq_len)
 
 
 @functools.lru_cache(maxsize=4)

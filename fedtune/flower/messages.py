@@ -5,6 +5,12 @@ A train or evaluate message carries:
       the first round, when every client starts from the same seeded initialisation.
   ``config``  (ConfigRecord): round number and per-node settings.
 A reply carries ``adapter`` (train only) and ``metrics`` (MetricRecord).
+A query message (before round 1) asks a node which client (partition) it is.
+
+Scales: a train payload in "continue" mode is expressed at the client's own LoRA scale
+(alpha / r) and loaded as its trainable adapter; in "residual" mode (flora) it is the
+global adapter at scale 1 (``B @ A`` is the update), applied frozen. An evaluate payload is
+always the global adapter at scale 1, exactly the tensors that are exported.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_TOKENS = "eval-tokens"
-LORA_SCALE = "lora-scale"
 PARTITION = "partition-id"
 SECONDS_LOAD = "seconds-load"
 SECONDS_TRAIN = "seconds-train"

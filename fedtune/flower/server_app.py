@@ -10,6 +10,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.assignments import check_ranks_fit_model, client_settings
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.rundir import ADAPTER_DIR, RunRecorder, new_run_dir
@@ -40,7 +41,10 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None
 ) -> RunRecorder:
-    """Run every round of ``scenario`` on ``grid``, recording into ``run_dir``."""
+    """Run every round of ``scenario`` on ``grid``, recording into ``run_dir``.
+
+    On a failure the last global adapter (if any round completed) is still exported."""
+    strategy = FedtuneStrategy(scenario)  # validates client settings before any file
     recorder = RunRecorder(run_dir, scenario.to_dict())
     report = progress or (lambda record: None)
 
@@ -52,12 +56,14 @@ def run_federation(
             recorder.log_round(record)
         report(record)
 
-    strategy = FedtuneStrategy(scenario, on_client=recorder.log_client, on_round=on_round)
+    strategy.on_client, strategy.on_round = recorder.log_client, on_round
     try:
         strategy.run(grid)
         save_global_adapter(strategy, scenario, run_dir)
     except BaseException:
         recorder.close("failed")
+        if strategy.global_adapter is not None:
+            save_global_adapter(strategy, scenario, run_dir)
         raise
     recorder.close("completed")
     return recorder
@@ -75,6 +81,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         chosen = scenario if scenario is not None else scenario_from_flat(context.run_config)
+        check_ranks_fit_model(chosen, client_settings(chosen))  # before any directory
         target = run_dir
         if target is None:
             out = str(context.run_config.get("out", chosen.run.out_dir))

@@ -9,6 +9,7 @@ and the round goes on), and reports each client and round to a recorder.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -179,6 +180,9 @@ class FedtuneStrategy(Strategy):
         if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
             raise ValueError("reply has no adapter or no metrics")
         metrics = dict(content.metric_records[keys.METRICS])
+        loss = metrics.get(keys.TRAIN_LOSS)
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            raise ValueError(f"train-loss must be a finite number, got {loss!r}")
         num_examples = int(metrics.get(keys.NUM_EXAMPLES, 0))
         if num_examples <= 0:
             raise ValueError(f"num-examples must be positive, got {num_examples}")
