@@ -162,31 +162,18 @@ def _client_model(scenario: Scenario, settings: ClientSettings) -> Any:
 
 def base_evals(scenario: Scenario, settings: Sequence[ClientSettings]) -> list[EvalResult]:
     """Each client's base model on its held-out data: the federation's round 0."""
-    from fedtune.flower.client_app import evaluate_client
+    from fedtune.flower.client_app import evaluate_global
 
-    results = []
-    for s in settings:
-        model = _client_model(scenario, s)
-        with model.disable_adapter():
-            results.append(evaluate_client(model, scenario, s.partition, s.seq_len,
-                                           s.batch_size))
-    return results
+    return [evaluate_global(scenario, s, {}) for s in settings]
 
 
 def evaluate_adapter(scenario: Scenario, settings: Sequence[ClientSettings],
                      state: dict[str, torch.Tensor]) -> EvalResult:
     """Score one adapter as the federation scores its global one: frozen, scale folded in,
     on every client's own base (its quantization), token-weighted over clients."""
-    from fedtune.flower.client_app import evaluate_client
-    from fedtune.model.lora import GLOBAL_ADAPTER, load_frozen_global
+    from fedtune.flower.client_app import evaluate_global
 
-    results = []
-    for s in settings:
-        model = _client_model(scenario, s)
-        load_frozen_global(model, state, s.lora_spec(scenario.lora))
-        model.base_model.set_adapter([GLOBAL_ADAPTER])
-        results.append(evaluate_client(model, scenario, s.partition, s.seq_len, s.batch_size))
-    return combine(results)
+    return combine([evaluate_global(scenario, s, state) for s in settings])
 
 
 def _folded_state(model: Any, scale: float) -> dict[str, torch.Tensor]:

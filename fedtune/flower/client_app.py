@@ -255,22 +255,28 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     return keys.reply(message, metrics, adapter)
 
 
+def evaluate_global(scenario: Scenario, settings: ClientSettings,
+                    state: dict[str, torch.Tensor]) -> EvalResult:
+    """Held-out loss of one client under a global adapter (scale 1, applied frozen on the
+    client's own base) or, with an empty state, of the bare base model. The one place that
+    defines what "the federation's held-out loss" means."""
+    model, lora = _model(scenario, settings)
+    if not state:
+        with model.disable_adapter():
+            return evaluate_client(model, scenario, settings.partition, settings.seq_len,
+                                   settings.batch_size)
+    load_frozen_global(model, state, lora)
+    model.base_model.set_adapter([GLOBAL_ADAPTER])
+    return evaluate_client(model, scenario, settings.partition, settings.seq_len,
+                           settings.batch_size)
+
+
 def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one evaluate message: held-out loss of exactly the global adapter."""
     _use_cpu_share(scenario)
     settings = _settings(message, context)
-    model, lora = _model(scenario, settings)
-    state = _payload(message)
     start = time.perf_counter()
-    if state:
-        load_frozen_global(model, state, lora)
-        model.base_model.set_adapter([GLOBAL_ADAPTER])
-        result = evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                                 settings.batch_size)
-    else:
-        with model.disable_adapter():
-            result = evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                                     settings.batch_size)
+    result = evaluate_global(scenario, settings, _payload(message))
     metrics = {
         keys.NUM_EXAMPLES: int(client_batch(scenario, settings.partition, settings.seq_len)
                                .eval.input_ids.shape[0]),
