@@ -21,6 +21,7 @@ from typing import Any
 
 import tomllib
 
+from fedtune.core.compress import CompressionSpec
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec
 from fedtune.train.local import TrainConfig
@@ -73,6 +74,11 @@ class DataSpec:
                  "an integer >= 0 (0 = all)")
 
 
+#: Aggregators that add up client updates entry by entry, so entries can be merged
+#: sparsity-aware (mask-aware mean) or by TIES.
+MERGING_AGGREGATORS = ("fedavg", "zeropad", "hetlora", "ffa")
+
+
 @dataclass(frozen=True)
 class FederationSpec:
     aggregator: str = "fedavg"
@@ -83,6 +89,8 @@ class FederationSpec:
     rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
     prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
     flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
+    merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
+    ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -103,11 +111,22 @@ class FederationSpec:
         _require(self.prune_gamma == 0.0 or self.aggregator == "hetlora", "prune_gamma",
                  self.prune_gamma, "0 unless aggregator = 'hetlora' (HetLoRA's rank "
                  "self-pruning)")
+        _require(self.merge in ("mean", "ties"), "merge", self.merge,
+                 "'mean' (each entry averaged over the clients that sent it) or 'ties' "
+                 "(trim, elect a sign, average the entries that agree)")
+        _require(self.merge == "mean" or self.aggregator in MERGING_AGGREGATORS, "merge",
+                 self.merge, f"'mean' unless aggregator is one of "
+                 f"{', '.join(MERGING_AGGREGATORS)} (TIES merges additive updates; "
+                 f"{self.aggregator} combines factors another way)")
+        _require(0.0 < self.ties_density <= 1.0, "ties_density", self.ties_density,
+                 "a number in (0, 1]")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
         if self.aggregator == "flora":
             return {"rank_budget": self.rank_budget, "init": self.flora_init}
+        if self.aggregator in MERGING_AGGREGATORS:
+            return {"merge": self.merge, "ties_density": self.ties_density}
         return {}
 
 
@@ -142,6 +161,43 @@ class ClientsSpec:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """What travels: sparse uploads with error feedback, fp16 / int8 values each way.
+
+    ``upload_density`` keeps that fraction of each tensor's update entries (largest
+    magnitudes; 1 = dense); what is left out stays in the client's residual and is added
+    to its next update when ``error_feedback`` is on. ``upload_values`` and
+    ``download_values`` are fp32, fp16 or int8 (blockwise absmax, ``block_size`` values
+    per block). Evaluation payloads always travel in fp32: they are the exported adapter.
+    """
+
+    upload_density: float = 1.0
+    upload_values: str = "fp32"
+    download_values: str = "fp32"
+    error_feedback: bool = True
+    block_size: int = 256
+
+    def __post_init__(self) -> None:
+        self.upload()
+        self.download()
+
+    def upload(self) -> CompressionSpec:
+        return _spec(self.upload_density, self.upload_values, self.block_size, "upload")
+
+    def download(self) -> CompressionSpec:
+        return _spec(1.0, self.download_values, self.block_size, "download")
+
+
+def _spec(density: float, values: str, block_size: int, direction: str) -> CompressionSpec:
+    try:
+        return CompressionSpec(density=density, values=values, block_size=block_size)
+    except ValueError as err:
+        key = str(err).split(" ", 1)[0]
+        name = {"density": f"{direction}_density", "values": f"{direction}_values"}.get(key, key)
+        raise ValueError(f"{name}{str(err)[len(key):]}") from None
+
+
+@dataclass(frozen=True)
 class SimulationSpec:
     backend: str = "ray"
     cpus_per_client: float = 1.0
@@ -163,6 +219,7 @@ class Scenario:
     federation: FederationSpec = field(default_factory=FederationSpec)
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
     clients: ClientsSpec = field(default_factory=ClientsSpec)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -207,7 +264,7 @@ class Scenario:
 _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
-    "clients": ClientsSpec,
+    "clients": ClientsSpec, "compression": CompressionConfig,
 }
 
 

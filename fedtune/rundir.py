@@ -99,11 +99,20 @@ class RunRecorder:
                 "eval_loss": last_eval.get("eval_loss"),
                 "eval_perplexity": last_eval.get("eval_perplexity"),
             },
-            "totals": {
-                "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
-                "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
-                "seconds": sum(r.get("seconds", 0.0) for r in self.rounds),
-            },
+            "totals": self.totals(),
+        }
+
+    def totals(self) -> dict[str, Any]:
+        """Traffic and time over all rounds; ``upload_ratio`` is dense fp32 update bytes
+        over the bytes that really travelled up (1.0 without compression)."""
+        up = sum(r.get("bytes_up", 0) for r in self.rounds)
+        dense = sum(r.get("bytes_up_dense", 0) for r in self.rounds)
+        return {
+            "bytes_up": up,
+            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
+            "bytes_up_dense": dense,
+            "upload_ratio": dense / up if up else None,
+            "seconds": sum(r.get("seconds", 0.0) for r in self.rounds),
         }
 
     def write_summary(self) -> None:

@@ -1,7 +1,8 @@
 """FedAvg / FedIT: average A and B separately (same ranks required).
 
 Inexact by design: the product of the averages contains cross terms B_i A_j.
-It is the baseline the other methods are measured against.
+It is the baseline the other methods are measured against. Sparse uploads are merged
+entry by entry over the clients that sent each entry (``merge = "mean"``) or by TIES.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from fedtune.aggregation.base import (
     example_weights,
     next_round,
 )
+from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 
 
-class FedAvg(Aggregator):
+class FedAvg(EntryMerge, Aggregator):
     name = "fedavg"
     requires_equal_ranks = True
 
@@ -38,9 +40,13 @@ class FedAvg(Aggregator):
                 raise AggregationError(
                     f"fedavg needs equal scales, module {module!r} has {sorted(scales)}"
                 )
+            masks = module_masks(updates, module)
+            starts = module_starts(updates, module)
             merged[module] = LoraFactors(
-                A=sum(w * p.A for w, p in zip(weights, parts, strict=True)),
-                B=sum(w * p.B for w, p in zip(weights, parts, strict=True)),
+                A=self.merge_entries(field_of(parts, "A"), weights, field_of(masks, "A"),
+                                     field_of(starts, "A")),
+                B=self.merge_entries(field_of(parts, "B"), weights, field_of(masks, "B"),
+                                     field_of(starts, "B")),
                 scale=parts[0].scale,
             )
         return GlobalAdapter(merged, round=next_round(previous))

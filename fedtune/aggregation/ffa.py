@@ -19,6 +19,7 @@ from fedtune.aggregation.base import (
     next_round,
     shared_scale,
 )
+from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 
 
@@ -26,14 +27,17 @@ def _max_difference(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
-class FFA(Aggregator):
-    """Average B with example weights; A must be identical everywhere."""
+class FFA(EntryMerge, Aggregator):
+    """Average B with example weights (mask-aware for sparse uploads, or TIES); A must be
+    identical everywhere."""
 
     name = "ffa"
     requires_equal_ranks = True
     freeze_A = True
 
-    def __init__(self, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    def __init__(self, atol: float = 1e-6, rtol: float = 1e-5, merge: str = "mean",
+                 ties_density: float = 0.2) -> None:
+        super().__init__(merge, ties_density)
         self.atol = atol
         self.rtol = rtol
 
@@ -74,6 +78,11 @@ class FFA(Aggregator):
             parts = module_parts(updates, module)
             A = self._shared_A(module, updates, previous)
             scale = shared_scale(parts)
-            B = sum((w * p.scale / scale) * p.B for w, p in zip(weights, parts, strict=True))
+            fold = [p.scale / scale for p in parts]
+            starts = module_starts(updates, module)
+            B = self.merge_entries(
+                [f * p.B for f, p in zip(fold, parts, strict=True)], weights,
+                field_of(module_masks(updates, module), "B"),
+                [None if s is None else f * s.B for f, s in zip(fold, starts, strict=True)])
             merged[module] = LoraFactors(A=A, B=B, scale=scale)
         return GlobalAdapter(merged, round=next_round(previous))

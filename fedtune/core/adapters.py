@@ -52,17 +52,46 @@ class LoraFactors:
 
 
 @dataclass(frozen=True)
+class LoraMask:
+    """Which entries of a module's A and B a client actually sent (sparse uploads).
+
+    Entries it did not send hold its starting value in the update's factors; the
+    sparsity-aware aggregators average each entry only over the clients that sent it.
+    """
+
+    A: Tensor
+    B: Tensor
+
+    @staticmethod
+    def full(factors: LoraFactors) -> LoraMask:
+        """Every entry sent (a dense upload)."""
+        return LoraMask(A=torch.ones_like(factors.A, dtype=torch.bool),
+                        B=torch.ones_like(factors.B, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
 class ClientUpdate:
-    """What one client sent back after local training."""
+    """What one client sent back after local training.
+
+    ``masks`` (module -> LoraMask) is set for sparse uploads; None means every entry was
+    sent. ``start`` (module -> factors) is what the client started training from, where
+    the server knows it: the reference that update deltas (e.g. for TIES) are taken from.
+    """
 
     factors: dict[str, LoraFactors]
     num_examples: int
     client_id: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
+    masks: Mapping[str, LoraMask] | None = None
+    start: Mapping[str, LoraFactors] | None = None
 
     def __post_init__(self) -> None:
         if self.num_examples <= 0:
             raise ValueError(f"num_examples must be positive, got {self.num_examples}")
+
+    def mask(self, module: str) -> LoraMask | None:
+        """The module's sent-entry mask, or None when it was sent dense."""
+        return None if self.masks is None else self.masks.get(module)
 
     @property
     def modules(self) -> list[str]:

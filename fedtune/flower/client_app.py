@@ -14,16 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
-from fedtune.aggregation.flora import split_top
 from fedtune.aggregation.hetlora import self_prune_rank
+from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
-from fedtune.core.adapters import LoraFactors
-from fedtune.core.codec import A_SUFFIX, factors_from_state_dict, state_dict_from_factors
+from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
+from fedtune.core.compress import CompressionSpec, compress_with_feedback, dense_nbytes
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
@@ -135,66 +135,22 @@ def _payload(message: Message) -> dict[str, torch.Tensor]:
 
 
 def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message: Message
-                          ) -> tuple[PeftModel, float]:
-    """Cached model set up as the server asked; returns it and the set-up seconds.
-
-    continue: the payload (or the shared seeded init) is the trainable LoRA's start.
-    residual: a fresh seeded LoRA trains on top of the payload, applied frozen; with
-    init "global" the LoRA starts from the payload's top components instead and only
-    the rest is applied frozen.
-    """
+                          ) -> tuple[PeftModel, dict[str, torch.Tensor], float]:
+    """Cached model set up as the server asked (see ``client_start``); returns it, the
+    trainable LoRA's starting state and the set-up seconds."""
     start = time.perf_counter()
     config = message.content.config_records[keys.CONFIG]
     model, lora = _model(scenario, settings)
-    local = adapter_name(lora)
-    state = _payload(message)
-    residual = config.get(keys.MODE, "continue") == "residual"
     reset_lora(model, scenario.run.seed)
-    frozen: dict[str, torch.Tensor] = state if residual else {}
-    if residual and state and config.get(keys.INIT, "fresh") == "global":
-        start_state, frozen = start_from_global(state, adapter_state(model), lora.scale,
-                                                lora.rank)
-        load_adapter_state(model, start_state)
-    elif state and not residual:
-        # a payload of lower rank (the global lost components nobody of this rank sent)
-        # fills the first components; the rest keep the seeded init with B = 0
-        load_adapter_state(model, overlay(adapter_state(model), state))
+    trainable, frozen = client_start(
+        config.get(keys.MODE, "continue"), config.get(keys.INIT, "fresh"), _payload(message),
+        adapter_state(model), lora.scale, lora.rank)
+    load_adapter_state(model, trainable)
     if frozen:
         load_frozen_global(model, frozen, lora)
-    activate(model, local, with_global=bool(frozen),
+    activate(model, adapter_name(lora), with_global=bool(frozen),
              freeze_A=bool(config.get(keys.FREEZE_A, False)))
-    return model, time.perf_counter() - start
-
-
-def start_from_global(global_state: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor],
-                      scale: float, rank: int
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """FLoRA with ``init = "global"``: the LoRA starts from the global adapter's top-r
-    components (rescaled for the client's scale; beyond the global rank it keeps its
-    fresh seeded rows), and the remaining components are applied frozen. Their sum is
-    exactly the global adapter, so training starts from the global model."""
-    top, rest = {}, {}
-    for name, factors in factors_from_state_dict(global_state, 1.0).items():
-        head, rest[name] = split_top(factors, rank)
-        top[name] = LoraFactors(A=head.A, B=head.B / scale, scale=scale)
-    remaining = {} if all(f.rank == 0 for f in rest.values()) else state_dict_from_factors(rest)
-    return overlay(fresh, state_dict_from_factors(top)), remaining
-
-
-def overlay(fresh: dict[str, torch.Tensor], head: dict[str, torch.Tensor]
-            ) -> dict[str, torch.Tensor]:
-    """``fresh`` LoRA tensors with their first components replaced by ``head``'s (which
-    may have fewer components, never more)."""
-    out = {}
-    for key, value in fresh.items():
-        value = value.clone()
-        part = head[key]
-        if key.endswith(A_SUFFIX):
-            value[: part.shape[0]] = part
-        else:
-            value[:, : part.shape[1]] = part
-        out[key] = value
-    return out
+    return model, trainable, time.perf_counter() - start
 
 
 def _device(model_spec: ModelSpec) -> torch.device:
@@ -226,11 +182,36 @@ def prune_rank(state: dict[str, torch.Tensor], scale: float, gamma: float
     return {k: (v[:keep] if k.endswith(A_SUFFIX) else v[:, :keep]) for k, v in state.items()}
 
 
+def upload_spec(config: Any) -> CompressionSpec:
+    """How the server asked this round's update to travel (dense fp32 when unsaid)."""
+    return CompressionSpec(density=float(config.get(keys.UPLOAD_DENSITY, 1.0)),
+                           values=str(config.get(keys.UPLOAD_VALUES, "fp32")),
+                           block_size=int(config.get(keys.BLOCK_SIZE, 256)))
+
+
+def compressed_upload(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                      config: Any, context: Context) -> tuple[Any, dict[str, float]]:
+    """The update (final LoRA minus its start) compressed as the server asked, with the
+    error-feedback residual kept in the node's own state between rounds (never sent)."""
+    spec = upload_spec(config)
+    delta = {k: state[k] - begun for k, begun in sliced_like(start, state).items()}
+    feedback = bool(config.get(keys.ERROR_FEEDBACK, True))
+    kept = context.state.array_records.get(keys.RESIDUAL)
+    residual = {} if kept is None else dict(kept.to_torch_state_dict())
+    carried = sum(float(r.pow(2).sum()) for k, r in residual.items()
+                  if k in delta and r.shape == delta[k].shape) ** 0.5
+    blob, residual = compress_with_feedback(delta, residual, spec, feedback)
+    if feedback:
+        context.state[keys.RESIDUAL] = ArrayRecord(residual)
+    return keys.blob_to_record(blob), {keys.RESIDUAL_NORM_IN: carried}
+
+
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
-    """Handle one train message: set up the payload, train locally, reply with the LoRA."""
+    """Handle one train message: set up the payload, train locally, reply with the LoRA
+    (or, when the server asks for compression, with its compressed update)."""
     _use_cpu_share(scenario)
     settings = _settings(message, context)
-    model, setup_s = _prepare_for_training(scenario, settings, message)
+    model, start, setup_s = _prepare_for_training(scenario, settings, message)
     data = client_batch(scenario, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
     seed = client_seed(int(config[keys.SEED]), settings.partition)
@@ -241,7 +222,11 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     gamma = float(config.get(keys.PRUNE_GAMMA, 0.0))
     if gamma > 0.0:
         state = prune_rank(state, settings.alpha / settings.rank, gamma)
-    adapter = keys.state_to_record(state)
+    extra: dict[str, float] = {}
+    if upload_spec(config).is_identity:
+        adapter = keys.state_to_record(state)
+    else:
+        adapter, extra = compressed_upload(state, start, config, context)
     codec_s = time.perf_counter() - codec_start
     metrics = {
         keys.NUM_EXAMPLES: int(data.train.shape[0]),
@@ -251,6 +236,8 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
         keys.SECONDS_TRAIN: float(result.seconds),
         keys.SECONDS_CODEC: codec_s,
         keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
+        keys.BYTES_DENSE: dense_nbytes(state),
+        **extra,
     }
     return keys.reply(message, metrics, adapter)
 

@@ -11,6 +11,12 @@ Scales: a train payload in "continue" mode is expressed at the client's own LoRA
 (alpha / r) and loaded as its trainable adapter; in "residual" mode (flora) it is the
 global adapter at scale 1 (``B @ A`` is the update), applied frozen. An evaluate payload is
 always the global adapter at scale 1, exactly the tensors that are exported.
+
+Compression: a compressed adapter travels as ONE uint8 array under ``PACKED`` (the blob
+of ``fedtune.core.compress``). Downloads pack the payload itself (dense, fp16 or int8);
+uploads pack the client's *update* (its final LoRA minus the LoRA it started from, plus
+its error-feedback residual), top-k sparse. The server knows each client's start
+(``fedtune.aggregation.start.client_start``) and adds it back.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.core.adapters import LoraFactors
-from fedtune.core.codec import factors_from_state_dict, state_dict_from_factors
+from fedtune.core.codec import CodecError, factors_from_state_dict, state_dict_from_factors
+from fedtune.core.compress import CompressionSpec, Decoded, decode_state, encode_state
 
 ADAPTER = "adapter"
 CONFIG = "config"
@@ -34,6 +41,13 @@ MODE = "mode"  # "continue" | "residual" (see fedtune.aggregation.base.Aggregato
 FREEZE_A = "freeze-a"
 INIT = "init"  # residual mode: "fresh" local LoRA, or start from the "global" top
 PRUNE_GAMMA = "prune-gamma"  # hetlora: the client may shrink its rank (self-pruning)
+UPLOAD_DENSITY = "upload-density"  # top-k fraction of each update tensor; 1 = dense
+UPLOAD_VALUES = "upload-values"  # fp32 | fp16 | int8
+BLOCK_SIZE = "block-size"  # int8 absmax block
+ERROR_FEEDBACK = "error-feedback"  # keep what was not sent and add it to the next update
+
+PACKED = "fedtune.packed"  # the one array of a compressed adapter record
+RESIDUAL = "fedtune.residual"  # client state: the error-feedback residual
 
 # metric keys (client -> server)
 NUM_EXAMPLES = "num-examples"
@@ -46,6 +60,8 @@ SECONDS_TRAIN = "seconds-train"
 SECONDS_CODEC = "seconds-codec"
 SECONDS_EVAL = "seconds-eval"
 PEAK_MEMORY_MB = "peak-memory-mb"
+BYTES_DENSE = "bytes-dense"  # the update as dense fp32 data: the baseline of the ratio
+RESIDUAL_NORM_IN = "residual-norm-in"  # error feedback carried into this round's upload
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -54,8 +70,34 @@ def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def record_to_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> peft-keyed tensors (exact inverse of :func:`state_to_record`)."""
-    return dict(record.to_torch_state_dict())
+    """ArrayRecord -> peft-keyed tensors (exact inverse of :func:`state_to_record`; a
+    packed record is decoded, entries that were not sent are zero)."""
+    return record_to_decoded(record).values
+
+
+def record_to_decoded(record: ArrayRecord) -> Decoded:
+    """Tensors and, for a packed record, the mask of entries actually sent."""
+    if is_packed(record):
+        if len(record) != 1:
+            raise CodecError(f"a packed adapter has one array, this one has {len(record)}")
+        return decode_state(record[PACKED].numpy().tobytes())
+    values = dict(record.to_torch_state_dict())
+    return Decoded(values, dict.fromkeys(values))
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    return PACKED in record
+
+
+def blob_to_record(blob: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({PACKED: blob})
+
+
+def encode_record(state: Mapping[str, torch.Tensor], spec: CompressionSpec) -> ArrayRecord:
+    """The plain per-tensor fp32 record when ``spec`` compresses nothing, else one blob."""
+    if spec.is_identity or not state:
+        return state_to_record(state)
+    return blob_to_record(encode_state(state, spec))
 
 
 def factors_to_record(factors: Mapping[str, LoraFactors]) -> ArrayRecord:

@@ -20,12 +20,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
+from torch import Tensor
 
 from fedtune.aggregation import get_aggregator
+from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_settings, round_seed
 from fedtune.config import Scenario
-from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
-from fedtune.core.codec import CodecError, scale_folded_state_dict
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask
+from fedtune.core.codec import (
+    A_SUFFIX,
+    B_SUFFIX,
+    CodecError,
+    factors_from_state_dict,
+    scale_folded_state_dict,
+    state_dict_from_factors,
+)
+from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
 
 log = logging.getLogger("fedtune")
@@ -43,6 +53,8 @@ class RoundStats:
 
     bytes_down: int = 0
     bytes_up: int = 0
+    bytes_up_dense: int = 0  # the same updates as dense fp32 data
+    down_by_node: dict[int, int] = field(default_factory=dict)
     sampled: int = 0
     dropped: list[str] = field(default_factory=list)
     client_records: list[dict[str, Any]] = field(default_factory=list)
@@ -66,6 +78,11 @@ class FedtuneStrategy(Strategy):
         self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
         self.rng = random.Random(scenario.run.seed)
+        self.upload = scenario.compression.upload()
+        self.download = scenario.compression.download()
+        #: this round's train payload per (rank, alpha), before download compression: the
+        #: server adds a client's compressed update to it (see ``_client_start``)
+        self.sent: dict[tuple[int, float], dict[str, Tensor]] = {}
         self.on_client = on_client or (lambda record: None)
         self.on_round = on_round or (lambda record: None)
         self.stats = RoundStats()
@@ -134,23 +151,32 @@ class FedtuneStrategy(Strategy):
     def _train_messages(self, nodes: list[int], server_round: int) -> list[Message]:
         """One message per node: its payload, its settings, the round's seed and mode."""
         records: dict[tuple[int, float], ArrayRecord] = {}  # one encoding per (rank, alpha)
+        self.sent = {}
         messages = []
         for node in nodes:
             settings = self._settings(node)
             key = (settings.rank, settings.alpha)
             if key not in records:
-                records[key] = keys.factors_to_record(self._train_payload(settings))
+                self.sent[key] = state_dict_from_factors(self._train_payload(settings))
+                records[key] = keys.encode_record(self.sent[key], self.download)
             payload = records[key]
-            self.stats.bytes_down += keys.record_nbytes(payload)
+            self.stats.down_by_node[node] = keys.record_nbytes(payload)
+            self.stats.bytes_down += self.stats.down_by_node[node]
             config = {keys.ROUND: server_round, keys.SEED: self._round_seed(server_round),
                       keys.MODE: self.aggregator.client_mode,
                       keys.FREEZE_A: self.aggregator.freeze_A,
                       keys.PRUNE_GAMMA: self.scenario.federation.prune_gamma,
                       keys.INIT: self.scenario.federation.flora_init,
-                      **settings.to_config()}
+                      **self._upload_config(), **settings.to_config()}
             messages.append(Message(content=keys.make_content(payload, config),
                                     message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
+
+    def _upload_config(self) -> dict[str, Any]:
+        compression = self.scenario.compression
+        return {keys.UPLOAD_DENSITY: self.upload.density, keys.UPLOAD_VALUES: self.upload.values,
+                keys.BLOCK_SIZE: self.upload.block_size,
+                keys.ERROR_FEEDBACK: compression.error_feedback}
 
     def _round_seed(self, server_round: int) -> int:
         return round_seed(self.scenario.run.seed, server_round)
@@ -186,10 +212,11 @@ class FedtuneStrategy(Strategy):
         num_examples = int(metrics.get(keys.NUM_EXAMPLES, 0))
         if num_examples <= 0:
             raise ValueError(f"num-examples must be positive, got {num_examples}")
+        record = content.array_records[keys.ADAPTER]
+        scale = settings.alpha / settings.rank  # a pruned reply keeps it: alpha follows r
         try:
-            factors = keys.record_to_factors(
-                content.array_records[keys.ADAPTER], settings.alpha / settings.rank
-            )  # a pruned reply keeps the scale: alpha shrinks with the rank
+            decoded = keys.record_to_decoded(record)
+            factors = factors_from_state_dict(decoded.values, scale)
         except CodecError as err:
             raise ValueError(f"undecodable adapter: {err}") from None
         if not factors:
@@ -198,6 +225,13 @@ class FedtuneStrategy(Strategy):
         if bad:
             raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
         rank = self._check_shapes(factors, settings.rank)
+        packed = keys.is_packed(record)
+        start = None
+        if packed or getattr(self.aggregator, "merge", "mean") == "ties":
+            start = factors_from_state_dict(self._client_start(settings, decoded.values), scale)
+        if packed:  # the reply is an update: add it to the start the server knows
+            factors = {n: LoraFactors(A=start[n].A + f.A, B=start[n].B + f.B, scale=scale)
+                       for n, f in factors.items()}
         if rank < settings.rank:
             self.pruned_rank[settings.partition] = rank
         return ClientUpdate(
@@ -205,7 +239,27 @@ class FedtuneStrategy(Strategy):
             num_examples=num_examples,
             client_id=str(settings.partition),
             metrics={**metrics, "rank": rank},
+            masks=sent_masks(decoded.masks, factors) if packed else None,
+            start=start,
         )
+
+    def _client_start(self, settings: ClientSettings, reply: dict[str, Tensor]
+                      ) -> dict[str, Tensor]:
+        """The LoRA this client started training from, rebuilt exactly as the client built
+        it (seeded init at its assigned rank, this round's payload), cut to the reply's
+        rank. The payload is taken before download compression, so a compressed update
+        lands on the server's full-precision global, not on the client's rounded copy."""
+        shapes = {k: ((settings.rank, v.shape[1]) if k.endswith(A_SUFFIX)
+                      else (v.shape[0], settings.rank)) for k, v in reply.items()}
+        fresh = seeded_lora_state(self.scenario.run.seed, shapes)
+        payload = self.sent.get((settings.rank, settings.alpha), {})
+        try:
+            trainable, _ = client_start(self.aggregator.client_mode,
+                                        self.scenario.federation.flora_init, payload, fresh,
+                                        settings.alpha / settings.rank, settings.rank)
+        except (KeyError, RuntimeError) as err:
+            raise ValueError(f"reply does not fit the payload it was sent: {err}") from None
+        return sliced_like(trainable, reply)
 
     def _check_shapes(self, factors: dict[str, LoraFactors], rank: int) -> int:
         """Rank as assigned (or one smaller rank for every module when HetLoRA
@@ -254,9 +308,11 @@ class FedtuneStrategy(Strategy):
                                  for n, f in update.factors.items()}
             up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
             self.stats.bytes_up += up
+            self.stats.bytes_up_dense += int(update.metrics.get(keys.BYTES_DENSE, up))
             updates.append(update)
             record = {"round": server_round, "phase": "train", "node_id": node,
                       "client": update.client_id, "bytes_up": up,
+                      "bytes_down": self.stats.down_by_node.get(node, 0),
                       **{k.replace("-", "_"): v for k, v in update.metrics.items()}}
             self.stats.client_records.append(record)
             self.on_client(record)
@@ -345,6 +401,7 @@ class FedtuneStrategy(Strategy):
                 "eval_loss": eval_loss,
                 "bytes_up": self.stats.bytes_up,
                 "bytes_down": self.stats.bytes_down,
+                "bytes_up_dense": self.stats.bytes_up_dense,
                 "clients_sampled": self.stats.sampled,
                 "clients_replied": int(train_metrics["num-clients"]),
                 "dropped": list(self.stats.dropped),
@@ -358,6 +415,17 @@ class FedtuneStrategy(Strategy):
             }
             self.on_round(record)
         return result
+
+
+def sent_masks(masks: dict[str, Tensor | None], factors: dict[str, LoraFactors]
+               ) -> dict[str, LoraMask]:
+    """Per module, which entries of A and B a packed reply actually carried."""
+    out = {}
+    for name, f in factors.items():
+        full = LoraMask.full(f)
+        a, b = masks.get(name + A_SUFFIX), masks.get(name + B_SUFFIX)
+        out[name] = LoraMask(A=full.A if a is None else a, B=full.B if b is None else b)
+    return out
 
 
 def short_reason(reason: str | None, limit: int = 300) -> str:

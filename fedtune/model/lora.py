@@ -8,7 +8,6 @@ export to a folder that ``PeftModel.from_pretrained`` understands.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import Counter
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from fedtune.core.init import seeded_lora_A
 from fedtune.model._fsutil import atomic_directory
 from fedtune.model.loading import base_model_name
 
@@ -125,16 +125,11 @@ def _is_kbit(model: nn.Module) -> bool:
     )
 
 
-def _module_seed(seed: int, name: str) -> int:
-    """Per-module seed so a module's A depends only on (seed, name), not on other targets."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 def _seeded_init(model: nn.Module, seed: int, only: str | None = None) -> None:
     """peft's default init (A ~ kaiming-uniform(a=sqrt 5), B = 0), from a CPU generator.
 
-    Drawing on CPU makes A identical across processes and devices for the same seed.
+    Drawing on CPU makes A identical across processes and devices for the same seed; the
+    tensors come from ``fedtune.core.init`` so the server can rebuild them.
     """
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
@@ -142,9 +137,7 @@ def _seeded_init(model: nn.Module, seed: int, only: str | None = None) -> None:
         for adapter, lora_a in module.lora_A.items():
             if only is not None and adapter != only:
                 continue
-            generator = torch.Generator(device="cpu").manual_seed(_module_seed(seed, name))
-            fresh = torch.empty(lora_a.weight.shape, dtype=torch.float32)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+            fresh = seeded_lora_A(seed, name, tuple(lora_a.weight.shape))
             with torch.no_grad():
                 lora_a.weight.copy_(fresh)
                 module.lora_B[adapter].weight.zero_()

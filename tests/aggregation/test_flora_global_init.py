@@ -6,8 +6,8 @@ from lora_reference import dense, exact_average, make_update, rel
 
 from fedtune.aggregation import get_aggregator
 from fedtune.aggregation.flora import split_top
+from fedtune.aggregation.start import start_from_global
 from fedtune.core.codec import factors_from_state_dict, state_dict_from_factors
-from fedtune.flower.client_app import start_from_global
 
 
 def test_split_top_parts_add_up_and_clip_at_the_available_rank(gen):

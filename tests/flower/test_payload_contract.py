@@ -63,7 +63,7 @@ def test_client_starts_from_exactly_the_global_update(aggregator, extra):
     strategy.global_adapter = strategy.aggregator.aggregate(_updates(scenario, [4, 2]), None)
     message = strategy._train_messages([100], 2)[0]
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
-    model, _ = _prepare_for_training(scenario, settings, message)
+    model, _, _ = _prepare_for_training(scenario, settings, message)
     payload_for_rank = strategy.aggregator.payload_for(strategy.global_adapter, settings.rank,
                                                        scale=settings.alpha / settings.rank)
     for module, factors in strategy.global_adapter.factors.items():
@@ -83,7 +83,7 @@ def test_lower_rank_payload_fills_the_first_components_of_a_higher_rank_client()
     payload = keys.record_to_state(message.content.array_records[keys.ADAPTER])
     assert {v.shape[0] for k, v in payload.items() if "lora_A" in k} == {4}
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
-    model, _ = _prepare_for_training(scenario, settings, message)
+    model, _, _ = _prepare_for_training(scenario, settings, message)
     state = adapter_state(model)
     for key, value in payload.items():
         head = state[key][:4] if "lora_A" in key else state[key][:, :4]
