@@ -3,7 +3,8 @@
 Client k's A_k [r_k, in] becomes [A_k; 0] and B_k [out, r_k] becomes [B_k, 0]; A and
 B are averaged separately (so, like FedAvg, the product has cross terms) and client k
 downloads the first r_k rows of A and columns of B. Sparse uploads are merged entry by
-entry over the clients that sent each entry (the padding counts as sent zeros), or by TIES.
+entry over the clients that sent each entry (a sparse client's padding is not an entry it
+sent), or by TIES.
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def pad_cols(t: Tensor, cols: int) -> Tensor:
 
 
 def _padded_mask(mask: Tensor | None, rows: int, transpose: bool) -> Tensor | None:
-    """A mask padded like its tensor; the padding counts as sent zeros (dense zero-padding
-    semantics: a rank-r client contributes zeros beyond r)."""
+    """A sparse client's mask padded like its tensor. The padding is not an entry it sent:
+    rows beyond its rank average over the clients that have them, and only an entry
+    nobody sent falls back to the dense zero-padding average. A dense client (None) keeps
+    the plain zero-padding semantics, padding included."""
     if mask is None:
         return None
     t = mask.T if transpose else mask
     extra = rows - t.shape[0]
-    padded = torch.cat([t, t.new_ones(extra, t.shape[1])]) if extra else t
+    padded = torch.cat([t, t.new_zeros(extra, t.shape[1])]) if extra else t
     return padded.T if transpose else padded
 
 

@@ -23,7 +23,7 @@ from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
-from fedtune.core.compress import CompressionSpec, compress_with_feedback, dense_nbytes
+from fedtune.core.compress import CompressionSpec, compress_with_feedback
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
@@ -236,7 +236,6 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
         keys.SECONDS_TRAIN: float(result.seconds),
         keys.SECONDS_CODEC: codec_s,
         keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
-        keys.BYTES_DENSE: dense_nbytes(state),
         **extra,
     }
     return keys.reply(message, metrics, adapter)

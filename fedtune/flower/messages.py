@@ -60,7 +60,6 @@ SECONDS_TRAIN = "seconds-train"
 SECONDS_CODEC = "seconds-codec"
 SECONDS_EVAL = "seconds-eval"
 PEAK_MEMORY_MB = "peak-memory-mb"
-BYTES_DENSE = "bytes-dense"  # the update as dense fp32 data: the baseline of the ratio
 RESIDUAL_NORM_IN = "residual-norm-in"  # error feedback carried into this round's upload
 
 

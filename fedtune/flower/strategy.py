@@ -308,11 +308,13 @@ class FedtuneStrategy(Strategy):
                                  for n, f in update.factors.items()}
             up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
             self.stats.bytes_up += up
-            self.stats.bytes_up_dense += int(update.metrics.get(keys.BYTES_DENSE, up))
+            dense = 4 * sum(f.A.numel() + f.B.numel() for f in update.factors.values())
+            self.stats.bytes_up_dense += dense
             updates.append(update)
             record = {"round": server_round, "phase": "train", "node_id": node,
                       "client": update.client_id, "bytes_up": up,
                       "bytes_down": self.stats.down_by_node.get(node, 0),
+                      "bytes_up_dense": dense,
                       **{k.replace("-", "_"): v for k, v in update.metrics.items()}}
             self.stats.client_records.append(record)
             self.on_client(record)
