@@ -223,7 +223,10 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     if gamma > 0.0:
         state = prune_rank(state, settings.alpha / settings.rank, gamma)
     extra: dict[str, float] = {}
-    if upload_spec(config).is_identity:
+    # after a compressed download the client holds a rounded copy of the global: send the
+    # update, which the server adds to its full-precision copy (dense fp32 if so asked)
+    rounded_start = keys.is_packed(message.content.array_records[keys.ADAPTER])
+    if upload_spec(config).is_identity and not rounded_start:
         adapter = keys.state_to_record(state)
     else:
         adapter, extra = compressed_upload(state, start, config, context)

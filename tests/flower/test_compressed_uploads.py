@@ -216,3 +216,32 @@ def test_ties_is_refused_for_aggregators_that_do_not_merge_entries():
         load_scenario("tiny", ['federation.aggregator="flora"', "federation.merge='ties'"])
     scenario = load_scenario("tiny", ["federation.merge='ties'"])
     assert FedtuneStrategy(scenario).aggregator.merge == "ties"
+
+
+def test_after_an_int8_download_the_update_lands_on_the_full_precision_global():
+    """Real client code, (almost) no learning: the client starts from a rounded copy of
+    the global and sends its update; the server adds it to its own exact copy."""
+    from fedtune.flower.client_app import train_message
+
+    scenario = load_scenario("tiny", ["compression.download_values='int8'", "train.lr=1e-12",
+                                      "train.weight_decay=0", "train.steps=1",
+                                      "federation.min_clients=1"])
+    strategy = _strategy(scenario)
+    gen = torch.Generator().manual_seed(3)
+    model, _ = cache.get_peft_model(scenario.model, LoraSpec(rank=4, alpha=8), seed=0)
+    exact = {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model).items()}
+    from fedtune.core.adapters import GlobalAdapter
+    from fedtune.core.codec import factors_from_state_dict
+
+    strategy.global_adapter = GlobalAdapter(factors_from_state_dict(exact, 2.0), round=1)
+    message = strategy._train_messages([100], 2)[0]
+    record = message.content.array_records[keys.ADAPTER]
+    assert keys.is_packed(record)
+    rounded = keys.record_to_state(record)
+    assert max(float((rounded[k] - exact[k]).abs().max()) for k in exact) > 1e-3
+    reply = train_message(scenario, message, _context(0))
+    assert keys.is_packed(reply.content.array_records[keys.ADAPTER])  # an update, not a state
+    update = strategy._decode(reply)
+    for module, factors in update.factors.items():
+        assert torch.allclose(factors.A, exact[module + ".lora_A.weight"], atol=1e-6)
+        assert torch.allclose(factors.B, exact[module + ".lora_B.weight"], atol=1e-6)
