@@ -21,7 +21,7 @@ from typing import Any
 
 import tomllib
 
-from fedtune.core.compress import CompressionSpec
+from fedtune.core.compress import SELECTIONS, CompressionSpec
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec
 from fedtune.train.local import TrainConfig
@@ -169,6 +169,8 @@ class CompressionConfig:
     to its next update when ``error_feedback`` is on. ``upload_values`` and
     ``download_values`` are fp32, fp16 or int8 (blockwise absmax, ``block_size`` values
     per block). Evaluation payloads always travel in fp32: they are the exported adapter.
+    ``selection`` = "tensor" keeps the top entries of each tensor; "product" keeps, per
+    module, the entries of A and B that move B @ A most (same count in all).
     """
 
     upload_density: float = 1.0
@@ -176,10 +178,14 @@ class CompressionConfig:
     download_values: str = "fp32"
     error_feedback: bool = True
     block_size: int = 256
+    selection: str = "tensor"
 
     def __post_init__(self) -> None:
         self.upload()
         self.download()
+        _require(self.selection in SELECTIONS, "selection", self.selection,
+                 "'tensor' (top-k of each tensor) or 'product' (per module, the entries of "
+                 "A and B with the largest effect on B @ A)")
 
     def upload(self) -> CompressionSpec:
         return _spec(self.upload_density, self.upload_values, self.block_size, "upload")

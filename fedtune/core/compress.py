@@ -24,18 +24,19 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedtune.core.codec import CodecError
+from fedtune.core.codec import A_SUFFIX, B_SUFFIX, CodecError
 
 MAGIC = b"FTPK"
 VERSION = 1
 VALUE_CODECS = ("fp32", "fp16", "int8")
+SELECTIONS = ("tensor", "product")  # per-tensor top-k, or by effect on B @ A per module
 DENSE, INDICES, BITMASK = 0, 1, 2
 _HEAD = struct.Struct("<4sBII")
 _TENSOR = struct.Struct("<BBBII")  # values, positions, index bytes, k, block
@@ -147,13 +148,16 @@ def _tensor_record(shape: tuple[int, ...], spec: CompressionSpec, codec: int, wi
     return head + body + pos_data + _encode_values(values, spec.values, spec.block_size)
 
 
-def encode_tensor(tensor: Tensor, spec: CompressionSpec) -> bytes:
-    """One tensor's record: dense at density 1, else its top-k entries."""
+def encode_tensor(tensor: Tensor, spec: CompressionSpec,
+                  positions: Tensor | None = None) -> bytes:
+    """One tensor's record: dense at density 1, else its top-k entries (or the sorted
+    flat ``positions`` a selection rule chose)."""
     flat = tensor.detach().to(torch.float32).reshape(-1).cpu()
     shape = tuple(tensor.shape)
     if spec.density == 1.0:
         return _tensor_record(shape, spec, DENSE, 0, b"", flat)
-    positions = topk_positions(flat, spec.density)
+    if positions is None:
+        positions = topk_positions(flat, spec.density)
     codec, width, pos_data = _encode_positions(positions, flat.numel())
     return _tensor_record(shape, spec, codec, width, pos_data, flat[positions])
 
@@ -178,10 +182,41 @@ def pack_records(names: list[str], records: list[bytes]) -> Tensor:
     return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
 
-def encode_state(state: Mapping[str, Tensor], spec: CompressionSpec) -> Tensor:
-    """A whole state dict as one uint8 blob (see the module docstring)."""
+def encode_state(state: Mapping[str, Tensor], spec: CompressionSpec,
+                 positions: Mapping[str, Tensor] | None = None) -> Tensor:
+    """A whole state dict as one uint8 blob (see the module docstring); ``positions``
+    overrides the per-tensor top-k for the tensors it names."""
     names = sorted(state)
-    return pack_records(names, [encode_tensor(state[name], spec) for name in names])
+    chosen = positions or {}
+    return pack_records(names, [encode_tensor(state[n], spec, chosen.get(n)) for n in names])
+
+
+def product_positions(update: Mapping[str, Tensor], factors: Mapping[str, Tensor],
+                      density: float) -> dict[str, Tensor]:
+    """Per LoRA module, the entries of (dA, dB) that move ``B @ A`` most, to first order.
+
+    dB_ij shifts the product by |dB_ij| * ||A_j,:|| and dA_jk by ||B_:,j|| * |dA_jk|;
+    the module's ceil(density * (|A| + |B|)) highest-scoring entries are sent, wherever
+    they are. Per-tensor top-k spends the same bytes on A as on B even when one barely
+    matters (a fresh LoRA's A hardly moves in a few steps; FFA's never does).
+    ``factors`` are the client's current A and B (peft keys); unpaired keys are left to
+    per-tensor top-k.
+    """
+    out: dict[str, Tensor] = {}
+    for a_key in (k for k in update if k.endswith(A_SUFFIX)):
+        b_key = a_key[: -len(A_SUFFIX)] + B_SUFFIX
+        if b_key not in update:
+            continue
+        A, B = factors[a_key].to(torch.float32), factors[b_key].to(torch.float32)
+        score_a = (update[a_key].abs() * B.norm(dim=0)[:, None]).reshape(-1)
+        score_b = (update[b_key].abs() * A.norm(dim=1)[None, :]).reshape(-1)
+        scores = torch.cat([score_a, score_b])
+        k = min(math.ceil(density * scores.numel()), int(torch.count_nonzero(scores)))
+        chosen = torch.topk(scores, k).indices if k else torch.zeros(0, dtype=torch.int64)
+        n_a = score_a.numel()
+        out[a_key] = chosen[chosen < n_a].sort().values
+        out[b_key] = (chosen[chosen >= n_a] - n_a).sort().values
+    return out
 
 
 # ----------------------------------------------------------------------- decode
@@ -298,12 +333,14 @@ def decode_state(blob: Tensor | bytes) -> Decoded:
 def compress_with_feedback(
     update: Mapping[str, Tensor], residual: Mapping[str, Tensor], spec: CompressionSpec,
     error_feedback: bool = True,
+    select: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Encode ``update + residual``; return the blob and the new residual.
 
     The new residual is exactly what the receiver will NOT see (entries left out and
-    rounding of those sent), so over rounds sum(sent) + final residual == sum(updates).
-    A residual whose shape no longer matches (e.g. the rank changed) is dropped.
+    rounding of those sent), so over rounds sum(sent) + final residual == sum(updates),
+    whichever entries ``select`` (corrected update -> positions; default per-tensor
+    top-k) picks. A residual whose shape no longer matches (the rank changed) is dropped.
     """
     corrected = {}
     for name, tensor in update.items():
@@ -312,7 +349,8 @@ def compress_with_feedback(
             corrected[name] = tensor.detach().to(torch.float32) + carried
         else:
             corrected[name] = tensor.detach().to(torch.float32)
-    blob = encode_state(corrected, spec)
+    positions = select(corrected) if select is not None and spec.density < 1.0 else None
+    blob = encode_state(corrected, spec, positions)
     if not error_feedback:
         return blob, {}
     sent = decode_state(blob).values

@@ -23,7 +23,7 @@ from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
-from fedtune.core.compress import CompressionSpec, compress_with_feedback
+from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
@@ -200,7 +200,11 @@ def compressed_upload(state: dict[str, torch.Tensor], start: dict[str, torch.Ten
     residual = {} if kept is None else dict(kept.to_torch_state_dict())
     carried = sum(float(r.pow(2).sum()) for k, r in residual.items()
                   if k in delta and r.shape == delta[k].shape) ** 0.5
-    blob, residual = compress_with_feedback(delta, residual, spec, feedback)
+    select = None
+    if config.get(keys.SELECTION, "tensor") == "product":
+        def select(corrected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return product_positions(corrected, state, spec.density)
+    blob, residual = compress_with_feedback(delta, residual, spec, feedback, select)
     if feedback:
         context.state[keys.RESIDUAL] = ArrayRecord(residual)
     return keys.blob_to_record(blob), {keys.RESIDUAL_NORM_IN: carried}

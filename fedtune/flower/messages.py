@@ -45,6 +45,7 @@ UPLOAD_DENSITY = "upload-density"  # top-k fraction of each update tensor; 1 = d
 UPLOAD_VALUES = "upload-values"  # fp32 | fp16 | int8
 BLOCK_SIZE = "block-size"  # int8 absmax block
 ERROR_FEEDBACK = "error-feedback"  # keep what was not sent and add it to the next update
+SELECTION = "upload-selection"  # "tensor" top-k, or "product" (effect on B @ A per module)
 
 PACKED = "fedtune.packed"  # the one array of a compressed adapter record
 RESIDUAL = "fedtune.residual"  # client state: the error-feedback residual

@@ -176,7 +176,8 @@ class FedtuneStrategy(Strategy):
         compression = self.scenario.compression
         return {keys.UPLOAD_DENSITY: self.upload.density, keys.UPLOAD_VALUES: self.upload.values,
                 keys.BLOCK_SIZE: self.upload.block_size,
-                keys.ERROR_FEEDBACK: compression.error_feedback}
+                keys.ERROR_FEEDBACK: compression.error_feedback,
+                keys.SELECTION: compression.selection}
 
     def _round_seed(self, server_round: int) -> int:
         return round_seed(self.scenario.run.seed, server_round)

@@ -186,3 +186,62 @@ def test_more_values_than_entries_and_bad_headers_are_rejected():
         decode_state(good[:-3])
     with pytest.raises(CodecError, match="unexpected bytes"):
         decode_state(good + b"\0")
+
+
+# ---------------------------------------------------------------- product-aware selection
+def _brute_force_scores(update, factors, a_key, b_key):
+    """Score of every entry, written out entry by entry: first-order effect on B @ A."""
+    A, B = factors[a_key], factors[b_key]
+    r, n_in = A.shape
+    n_out = B.shape[0]
+    scores = []
+    for j in range(r):
+        col = math.sqrt(sum(float(B[i, j]) ** 2 for i in range(n_out)))
+        scores += [abs(float(update[a_key][j, c])) * col for c in range(n_in)]
+    for i in range(n_out):
+        for j in range(r):
+            row = math.sqrt(sum(float(A[j, c]) ** 2 for c in range(n_in)))
+            scores.append(abs(float(update[b_key][i, j])) * row)
+    return torch.tensor(scores)
+
+
+def test_product_selection_takes_the_top_entries_of_the_module_by_effect():
+    from fedtune.core.compress import product_positions
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = {"m.lora_A.weight": (3, 10), "m.lora_B.weight": (7, 3)}
+    update = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    factors = {k: torch.randn(s, generator=gen, dtype=torch.float64) for k, s in shapes.items()}
+    factors["m.lora_A.weight"][1] *= 10  # component 1 of A is strong: its B column matters
+    chosen = product_positions(update, factors, density=0.3)
+    k = math.ceil(0.3 * (30 + 21))
+    assert chosen["m.lora_A.weight"].numel() + chosen["m.lora_B.weight"].numel() == k
+    scores = _brute_force_scores(update, factors, "m.lora_A.weight", "m.lora_B.weight")
+    expected = set(scores.argsort(descending=True)[:k].tolist())
+    got = set(chosen["m.lora_A.weight"].tolist()) | {30 + i for i in
+                                                     chosen["m.lora_B.weight"].tolist()}
+    assert got == expected
+    b_cols = [i % 3 for i in chosen["m.lora_B.weight"].tolist()]
+    assert b_cols.count(1) > b_cols.count(0) + b_cols.count(2)
+
+
+def test_product_selection_spends_nothing_on_a_frozen_A_and_keeps_the_invariant():
+    from fedtune.core.compress import product_positions
+
+    state = _state()
+    update = {k: (torch.zeros_like(v) if "lora_A" in k else v) for k, v in state.items()}
+    spec = CompressionSpec(density=0.1, values="fp16")
+    residual: dict = {}
+    total_sent = {k: torch.zeros_like(v) for k, v in update.items()}
+    for _ in range(3):
+        blob, residual = compress_with_feedback(
+            update, residual, spec,
+            select=lambda corrected: product_positions(corrected, state, spec.density))
+        decoded = decode_state(blob)
+        for k in update:
+            total_sent[k] += decoded.values[k]
+        assert all(int(decoded.masks[k].sum()) == 0 for k in update if "lora_A" in k)
+        per_module = math.ceil(0.1 * (8 * 576 + 576 * 8))
+        assert int(decoded.masks["m.q.lora_B.weight"].sum()) == min(per_module, 576 * 8)
+    for k in update:
+        assert torch.allclose(total_sent[k] + residual[k], 3 * update[k], atol=1e-4)

@@ -76,6 +76,7 @@ def test_the_server_rebuilds_the_seeded_init_every_client_draws():
     ("zeropad", ("compression.download_values='int8'",)),
     ("flora", ()),
     ("flora", ('federation.flora_init="global"', "compression.download_values='fp16'")),
+    ("flora", ("compression.selection='product'",)),
 ])
 def test_sent_entries_land_exactly_and_the_rest_stays_at_the_start(aggregator, extra):
     scenario = _scenario(aggregator, *extra)
@@ -99,6 +100,10 @@ def test_sent_entries_land_exactly_and_the_rest_stays_at_the_start(aggregator, e
                         assert torch.equal(server_start, start[key])
                     if aggregator == "ffa" and part == "A":
                         assert not mask.any()  # frozen A: nothing to send
+                    elif "product" in " ".join(extra):  # the module's budget, split by effect
+                        both = update.masks[module]
+                        assert 0 < (both.A.sum() + both.B.sum()) / (both.A.numel()
+                                                                     + both.B.numel()) <= 0.25
                     else:
                         assert 0 < mask.float().mean() <= 0.25 + 1e-9
                     if server_round == 1:  # no residual yet: sent entries are exact
@@ -202,6 +207,7 @@ def test_train_messages_carry_the_compression_settings_and_count_bytes_per_node(
     ("compression.upload_values='int4'", "upload_values = 'int4'"),
     ("compression.download_values='bf16'", "download_values = 'bf16'"),
     ("compression.block_size=0", "block_size"),
+    ("compression.selection='best'", "selection = 'best'"),
     ("compression.density=0.1", "unknown key compression.density"),
     ("federation.merge='median'", "merge = 'median'"),
     ("federation.ties_density=0", "ties_density"),
