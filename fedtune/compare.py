@@ -87,16 +87,17 @@ def check_methods(aggregators: Sequence[str], baselines: Sequence[str]) -> None:
 def with_aggregator(scenario: Scenario, name: str) -> Scenario:
     """The scenario under another aggregator; the run is named after it for a readable folder.
     HetLoRA's rank self-pruning (``prune_gamma``) only applies to hetlora, TIES merging
-    only to the aggregators that merge entry by entry."""
+    only to the aggregators that merge entry by entry, ``padding`` to zero-padding ones."""
     from fedtune.config import MERGING_AGGREGATORS
 
     prune = scenario.federation.prune_gamma if name == "hetlora" else 0.0
     merge = scenario.federation.merge if name in MERGING_AGGREGATORS else "mean"
+    padding = scenario.federation.padding if name in ("zeropad", "hetlora") else "zeros"
     return replace(
         scenario,
         run=replace(scenario.run, name=f"{scenario.run.name}-{name}"),
         federation=replace(scenario.federation, aggregator=name, prune_gamma=prune,
-                           merge=merge),
+                           merge=merge, padding=padding),
     )
 
 

@@ -91,6 +91,7 @@ class FederationSpec:
     flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
     merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
     ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
+    padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -120,11 +121,19 @@ class FederationSpec:
                  f"{self.aggregator} combines factors another way)")
         _require(0.0 < self.ties_density <= 1.0, "ties_density", self.ties_density,
                  "a number in (0, 1]")
+        _require(self.padding in ("zeros", "skip"), "padding", self.padding,
+                 "'zeros' (padding counts as zeros) or 'skip' (each rank component averaged "
+                 "over the clients that have it)")
+        _require(self.padding == "zeros" or self.aggregator in ("zeropad", "hetlora"),
+                 "padding", self.padding, "'zeros' unless aggregator is zeropad or hetlora")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
         if self.aggregator == "flora":
             return {"rank_budget": self.rank_budget, "init": self.flora_init}
+        if self.aggregator in ("zeropad", "hetlora"):
+            return {"merge": self.merge, "ties_density": self.ties_density,
+                    "padding": self.padding}
         if self.aggregator in MERGING_AGGREGATORS:
             return {"merge": self.merge, "ties_density": self.ties_density}
         return {}

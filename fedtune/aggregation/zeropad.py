@@ -3,8 +3,9 @@
 Client k's A_k [r_k, in] becomes [A_k; 0] and B_k [out, r_k] becomes [B_k, 0]; A and
 B are averaged separately (so, like FedAvg, the product has cross terms) and client k
 downloads the first r_k rows of A and columns of B. Sparse uploads are merged entry by
-entry over the clients that sent each entry (a sparse client's padding is not an entry it
-sent), or by TIES.
+entry over the clients that sent each entry, or by TIES. ``padding = "skip"`` drops the
+padding altogether: each rank component is averaged over the clients that have it, so a
+high-rank client's extra components are not shrunk by everyone else's zeros.
 """
 
 from __future__ import annotations
@@ -38,24 +39,36 @@ def pad_cols(t: Tensor, cols: int) -> Tensor:
     return pad_rows(t.T, cols).T
 
 
-def _padded_mask(mask: Tensor | None, rows: int, transpose: bool) -> Tensor | None:
-    """A sparse client's mask padded like its tensor. The padding is not an entry it sent:
-    rows beyond its rank average over the clients that have them, and only an entry
-    nobody sent falls back to the dense zero-padding average. A dense client (None) keeps
-    the plain zero-padding semantics, padding included."""
-    if mask is None:
-        return None
-    t = mask.T if transpose else mask
-    extra = rows - t.shape[0]
-    padded = torch.cat([t, t.new_zeros(extra, t.shape[1])]) if extra else t
-    return padded.T if transpose else padded
+PADDINGS = ("zeros", "skip")
+
+
+def padded_masks(tensors: Sequence[Tensor], masks: Sequence[Tensor | None], rows: int,
+                 padding: str) -> list[Tensor | None]:
+    """Masks of row-padded tensors (rank along dim 0) for the mask-aware merge.
+
+    "zeros" (classic zero-padding): a padded row is a zero the client contributes to
+    every entry some client with that component sent; an entry nobody sent falls back to
+    the plain zero-padding average (so with dense uploads this is exactly zero-padding).
+    "skip": padding is never counted; each component is averaged over the clients that
+    have it. None everywhere means the plain weighted average."""
+    if all(m is None for m in masks) and (padding == "zeros"
+                                          or all(t.shape[0] == rows for t in tensors)):
+        return list(masks)
+    own = [torch.cat([m, m.new_zeros(rows - m.shape[0], m.shape[1])])
+           for m in (torch.ones_like(t, dtype=torch.bool) if m is None else m
+                     for t, m in zip(tensors, masks, strict=True))]
+    if padding == "skip":
+        return own
+    someone = torch.stack(own).any(dim=0)
+    return [torch.cat([m[: t.shape[0]], someone[t.shape[0]:]])
+            for t, m in zip(tensors, own, strict=True)]
 
 
 def padded_average(parts: Sequence[LoraFactors], weights: Sequence[float],
                    masks: Sequence[LoraMask | None] | None = None,
                    starts: Sequence[LoraFactors | None] | None = None,
-                   merge: EntryMerge | None = None) -> LoraFactors:
-    """Weighted (by default mask-aware) merge of zero-padded A and B.
+                   merge: EntryMerge | None = None, padding: str = "zeros") -> LoraFactors:
+    """Weighted (mask-aware where masks are given) merge of zero-padded A and B.
 
     Clients that share a scale keep it; with mixed scales (peft's alpha / r differs
     with r) each B_k is first multiplied by s_k, so the result has scale 1.0.
@@ -66,13 +79,16 @@ def padded_average(parts: Sequence[LoraFactors], weights: Sequence[float],
     r_max = max(p.rank for p in parts)
     scale = shared_scale(parts)
     fold = [p.scale / scale for p in parts]
+    mask_a = padded_masks(field_of(parts, "A"), field_of(masks, "A"), r_max, padding)
+    mask_bt = padded_masks([p.B.T for p in parts],
+                           [None if m is None else m.T for m in field_of(masks, "B")],
+                           r_max, padding)
     A = merge.merge_entries(
-        [pad_rows(p.A, r_max) for p in parts], weights,
-        [_padded_mask(m, r_max, False) for m in field_of(masks, "A")],
+        [pad_rows(p.A, r_max) for p in parts], weights, mask_a,
         [None if s is None else pad_rows(s.A, r_max) for s in starts])
     B = merge.merge_entries(
         [f * pad_cols(p.B, r_max) for f, p in zip(fold, parts, strict=True)], weights,
-        [_padded_mask(m, r_max, True) for m in field_of(masks, "B")],
+        [None if m is None else m.T for m in mask_bt],
         [None if s is None else f * pad_cols(s.B, r_max)
          for f, s in zip(fold, starts, strict=True)])
     return LoraFactors(A=A, B=B, scale=scale)
@@ -84,10 +100,18 @@ def slice_rank(factors: LoraFactors, rank: int) -> LoraFactors:
 
 
 class ZeroPad(EntryMerge, Aggregator):
-    """Zero-padded weighted average with example weights p_k."""
+    """Zero-padded weighted average with example weights p_k (``padding = "skip"``:
+    each rank component averaged over the clients that have it)."""
 
     name = "zeropad"
     requires_equal_ranks = False
+
+    def __init__(self, merge: str = "mean", ties_density: float = 0.2,
+                 padding: str = "zeros") -> None:
+        super().__init__(merge, ties_density)
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
+        self.padding = padding
 
     def client_weights(self, updates: list[ClientUpdate], module: str) -> list[float]:
         """Weights of the average for one module: p_k here, overridden by hetlora."""
@@ -101,6 +125,7 @@ class ZeroPad(EntryMerge, Aggregator):
             module: padded_average(
                 module_parts(updates, module), self.client_weights(updates, module),
                 module_masks(updates, module), module_starts(updates, module), self,
+                self.padding,
             )
             for module in common_modules(updates)
         }

@@ -421,14 +421,17 @@ class FedtuneStrategy(Strategy):
 
 
 def sent_masks(masks: dict[str, Tensor | None], factors: dict[str, LoraFactors]
-               ) -> dict[str, LoraMask]:
-    """Per module, which entries of A and B a packed reply actually carried."""
+               ) -> dict[str, LoraMask] | None:
+    """Per module, which entries of A and B a packed reply actually carried; None when
+    every tensor was sent dense (then it merges exactly like an uncompressed reply)."""
     out = {}
     for name, f in factors.items():
-        full = LoraMask.full(f)
         a, b = masks.get(name + A_SUFFIX), masks.get(name + B_SUFFIX)
+        if a is None and b is None:
+            continue
+        full = LoraMask.full(f)
         out[name] = LoraMask(A=full.A if a is None else a, B=full.B if b is None else b)
-    return out
+    return out or None
 
 
 def short_reason(reason: str | None, limit: int = 300) -> str:

@@ -131,9 +131,9 @@ def test_fedavg_with_masks_matches_the_coordinate_reference(gen):
             assert torch.allclose(getattr(merged.factors[m], part), ref, atol=1e-12)
 
 
-def test_zeropad_with_masks_does_not_count_a_sparse_clients_padding(gen):
+def test_zeropad_skip_padding_averages_each_component_over_the_clients_that_have_it(gen):
     updates = _sparse_updates(gen, [2, 4], [50, 50])
-    merged = get_aggregator("zeropad").aggregate(updates, None)
+    merged = get_aggregator("zeropad", padding="skip").aggregate(updates, None)
     A0, A1 = updates[0].factors["q"].A, updates[1].factors["q"].A
     m0, m1 = updates[0].masks["q"].A, updates[1].masks["q"].A
     out = merged.factors["q"].A
@@ -145,6 +145,32 @@ def test_zeropad_with_masks_does_not_count_a_sparse_clients_padding(gen):
     ref = _reference_masked_mean([padded, A1], [0.5, 0.5],
                                  [torch.cat([m0, torch.zeros(2, IN, dtype=torch.bool)]), m1])
     assert torch.allclose(out, ref, atol=1e-12)
+
+
+def test_zeropad_zeros_padding_counts_where_a_client_with_the_component_sent(gen):
+    updates = _sparse_updates(gen, [2, 4], [25, 75])
+    merged = get_aggregator("zeropad").aggregate(updates, None)
+    A1, m1 = updates[1].factors["q"].A, updates[1].masks["q"].A
+    tail = merged.factors["q"].A[2:]
+    # client 1 sent it: client 0's padding is a zero with weight 1/4 -> 3/4 of the value
+    assert torch.allclose(tail[m1[2:]], 0.75 * A1[2:][m1[2:]])
+    # nobody sent it: the plain zero-padding average of the start values
+    assert torch.allclose(tail[~m1[2:]], 0.75 * A1[2:][~m1[2:]])
+
+
+def test_zeropad_skip_with_dense_clients(updates_factory):
+    updates = updates_factory([2, 4, 4], [10, 20, 30])
+    merged = get_aggregator("zeropad", padding="skip").aggregate(updates, None)
+    for m in ("q", "v"):
+        A = [u.factors[m].A for u in updates]
+        head = (10 * A[0] + 20 * A[1][:2] + 30 * A[2][:2]) / 60
+        tail = (20 * A[1][2:] + 30 * A[2][2:]) / 50
+        assert torch.allclose(merged.factors[m].A, torch.cat([head, tail]), atol=1e-6)
+        B = [u.factors[m].B for u in updates]
+        tail_b = (20 * B[1][:, 2:] + 30 * B[2][:, 2:]) / 50
+        assert torch.allclose(merged.factors[m].B[:, 2:], tail_b, atol=1e-6)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        get_aggregator("zeropad", padding="ones")
 
 
 def test_dense_masks_leave_every_additive_aggregator_unchanged(updates_factory):
