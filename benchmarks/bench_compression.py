@@ -50,13 +50,14 @@ def run_one(scenario: str, aggregator: str, density: float, values: str, extra: 
     }
 
 
-def table(results: dict[str, dict], aggregators: list[str]) -> str:
+def table(results: dict[str, dict], aggregators: list[str],
+          baselines: dict[str, dict] | None = None) -> str:
     head = ("| aggregator | density | values | upload B / round | upload vs dense fp32 | "
             "download B / round (rounds >= 2) | final perplexity | vs dense |\n"
             "|---|---|---|---|---|---|---|---|")
     rows = [head]
     for agg in aggregators:
-        base = results.get(f"{agg}|1.0|fp32")
+        base = results.get(f"{agg}|1.0|fp32") or (baselines or {}).get(f"{agg}|1.0|fp32")
         for key, r in results.items():
             if not key.startswith(f"{agg}|") or "error" in r:
                 continue
@@ -81,11 +82,15 @@ def main() -> None:
     parser.add_argument("--values", nargs="+", default=["fp32", "int8"])
     parser.add_argument("--set", action="append", default=[], dest="extra")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/compression"))
+    parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--baseline", type=Path,
+                        help="results.json to take the dense fp32 rows from when --out has none")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     store = args.out / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    for agg in args.aggregators:
+    baselines = json.loads(args.baseline.read_text()) if args.baseline else None
+    for agg in [] if args.table else args.aggregators:
         for density in args.densities:
             for values in args.values:
                 key = f"{agg}|{density}|{values}"
@@ -99,7 +104,7 @@ def main() -> None:
                 print(f"  {r.get('final_perplexity', r.get('error'))}  "
                       f"up {r.get('bytes_up_per_round', 0):,.0f} B/round  "
                       f"{r['wall_s']:.0f} s", flush=True)
-    print(table(results, args.aggregators))
+    print(table(results, args.aggregators, baselines))
 
 
 if __name__ == "__main__":
