@@ -21,7 +21,9 @@ from typing import Any
 
 import tomllib
 
-from fedtune.core.compress import SELECTIONS, CompressionSpec
+from fedtune.aggregation.sparse import MERGES
+from fedtune.aggregation.zeropad import PADDINGS
+from fedtune.core.compress import SELECTIONS, VALUE_CODECS, CompressionSpec
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec
 from fedtune.train.local import TrainConfig
@@ -77,6 +79,8 @@ class DataSpec:
 #: Aggregators that add up client updates entry by entry, so entries can be merged
 #: sparsity-aware (mask-aware mean) or by TIES.
 MERGING_AGGREGATORS = ("fedavg", "zeropad", "hetlora", "ffa")
+#: Aggregators that zero-pad mixed ranks, and so take the ``padding`` option.
+PADDING_AGGREGATORS = ("zeropad", "hetlora")
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class FederationSpec:
         _require(self.prune_gamma == 0.0 or self.aggregator == "hetlora", "prune_gamma",
                  self.prune_gamma, "0 unless aggregator = 'hetlora' (HetLoRA's rank "
                  "self-pruning)")
-        _require(self.merge in ("mean", "ties"), "merge", self.merge,
+        _require(self.merge in MERGES, "merge", self.merge,
                  "'mean' (each entry averaged over the clients that sent it) or 'ties' "
                  "(trim, elect a sign, average the entries that agree)")
         _require(self.merge == "mean" or self.aggregator in MERGING_AGGREGATORS, "merge",
@@ -121,22 +125,22 @@ class FederationSpec:
                  f"{self.aggregator} combines factors another way)")
         _require(0.0 < self.ties_density <= 1.0, "ties_density", self.ties_density,
                  "a number in (0, 1]")
-        _require(self.padding in ("zeros", "skip"), "padding", self.padding,
+        _require(self.padding in PADDINGS, "padding", self.padding,
                  "'zeros' (padding counts as zeros) or 'skip' (each rank component averaged "
                  "over the clients that have it)")
-        _require(self.padding == "zeros" or self.aggregator in ("zeropad", "hetlora"),
+        _require(self.padding == "zeros" or self.aggregator in PADDING_AGGREGATORS,
                  "padding", self.padding, "'zeros' unless aggregator is zeropad or hetlora")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
         if self.aggregator == "flora":
             return {"rank_budget": self.rank_budget, "init": self.flora_init}
-        if self.aggregator in ("zeropad", "hetlora"):
-            return {"merge": self.merge, "ties_density": self.ties_density,
-                    "padding": self.padding}
+        options: dict[str, Any] = {}
         if self.aggregator in MERGING_AGGREGATORS:
-            return {"merge": self.merge, "ties_density": self.ties_density}
-        return {}
+            options.update(merge=self.merge, ties_density=self.ties_density)
+        if self.aggregator in PADDING_AGGREGATORS:
+            options.update(padding=self.padding)
+        return options
 
 
 @dataclass(frozen=True)
@@ -190,26 +194,23 @@ class CompressionConfig:
     selection: str = "tensor"
 
     def __post_init__(self) -> None:
-        self.upload()
-        self.download()
+        codecs = f"one of {', '.join(VALUE_CODECS)}"
+        _require(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
+                 "a number in (0, 1] (1 = dense)")
+        _require(self.upload_values in VALUE_CODECS, "upload_values", self.upload_values,
+                 codecs)
+        _require(self.download_values in VALUE_CODECS, "download_values",
+                 self.download_values, codecs)
+        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
         _require(self.selection in SELECTIONS, "selection", self.selection,
                  "'tensor' (top-k of each tensor) or 'product' (per module, the entries of "
                  "A and B with the largest effect on B @ A)")
 
     def upload(self) -> CompressionSpec:
-        return _spec(self.upload_density, self.upload_values, self.block_size, "upload")
+        return CompressionSpec(self.upload_density, self.upload_values, self.block_size)
 
     def download(self) -> CompressionSpec:
-        return _spec(1.0, self.download_values, self.block_size, "download")
-
-
-def _spec(density: float, values: str, block_size: int, direction: str) -> CompressionSpec:
-    try:
-        return CompressionSpec(density=density, values=values, block_size=block_size)
-    except ValueError as err:
-        key = str(err).split(" ", 1)[0]
-        name = {"density": f"{direction}_density", "values": f"{direction}_values"}.get(key, key)
-        raise ValueError(f"{name}{str(err)[len(key):]}") from None
+        return CompressionSpec(1.0, self.download_values, self.block_size)
 
 
 @dataclass(frozen=True)

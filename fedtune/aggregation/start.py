@@ -8,12 +8,14 @@ state dicts in and out; nothing here touches a model.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from fedtune.aggregation.base import ClientMode
 from fedtune.aggregation.flora import split_top
 from fedtune.core.adapters import LoraFactors
 from fedtune.core.codec import A_SUFFIX, factors_from_state_dict, state_dict_from_factors
 
-State = dict  # peft key -> tensor
+State = dict[str, Tensor]  # peft key -> tensor
 
 
 def overlay(fresh: State, head: State) -> State:

@@ -141,10 +141,13 @@ def _encode_positions(positions: Tensor, numel: int) -> tuple[int, int, bytes]:
 
 # ----------------------------------------------------------------------- encode
 def _tensor_record(shape: tuple[int, ...], spec: CompressionSpec, codec: int, width: int,
-                   pos_data: bytes, values: Tensor) -> bytes:
+                   pos_data: bytes, values: Tensor, k: int | None = None) -> bytes:
+    """Header, positions and values of one tensor; ``k`` (default: the number of values)
+    is the count the header declares."""
     head = struct.pack(f"<B{len(shape)}I", len(shape), *shape)
     value_code = VALUE_CODECS.index(spec.values)
-    body = _TENSOR.pack(value_code, codec, width, values.numel(), spec.block_size)
+    declared = values.numel() if k is None else k
+    body = _TENSOR.pack(value_code, codec, width, declared, spec.block_size)
     return head + body + pos_data + _encode_values(values, spec.values, spec.block_size)
 
 
@@ -168,11 +171,9 @@ def encode_indexed(shape: tuple[int, ...], indices: Tensor, values: Tensor,
     the decoder is the one that validates). For tools and tests that build payloads."""
     width = _index_bytes(math.prod(shape))
     data = indices.numpy().astype(_INDEX_DTYPES[width]).tobytes()
-    record = _tensor_record(shape, spec, INDICES, width, data, values.to(torch.float32))
-    if values.numel() != indices.numel():  # declare k from the indices, as a sender would
-        k_at = 1 + 4 * len(shape) + 3
-        record = record[:k_at] + struct.pack("<I", indices.numel()) + record[k_at + 4:]
-    return record
+    # k is declared from the indices, as a sender would; the values may disagree
+    return _tensor_record(shape, spec, INDICES, width, data, values.to(torch.float32),
+                          k=indices.numel())
 
 
 def pack_records(names: list[str], records: list[bytes]) -> Tensor:

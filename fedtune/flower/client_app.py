@@ -202,8 +202,7 @@ def compressed_upload(state: dict[str, torch.Tensor], start: dict[str, torch.Ten
                   if k in delta and r.shape == delta[k].shape) ** 0.5
     select = None
     if config.get(keys.SELECTION, "tensor") == "product":
-        def select(corrected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return product_positions(corrected, state, spec.density)
+        select = functools.partial(product_positions, factors=state, density=spec.density)
     blob, residual = compress_with_feedback(delta, residual, spec, feedback, select)
     if feedback:
         context.state[keys.RESIDUAL] = ArrayRecord(residual)
