@@ -26,6 +26,13 @@ from fedtune.aggregation.zeropad import PADDINGS
 from fedtune.core.compress import SELECTIONS, VALUE_CODECS, CompressionSpec
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec
+from fedtune.privacy.accountant import (
+    ACCOUNTANTS,
+    BudgetError,
+    affordable_releases,
+    epsilon_after,
+    noise_multiplier_for,
+)
 from fedtune.train.local import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -213,6 +220,97 @@ class CompressionConfig:
         return CompressionSpec(1.0, self.download_values, self.block_size)
 
 
+#: Client-level DP: where the Gaussian noise is added.
+DP_MODES = ("none", "central", "distributed")
+#: Aggregators with a client-level DP mechanism, and its form (see fedtune.privacy.mechanism).
+DP_FORMS = {"fedavg": "factor", "zeropad": "factor", "ffa": "factor", "flora": "dense",
+            "flexlora": "dense"}
+#: Aggregators that only add up client updates: the ones secure aggregation could serve.
+ADDITIVE_AGGREGATORS = ("fedavg", "zeropad", "ffa")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy: client-level (clip C, noise z * C / m) and sample-level DP-SGD.
+
+    ``mode``: "none", "central" (the server clips and adds the noise) or "distributed"
+    (each client clips its update and adds its share of the noise; the shares of at least
+    ``min_clients`` clients add up to the full noise). Give either ``noise_multiplier``
+    or ``target_epsilon`` (then z is computed for the planned rounds). ``max_epsilon``
+    (default: the target) is the budget; ``on_budget`` = "refuse" rejects a plan that
+    would exceed it, "stop" runs until the next round would. ``secure_noise`` draws noise
+    from OS entropy instead of the run seed. ``sample_noise_multiplier`` > 0 turns on
+    DP-SGD on every client with per-sequence clip norm ``sample_clip_norm``.
+    """
+
+    mode: str = "none"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_epsilon: float = 0.0
+    on_budget: str = "refuse"
+    accountant: str = "rdp"
+    min_clients: int = 2
+    secure_noise: bool = False
+    secure_aggregation: bool = False
+    sample_noise_multiplier: float = 0.0
+    sample_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(self.mode in DP_MODES, "mode", self.mode, f"one of {', '.join(DP_MODES)}")
+        _require(self.clip_norm > 0, "clip_norm", self.clip_norm,
+                 "a number > 0 (the L2 bound on one client's update)")
+        _require(0.0 < self.delta < 1.0, "delta", self.delta,
+                 "a number in (0, 1), well below 1 / (number of clients)")
+        _require(self.noise_multiplier >= 0, "noise_multiplier", self.noise_multiplier,
+                 "a number >= 0")
+        _require(self.target_epsilon >= 0, "target_epsilon", self.target_epsilon,
+                 "a number > 0, or 0 to give noise_multiplier instead")
+        _require(self.max_epsilon >= 0, "max_epsilon", self.max_epsilon,
+                 "a number > 0, or 0 for no budget (the target when target_epsilon is set)")
+        _require(self.on_budget in ("refuse", "stop"), "on_budget", self.on_budget,
+                 "'refuse' (do not start a run that would exceed the budget) or 'stop' "
+                 "(stop before the round that would)")
+        _require(self.accountant in ACCOUNTANTS, "accountant", self.accountant,
+                 f"one of {', '.join(ACCOUNTANTS)}")
+        _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
+        _require(self.sample_noise_multiplier >= 0, "sample_noise_multiplier",
+                 self.sample_noise_multiplier, "a number >= 0 (0 = no DP-SGD)")
+        _require(self.sample_clip_norm > 0, "sample_clip_norm", self.sample_clip_norm,
+                 "a number > 0")
+        if self.mode != "none":
+            _require(not (self.noise_multiplier and self.target_epsilon), "target_epsilon",
+                     self.target_epsilon, "0 when noise_multiplier is given (one or the other)")
+            _require(bool(self.noise_multiplier or self.target_epsilon), "noise_multiplier",
+                     self.noise_multiplier, "a number > 0, or a target_epsilon, when mode = "
+                     f"{self.mode!r} (clipping without noise is not differential privacy)")
+
+    @property
+    def client_level(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def sample_level(self) -> bool:
+        return self.sample_noise_multiplier > 0
+
+    @property
+    def budget(self) -> float:
+        """The epsilon the run may spend (inf when unbounded)."""
+        return self.max_epsilon or self.target_epsilon or float("inf")
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """Client-level DP for a whole run: z, the client sampling rate q and epsilon after
+    the planned rounds (from the accountant, at the configured delta)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    rounds: int
+    planned_epsilon: float
+
+
 @dataclass(frozen=True)
 class SimulationSpec:
     backend: str = "ray"
@@ -236,6 +334,7 @@ class Scenario:
     simulation: SimulationSpec = field(default_factory=SimulationSpec)
     clients: ClientsSpec = field(default_factory=ClientsSpec)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -249,6 +348,67 @@ class Scenario:
                 f"federation.min_clients = {self.federation.min_clients} exceeds the "
                 f"{self.sampled_per_round} clients sampled per round"
             )
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Refuse DP configurations that look private but are not, before any work."""
+        p, fed = self.privacy, self.federation
+        if p.secure_aggregation:
+            if fed.aggregator not in ADDITIVE_AGGREGATORS:
+                raise ConfigError(
+                    f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
+                    "stacking and SVD-based aggregators need each client's own factors, so "
+                    "the server sees every update; use ffa, fedavg or zeropad")
+            raise ConfigError(
+                "privacy.secure_aggregation is not available yet: flwr 1.41 runs SecAgg+ "
+                "only inside its legacy workflow (SecAggPlusWorkflow needs a LegacyContext "
+                "and a legacy Strategy), not in Message-API apps like fedtune's; see "
+                "docs/privacy.md. Client-level DP with mode = 'distributed' needs no "
+                "trusted server for the noise")
+        if not p.client_level:
+            return
+        form = DP_FORMS.get(fed.aggregator)
+        if form is None:
+            raise ConfigError(
+                f"privacy.mode = {p.mode!r} cannot be used with aggregator = "
+                f"{fed.aggregator!r}: its weights depend on the updates themselves, so one "
+                "client's influence is not bounded by the clip norm; use ffa (exact and "
+                "linear), fedavg or zeropad")
+        if fed.merge != "mean" or fed.padding != "zeros":
+            raise ConfigError(
+                "privacy.mode needs federation.merge = 'mean' and federation.padding = "
+                f"'zeros' (got {fed.merge!r}, {fed.padding!r}): TIES and skip-padding weigh "
+                "entries by which clients sent them, which breaks the fixed sensitivity")
+        if p.mode == "distributed" and form == "dense":
+            raise ConfigError(
+                f"privacy.mode = 'distributed' cannot be used with aggregator = "
+                f"{fed.aggregator!r}: its noise belongs on the dense sum of weight updates, "
+                "which only the server forms; use mode = 'central', or aggregator = ffa")
+        if p.min_clients > self.sampled_per_round:
+            raise ConfigError(
+                f"privacy.min_clients = {p.min_clients} exceeds the {self.sampled_per_round} "
+                "clients sampled per round: no round could be released")
+        try:
+            plan = self.privacy_plan()
+        except BudgetError as err:
+            raise ConfigError(f"privacy.target_epsilon: {err}") from None
+        if p.on_budget == "refuse" and plan.planned_epsilon > p.budget * (1 + 1e-3):
+            rounds = affordable_releases(p.budget, plan.noise_multiplier, plan.sample_rate,
+                                         p.delta, self.run.rounds, p.accountant)
+            raise ConfigError(
+                f"privacy: {self.run.rounds} rounds at noise_multiplier "
+                f"{plan.noise_multiplier:g} spend epsilon {plan.planned_epsilon:.3g} > "
+                f"max_epsilon {p.budget:g}; {rounds} rounds fit the budget (set "
+                "run.rounds, raise the noise, or on_budget = 'stop')")
+
+    def privacy_plan(self) -> PrivacyPlan:
+        """z (given, or from target_epsilon for the planned rounds) and its epsilon."""
+        p = self.privacy
+        rate = self.sampled_per_round / self.data.num_clients
+        z = p.noise_multiplier or noise_multiplier_for(
+            p.target_epsilon, p.delta, rate, self.run.rounds, p.accountant)
+        planned = epsilon_after([(z, rate, self.run.rounds)], p.delta, p.accountant)
+        return PrivacyPlan(z, rate, self.run.rounds, planned)
 
     @property
     def sampled_per_round(self) -> int:
@@ -280,7 +440,7 @@ class Scenario:
 _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
-    "clients": ClientsSpec, "compression": CompressionConfig,
+    "clients": ClientsSpec, "compression": CompressionConfig, "privacy": PrivacyConfig,
 }
 
 

@@ -1,0 +1,193 @@
+"""Client-level DP aggregation (DP-FedAvg): clip each client's update, sum, divide by the
+fixed number of clients sampled, add Gaussian noise of standard deviation z * C / m.
+
+Adding or removing one client changes the clipped sum by at most C, so the released
+aggregate is a Gaussian mechanism with noise multiplier z whatever the data. Two things
+make that true and are therefore not optional here: the update is taken against the start
+the server itself sent (a public value), and the denominator m is the number of clients
+*sampled*, not the number that replied, with equal weights (example counts would leak).
+
+Two forms, chosen by aggregator:
+
+* ``factor`` (fedavg, zeropad, ffa): the released sum is the clients' factor updates
+  (dA, dB; for ffa only dB, A is frozen and public), zero-padded to the global rank and
+  expressed at the global adapter's scale. The clip norm bounds exactly that vector; the
+  noise goes on every trainable factor entry.
+* ``dense`` (flora, flexlora): the released sum is the clients' weight-space updates
+  ``s_k B_k A_k - start`` summed per module as a dense out x in matrix (the clip uses
+  their Frobenius norm, computed in factored form); noise goes on that dense sum and the
+  result is projected back to low rank by truncated SVD, which is post-processing and
+  costs no privacy. It needs out x in floats per module on the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedtune.aggregation.base import AggregationError, shared_scale
+from fedtune.aggregation.zeropad import pad_cols, pad_rows
+from fedtune.core.adapters import ClientUpdate, LoraFactors
+from fedtune.core.lowrank import truncate
+from fedtune.privacy.clip import clip_factor, clip_to_norm, product_norm
+from fedtune.privacy.noise import GaussianNoise
+
+FORMS = ("factor", "dense")
+
+
+@dataclass(frozen=True)
+class ClientLevelDP:
+    """C, z and m of one round's mechanism. ``clip`` and ``add_noise`` are False in
+    distributed mode, where each client clipped and noised its own update."""
+
+    clip_norm: float
+    noise_multiplier: float
+    sampled: int
+    clip: bool = True
+    add_noise: bool = True
+
+    def __post_init__(self) -> None:
+        if self.clip_norm <= 0:
+            raise ValueError(f"clip norm must be > 0, got {self.clip_norm}")
+        if self.noise_multiplier < 0:
+            raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.sampled < 1:
+            raise ValueError(f"at least one client must be sampled, got {self.sampled}")
+
+    @property
+    def noise_std(self) -> float:
+        """z * C / m: the standard deviation of the noise on the averaged update."""
+        return self.noise_multiplier * self.clip_norm / self.sampled
+
+
+@dataclass
+class Release:
+    """The noised aggregate and what the mechanism saw (for the round's metrics)."""
+
+    factors: dict[str, LoraFactors]
+    norms: list[float] = field(default_factory=list)  # each client's norm before clipping
+    clipped: int = 0  # how many clients were scaled down
+    noise_std: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        norms = self.norms or [0.0]
+        return {"dp_update_norm_mean": sum(norms) / len(norms), "dp_update_norm_max": max(norms),
+                "dp_clipped_fraction": self.clipped / max(1, len(self.norms)),
+                "dp_noise_std": self.noise_std}
+
+
+def _start(update: ClientUpdate, module: str) -> LoraFactors:
+    if update.start is None or module not in update.start:
+        raise AggregationError(
+            f"client {update.client_id or '?'}: differential privacy needs the start the "
+            f"server sent for module {module!r} (the update is taken against it)")
+    return update.start[module]
+
+
+# ---- factor form -------------------------------------------------------------------------
+def factor_delta(update: ClientUpdate, base: Mapping[str, LoraFactors],
+                 trainable: Sequence[str]) -> dict[str, Tensor]:
+    """One client's update, zero-padded to the base rank and at the base's scale, keyed
+    ``module/A`` and ``module/B`` (only the trainable fields)."""
+    out = {}
+    for module, ref in base.items():
+        final, start = update.factors[module], _start(update, module)
+        if "A" in trainable:
+            out[f"{module}/A"] = pad_rows(final.A - start.A, ref.rank)
+        if "B" in trainable:
+            fold = final.scale / ref.scale
+            out[f"{module}/B"] = pad_cols((final.B - start.B * start.scale / final.scale)
+                                          * fold, ref.rank)
+    return out
+
+
+def factor_base(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None
+                ) -> dict[str, LoraFactors]:
+    """What the noised sum is added to: the previous global adapter, or, where a client of
+    larger rank took part (or in the first round), that client's start (the same global
+    extended with its seeded fresh components) at the global scale."""
+    base: dict[str, LoraFactors] = {}
+    for module in sorted(updates[0].factors):
+        starts = [_start(u, module) for u in updates]
+        widest = max(starts, key=lambda s: s.rank)
+        old = None if previous is None else previous.get(module)
+        if old is not None and old.rank >= widest.rank:
+            base[module] = old
+            continue
+        scale = old.scale if old is not None else shared_scale(starts)
+        base[module] = LoraFactors(A=widest.A, B=widest.B * (widest.scale / scale), scale=scale)
+    return base
+
+
+def factor_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None,
+                   dp: ClientLevelDP, noise: GaussianNoise, trainable: Sequence[str] = ("A", "B")
+                   ) -> Release:
+    """base + (sum of clipped factor updates) / m + N(0, (z C / m)^2) on trainable entries."""
+    base = factor_base(updates, previous)
+    total = {f"{m}/{f}": torch.zeros_like(getattr(ref, f), dtype=torch.float64)
+             for m, ref in base.items() for f in trainable}
+    release = Release(factors={})
+    for update in updates:
+        delta = factor_delta(update, base, trainable)
+        if dp.clip:
+            delta, norm, factor = clip_to_norm(delta, dp.clip_norm)
+            release.norms.append(norm)
+            release.clipped += factor < 1.0
+        for key, value in delta.items():
+            total[key] += value.double()
+    std = dp.noise_std if dp.add_noise else 0.0
+    release.noise_std = std
+    for module, ref in base.items():
+        fields = {"A": ref.A, "B": ref.B}
+        for f in trainable:  # sorted module order, A before B: reproducible draws
+            summed = total[f"{module}/{f}"] / dp.sampled
+            summed += noise.sample(summed.shape, std, torch.float64)
+            fields[f] = (fields[f].double() + summed).to(fields[f].dtype)
+        release.factors[module] = LoraFactors(A=fields["A"], B=fields["B"], scale=ref.scale)
+    return release
+
+
+# ---- dense form --------------------------------------------------------------------------
+def weight_update_pair(update: ClientUpdate, module: str) -> tuple[Tensor, Tensor]:
+    """(B', A') with B' A' = s B A - s0 B0 A0: the client's weight-space update of one
+    module as one stacked factor pair (never dense)."""
+    final, start = update.factors[module], _start(update, module)
+    B = torch.cat([final.B * final.scale, -start.B * start.scale], dim=1)
+    A = torch.cat([final.A, start.A], dim=0)
+    return B, A
+
+
+def dense_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None,
+                  dp: ClientLevelDP, noise: GaussianNoise, rank: int | None) -> Release:
+    """Truncated SVD (to ``rank``, or the largest client rank) of
+    previous + (sum of clipped weight updates) / m + dense N(0, (z C / m)^2)."""
+    modules = sorted(updates[0].factors)
+    release = Release(factors={})
+    total: dict[str, Tensor] = {}
+    for update in updates:
+        pairs = {m: weight_update_pair(update, m) for m in modules}
+        factor = 1.0
+        if dp.clip:
+            norm = product_norm(pairs)
+            factor = clip_factor(norm, dp.clip_norm)
+            release.norms.append(norm)
+            release.clipped += factor < 1.0
+        for m, (B, A) in pairs.items():
+            dense = (B.double() * factor) @ A.double()
+            total[m] = total[m] + dense if m in total else dense
+    std = dp.noise_std if dp.add_noise else 0.0
+    release.noise_std = std
+    keep = rank or max(u.factors[m].rank for u in updates for m in modules)
+    for m in modules:
+        summed = total[m] / dp.sampled
+        summed += noise.sample(summed.shape, std, torch.float64)
+        if previous is not None and m in previous:
+            summed += previous[m].delta().double()
+        identity = torch.eye(summed.shape[1], dtype=torch.float64)
+        cut = truncate(summed, identity, keep)
+        dtype = updates[0].factors[m].A.dtype
+        release.factors[m] = LoraFactors(A=cut.A.to(dtype), B=cut.B.to(dtype), scale=1.0)
+    return release
