@@ -33,6 +33,10 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     if record["round"] == 0:
         return f"[bold]round 0/{rounds}[/] (before training)  held-out loss {held_out}"
     dropped = f"  dropped {len(record['dropped'])}" if record.get("dropped") else ""
+    if record.get("epsilon") is not None:
+        dropped += f"  epsilon {record['epsilon']:.3g} (delta {record['delta']:g})"
+    if record.get("sample_epsilon_max") is not None:
+        dropped += f"  DP-SGD epsilon <= {record['sample_epsilon_max']:.3g}"
     return (
         f"[bold]round {record['round']}/{rounds}[/]  train loss {record['train_loss']:.4f}  "
         f"held-out loss {held_out}  clients {record['clients_replied']}/"

@@ -65,6 +65,8 @@ class RunRecorder:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
+    #: privacy plan and outcome (noise multiplier, epsilon spent, early stop), when DP is on
+    privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,7 @@ class RunRecorder:
                 "eval_perplexity": last_eval.get("eval_perplexity"),
             },
             "totals": self.totals(),
+            **({"privacy": self.privacy} if self.privacy is not None else {}),
         }
 
     def totals(self) -> dict[str, Any]:

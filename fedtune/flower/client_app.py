@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from peft import PeftModel
 
@@ -22,7 +22,7 @@ from fedtune.aggregation.hetlora import self_prune_rank
 from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
-from fedtune.core.codec import A_SUFFIX, factors_from_state_dict
+from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
 from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
 from fedtune.flower import messages as keys
@@ -39,7 +39,10 @@ from fedtune.model.lora import (
     load_frozen_global,
     reset_lora,
 )
-from fedtune.train import EvalResult, evaluate, train_local
+from fedtune.privacy import GaussianNoise, epsilon_after
+from fedtune.privacy.dpsgd import SampleLevelDP, sample_rate, train_local_dpsgd
+from fedtune.privacy.mechanism import local_release
+from fedtune.train import EvalResult, TrainResult, evaluate, train_local
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,43 @@ def compressed_upload(state: dict[str, torch.Tensor], start: dict[str, torch.Ten
     return keys.blob_to_record(blob), {keys.RESIDUAL_NORM_IN: carried}
 
 
+def privatize(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], config: Any,
+              seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Distributed client-level DP: the LoRA moved to start + clipped update + this
+    client's share of the noise, on the factors the server's mechanism releases."""
+    fields = str(config[keys.DP_FIELDS]).split(",")
+    suffixes = tuple(A_SUFFIX if f == "A" else B_SUFFIX for f in fields)
+    begun = sliced_like(start, state)
+    delta = {k: state[k] - begun[k] for k in state if k.endswith(suffixes)}
+    secure = bool(config.get(keys.DP_SECURE, False))
+    noise = GaussianNoise(None if secure else seed * 31 + 17)
+    noisy, norm = local_release(delta, float(config[keys.DP_CLIP]),
+                                float(config[keys.DP_NOISE_STD]), noise)
+    out = {k: begun[k] + noisy[k] if k in noisy else v for k, v in state.items()}
+    return out, {keys.DP_UPDATE_NORM: norm}
+
+
+def train_with_dpsgd(model: PeftModel, data: torch.Tensor, scenario: Scenario,
+                     settings: ClientSettings, config: Any, seed: int, context: Context
+                     ) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD training; the client's own accountant history lives in its node state and
+    its epsilon so far is reported (only the number leaves the client)."""
+    dp = SampleLevelDP(float(config[keys.DPSGD_CLIP]), float(config[keys.DPSGD_NOISE]))
+    train_config = settings.train_config(scenario.train)
+    result = train_local_dpsgd(model, data, train_config, dp, seed, _device(scenario.model),
+                               secure=bool(config.get(keys.DP_SECURE, False)))
+    kept = context.state.config_records.get(keys.DPSGD_HISTORY)
+    history = [] if kept is None else list(zip(kept["z"], kept["q"], kept["n"], strict=True))
+    rate = sample_rate(train_config.batch_size * train_config.grad_accum, data.shape[0])
+    history.append((dp.noise_multiplier, rate, train_config.steps))
+    context.state[keys.DPSGD_HISTORY] = ConfigRecord(
+        {"z": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
+         "n": [int(h[2]) for h in history]})
+    epsilon = epsilon_after(history, float(config[keys.DPSGD_DELTA]),
+                            str(config[keys.DPSGD_ACCOUNTANT]))
+    return result, {keys.SAMPLE_EPSILON: epsilon}
+
+
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one train message: set up the payload, train locally, reply with the LoRA
     (or, when the server asks for compression, with its compressed update)."""
@@ -218,21 +258,29 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     data = client_batch(scenario, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
     seed = client_seed(int(config[keys.SEED]), settings.partition)
-    result = train_local(model, data.train, settings.train_config(scenario.train), seed,
-                         _device(scenario.model))
+    extra: dict[str, float] = {}
+    if float(config.get(keys.DPSGD_NOISE, 0.0)) > 0:
+        result, extra = train_with_dpsgd(model, data.train, scenario, settings, config, seed,
+                                         context)
+    else:
+        result = train_local(model, data.train, settings.train_config(scenario.train), seed,
+                             _device(scenario.model))
     codec_start = time.perf_counter()
     state = adapter_state(model)
     gamma = float(config.get(keys.PRUNE_GAMMA, 0.0))
     if gamma > 0.0:
         state = prune_rank(state, settings.alpha / settings.rank, gamma)
-    extra: dict[str, float] = {}
+    if keys.DP_NOISE_STD in config:
+        state, dp_metrics = privatize(state, start, config, seed)
+        extra.update(dp_metrics)
     # after a compressed download the client holds a rounded copy of the global: send the
     # update, which the server adds to its full-precision copy (dense fp32 if so asked)
     rounded_start = keys.is_packed(message.content.array_records[keys.ADAPTER])
     if upload_spec(config).is_identity and not rounded_start:
         adapter = keys.state_to_record(state)
     else:
-        adapter, extra = compressed_upload(state, start, config, context)
+        adapter, compression_metrics = compressed_upload(state, start, config, context)
+        extra.update(compression_metrics)
     codec_s = time.perf_counter() - codec_start
     metrics = {
         keys.NUM_EXAMPLES: int(data.train.shape[0]),

@@ -47,6 +47,17 @@ BLOCK_SIZE = "block-size"  # int8 absmax block
 ERROR_FEEDBACK = "error-feedback"  # keep what was not sent and add it to the next update
 SELECTION = "upload-selection"  # "tensor" top-k, or "product" (effect on B @ A per module)
 
+# differential privacy (server -> client)
+DP_CLIP = "dp-clip-norm"  # distributed client-level DP: clip the update to this norm
+DP_NOISE_STD = "dp-noise-std"  # ... and add this client's share of the noise
+DP_FIELDS = "dp-fields"  # "A,B" or "B" (ffa): the factors the mechanism releases
+DP_SECURE = "dp-secure-noise"  # draw noise from OS entropy, not from the round seed
+DPSGD_NOISE = "dpsgd-noise-multiplier"  # > 0: train with DP-SGD (sample-level DP)
+DPSGD_CLIP = "dpsgd-clip-norm"
+DPSGD_DELTA = "dpsgd-delta"
+DPSGD_ACCOUNTANT = "dpsgd-accountant"
+DPSGD_HISTORY = "fedtune.dpsgd"  # client state: the client's own accountant history
+
 PACKED = "fedtune.packed"  # the one array of a compressed adapter record
 RESIDUAL = "fedtune.residual"  # client state: the error-feedback residual
 
@@ -62,6 +73,8 @@ SECONDS_CODEC = "seconds-codec"
 SECONDS_EVAL = "seconds-eval"
 PEAK_MEMORY_MB = "peak-memory-mb"
 RESIDUAL_NORM_IN = "residual-norm-in"  # error feedback carried into this round's upload
+DP_UPDATE_NORM = "dp-update-norm"  # distributed DP: the update's norm before clipping
+SAMPLE_EPSILON = "sample-epsilon"  # DP-SGD: this client's epsilon so far
 
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -57,6 +57,7 @@ def run_federation(
         report(record)
 
     strategy.on_client, strategy.on_round = recorder.log_client, on_round
+    recorder.privacy = privacy_report(strategy)
     try:
         strategy.run(grid)
         save_global_adapter(strategy, scenario, run_dir)
@@ -65,8 +66,29 @@ def run_federation(
         if strategy.global_adapter is not None:
             save_global_adapter(strategy, scenario, run_dir)
         raise
+    recorder.privacy = privacy_report(strategy)
     recorder.close("completed")
     return recorder
+
+
+def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
+    """The summary's privacy section: the plan, what was spent, and any early stop."""
+    p = strategy.privacy
+    if not (p.client_level or p.sample_level):
+        return None
+    report: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
+                              "secure_noise": p.secure_noise}
+    if strategy.plan is not None and strategy.accountant is not None:
+        report.update(clip_norm=p.clip_norm, noise_multiplier=strategy.plan.noise_multiplier,
+                      sample_rate=strategy.plan.sample_rate,
+                      planned_epsilon=strategy.plan.planned_epsilon,
+                      epsilon=strategy.accountant.epsilon(),
+                      rounds_released=strategy.accountant.releases,
+                      budget=p.budget, stopped=strategy.stopped)
+    if p.sample_level:
+        report.update(sample_noise_multiplier=p.sample_noise_multiplier,
+                      sample_clip_norm=p.sample_clip_norm)
+    return report
 
 
 def make_server_app(

@@ -25,7 +25,7 @@ from torch import Tensor
 from fedtune.aggregation import get_aggregator
 from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.assignments import ClientSettings, client_settings, round_seed
-from fedtune.config import Scenario
+from fedtune.config import DP_FORMS, ConfigError, Scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask
 from fedtune.core.codec import (
     A_SUFFIX,
@@ -37,6 +37,8 @@ from fedtune.core.codec import (
 )
 from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
+from fedtune.privacy import GaussianNoise, PrivacyAccountant
+from fedtune.privacy.mechanism import ClientLevelDP, dense_release, factor_release
 
 log = logging.getLogger("fedtune")
 
@@ -86,6 +88,29 @@ class FedtuneStrategy(Strategy):
         self.on_client = on_client or (lambda record: None)
         self.on_round = on_round or (lambda record: None)
         self.stats = RoundStats()
+        self.privacy = scenario.privacy
+        self.plan = scenario.privacy_plan() if self.privacy.client_level else None
+        self.accountant = (PrivacyAccountant(self.privacy.delta, self.privacy.accountant)
+                           if self.plan is not None else None)
+        #: why the run ended before its planned rounds (the privacy budget), or None
+        self.stopped: str | None = None
+        self._check_distributed_scales()
+
+    def _check_distributed_scales(self) -> None:
+        """Distributed DP: every client clips and noises its update at its own LoRA scale,
+        which is the global's only when all clients share alpha / r."""
+        scales = {s.alpha / s.rank for s in self.settings}
+        if self.privacy.mode == "distributed" and len(scales) > 1:
+            raise ConfigError(
+                f"privacy.mode = 'distributed' needs one LoRA scale alpha / r across clients, "
+                f"got {sorted(scales)}: a client's clip would not bound its update in the "
+                "global adapter's scale; give the profiles alpha proportional to rank, or "
+                "use mode = 'central'")
+
+    @property
+    def dp_fields(self) -> tuple[str, ...]:
+        """The factors the client-level mechanism releases (ffa: only B; A is frozen)."""
+        return ("B",) if self.aggregator.freeze_A else ("A", "B")
 
     # ---- helpers ---------------------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -167,7 +192,8 @@ class FedtuneStrategy(Strategy):
                       keys.FREEZE_A: self.aggregator.freeze_A,
                       keys.PRUNE_GAMMA: self.scenario.federation.prune_gamma,
                       keys.INIT: self.scenario.federation.flora_init,
-                      **self._upload_config(), **settings.to_config()}
+                      **self._upload_config(), **self._privacy_config(),
+                      **settings.to_config()}
             messages.append(Message(content=keys.make_content(payload, config),
                                     message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
@@ -178,6 +204,21 @@ class FedtuneStrategy(Strategy):
                 keys.BLOCK_SIZE: self.upload.block_size,
                 keys.ERROR_FEEDBACK: compression.error_feedback,
                 keys.SELECTION: compression.selection}
+
+    def _privacy_config(self) -> dict[str, Any]:
+        """What a client needs for distributed client-level DP and for DP-SGD."""
+        p, out = self.privacy, {}
+        if p.mode == "distributed" and self.plan is not None:
+            share = self.plan.noise_multiplier * p.clip_norm / math.sqrt(p.min_clients)
+            out.update({keys.DP_CLIP: p.clip_norm, keys.DP_NOISE_STD: share,
+                        keys.DP_FIELDS: ",".join(self.dp_fields)})
+        if p.sample_level:
+            out.update({keys.DPSGD_NOISE: p.sample_noise_multiplier,
+                        keys.DPSGD_CLIP: p.sample_clip_norm, keys.DPSGD_DELTA: p.delta,
+                        keys.DPSGD_ACCOUNTANT: p.accountant})
+        if out:
+            out[keys.DP_SECURE] = p.secure_noise
+        return out
 
     def _round_seed(self, server_round: int) -> int:
         return round_seed(self.scenario.run.seed, server_round)
@@ -228,7 +269,7 @@ class FedtuneStrategy(Strategy):
         rank = self._check_shapes(factors, settings.rank)
         packed = keys.is_packed(record)
         start = None
-        if packed or getattr(self.aggregator, "merge", "mean") == "ties":
+        if packed or self.plan is not None or getattr(self.aggregator, "merge", "mean") == "ties":
             start = factors_from_state_dict(self._client_start(settings, decoded.values), scale)
         if packed:  # the reply is an update: add it to the start the server knows
             factors = {n: LoraFactors(A=start[n].A + f.A, B=start[n].B + f.B, scale=scale)
@@ -283,6 +324,38 @@ class FedtuneStrategy(Strategy):
                     )
         return ranks[0]
 
+    def _release(self, updates: list[ClientUpdate], server_round: int
+                 ) -> tuple[GlobalAdapter, dict[str, float]]:
+        """The round's client-level DP release (see ``fedtune.privacy.mechanism``), and the
+        accountant's step for it. Central mode clips and noises here; in distributed mode
+        the clients did both and the server only sums."""
+        assert self.plan is not None and self.accountant is not None
+        p = self.privacy
+        central = p.mode == "central"
+        dp = ClientLevelDP(p.clip_norm, self.plan.noise_multiplier, self.stats.sampled,
+                           clip=central, add_noise=central)
+        seed = None if p.secure_noise else noise_seed(self._round_seed(server_round))
+        noise = GaussianNoise(seed)
+        previous = None if self.global_adapter is None else self.global_adapter.factors
+        if DP_FORMS[self.aggregator.name] == "factor":
+            release = factor_release(updates, previous, dp, noise, self.dp_fields)
+        else:
+            rank = getattr(self.aggregator, "rank_budget", None) or max(
+                s.rank for s in self.settings)
+            release = dense_release(updates, previous, dp, noise, rank)
+        self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
+        metrics = {**release.metrics(), "epsilon": self.accountant.epsilon(),
+                   "delta": p.delta, "noise_multiplier": self.plan.noise_multiplier}
+        round_number = 1 if self.global_adapter is None else self.global_adapter.round + 1
+        return GlobalAdapter(release.factors, round=round_number), metrics
+
+    def budget_left_for_next_round(self) -> bool:
+        """False when one more release would take epsilon past the budget."""
+        if self.accountant is None or self.plan is None:
+            return True
+        after = self.accountant.epsilon_if(self.plan.noise_multiplier, self.plan.sample_rate)
+        return after <= self.privacy.budget * (1 + 1e-3)
+
     # ---- Strategy contract -------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -321,13 +394,20 @@ class FedtuneStrategy(Strategy):
             self.on_client(record)
         updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
         minimum = self.scenario.federation.min_clients
+        if self.plan is not None:
+            minimum = max(minimum, self.privacy.min_clients)
         if len(updates) < minimum:
             raise RoundFailedError(
-                f"round {server_round}: {len(updates)} valid replies, fewer than "
-                f"federation.min_clients = {minimum}; dropped: {self.stats.dropped}"
+                f"round {server_round}: {len(updates)} valid replies, fewer than the "
+                f"minimum of {minimum} (federation.min_clients, privacy.min_clients); "
+                f"dropped: {self.stats.dropped}"
             )
         start = time.perf_counter()
-        self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
+        privacy_metrics: dict[str, float] = {}
+        if self.plan is None:
+            self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
+        else:
+            self.global_adapter, privacy_metrics = self._release(updates, server_round)
         aggregate_seconds = time.perf_counter() - start
         total = sum(u.num_examples for u in updates)
         metrics = MetricRecord({
@@ -335,6 +415,8 @@ class FedtuneStrategy(Strategy):
             "num-clients": len(updates),
             "seconds-aggregate": aggregate_seconds,
             **{k.replace("_", "-"): float(v) for k, v in self.aggregator.metrics().items()},
+            **{k.replace("_", "-"): float(v) for k, v in privacy_metrics.items()},
+            **_sample_epsilon(updates),
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics
 
@@ -389,6 +471,12 @@ class FedtuneStrategy(Strategy):
             loss = self._evaluate(grid, 0)
             self.on_round({"round": 0, "eval_loss": loss})
         for server_round in range(1, self.scenario.run.rounds + 1):
+            if not self.budget_left_for_next_round():
+                assert self.accountant is not None
+                self.stopped = (f"privacy budget: round {server_round} would take epsilon past "
+                                f"{self.privacy.budget:g} (spent {self.accountant.epsilon():.4g})")
+                log.warning("stopping before round %d: %s", server_round, self.stopped)
+                break
             start = time.perf_counter()
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(),
                                                  grid))
@@ -418,6 +506,18 @@ class FedtuneStrategy(Strategy):
             }
             self.on_round(record)
         return result
+
+
+def noise_seed(round_seed: int) -> int:
+    """The seed of a round's server-side DP noise (apart from every training seed)."""
+    return round_seed * 7919 + 104_729
+
+
+def _sample_epsilon(updates: list[ClientUpdate]) -> dict[str, float]:
+    """DP-SGD: the largest per-client epsilon reported this round."""
+    values = [float(u.metrics[keys.SAMPLE_EPSILON]) for u in updates
+              if keys.SAMPLE_EPSILON in u.metrics]
+    return {"sample-epsilon-max": max(values)} if values else {}
 
 
 def sent_masks(masks: dict[str, Tensor | None], factors: dict[str, LoraFactors]

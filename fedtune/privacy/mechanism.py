@@ -191,3 +191,14 @@ def dense_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFa
         dtype = updates[0].factors[m].A.dtype
         release.factors[m] = LoraFactors(A=cut.A.to(dtype), B=cut.B.to(dtype), scale=1.0)
     return release
+
+
+# ---- distributed mode: the client's side ---------------------------------------------------
+def local_release(delta: Mapping[str, Tensor], clip_norm: float, noise_std: float,
+                  noise: GaussianNoise) -> tuple[dict[str, Tensor], float]:
+    """A client's clipped update plus its share of the noise (in sorted key order, so a
+    seeded draw is reproducible), and the update's norm before clipping."""
+    clipped, norm, _ = clip_to_norm(delta, clip_norm)
+    noisy = {k: clipped[k] + noise.sample(clipped[k].shape, noise_std, clipped[k].dtype)
+             for k in sorted(clipped)}
+    return noisy, norm
