@@ -344,7 +344,15 @@ class FedtuneStrategy(Strategy):
                 s.rank for s in self.settings)
             release = dense_release(updates, previous, dp, noise, rank)
         self.accountant.step(self.plan.noise_multiplier, self.plan.sample_rate)
-        metrics = {**release.metrics(), "epsilon": self.accountant.epsilon(),
+        metrics = release.metrics()
+        if not central:  # the clients clipped; their shares add up to this much noise
+            norms = [float(u.metrics.get(keys.DP_UPDATE_NORM, 0.0)) for u in updates]
+            share = self.plan.noise_multiplier * p.clip_norm / math.sqrt(p.min_clients)
+            metrics.update(dp_update_norm_mean=sum(norms) / len(norms),
+                           dp_update_norm_max=max(norms),
+                           dp_clipped_fraction=sum(n > p.clip_norm for n in norms) / len(norms),
+                           dp_noise_std=share * math.sqrt(len(updates)) / self.stats.sampled)
+        metrics = {**metrics, "epsilon": self.accountant.epsilon(),
                    "delta": p.delta, "noise_multiplier": self.plan.noise_multiplier}
         round_number = 1 if self.global_adapter is None else self.global_adapter.round + 1
         return GlobalAdapter(release.factors, round=round_number), metrics

@@ -77,6 +77,9 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     tokens = 0
     start = time.perf_counter()
     wrapped.train()
+    quiet = warnings.catch_warnings()  # backward hooks on a model whose inputs need no grad
+    quiet.__enter__()
+    warnings.simplefilter("ignore", UserWarning)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -98,6 +101,7 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     finally:
         optimizer.zero_grad(set_to_none=True)
         wrapped._close()  # removes the hooks and the grad_sample attributes
+        quiet.__exit__(None, None, None)
         model.eval()
     return TrainResult(loss=sum(losses) / max(1, len(losses)), steps=cfg.steps,
                        examples=cfg.steps * expected, tokens=tokens,

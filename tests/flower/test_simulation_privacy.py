@@ -1,0 +1,89 @@
+"""DP federations through Flower's real simulation engine on the tiny scenario: epsilon is
+reported every round and equals Opacus' accountant, the budget stops the run, and
+distributed noise, compression and DP-SGD work together."""
+
+import json
+
+import pytest
+from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
+
+from fedtune.config import load_scenario
+from fedtune.flower.client_app import client_batch
+from fedtune.privacy.accountant import epsilon_after
+from fedtune.simulate import simulate
+
+Z, DELTA = 1.2, 1e-4
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def central_run(tmp_path_factory):
+    """fedavg, central noise, 2 of 4 clients a round, 3 rounds planned but a budget that
+    holds only 2 of them (on_budget = stop)."""
+    two_rounds = epsilon_after([(Z, 0.5, 2)], DELTA)
+    scenario = load_scenario("tiny", [
+        "run.rounds=3", "federation.clients_per_round=2", 'privacy.mode="central"',
+        f"privacy.noise_multiplier={Z}", f"privacy.delta={DELTA}", "privacy.clip_norm=0.3",
+        f"privacy.max_epsilon={two_rounds * 1.0001}", 'privacy.on_budget="stop"'])
+    return scenario, simulate(scenario, out_dir=tmp_path_factory.mktemp("runs"))
+
+
+def test_epsilon_each_round_equals_the_library_accountant(central_run):
+    _, run_dir = central_run
+    summary = _summary(run_dir)
+    assert summary["status"] == "completed"
+    library = RDPAccountant()
+    for record in summary["rounds"]:
+        library.step(noise_multiplier=Z, sample_rate=0.5)
+        assert record["epsilon"] == pytest.approx(library.get_epsilon(delta=DELTA), rel=1e-9)
+        assert record["dp_noise_std"] == pytest.approx(Z * 0.3 / 2)
+        assert record["clients_replied"] == 2
+        assert 0.0 <= record["dp_clipped_fraction"] <= 1.0
+        assert record["dp_update_norm_max"] > 0
+
+
+def test_budget_stops_the_run_before_it_is_exceeded(central_run):
+    _, run_dir = central_run
+    summary = _summary(run_dir)
+    privacy = summary["privacy"]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert privacy["rounds_released"] == 2
+    assert "round 3 would take epsilon past" in privacy["stopped"]
+    assert privacy["epsilon"] <= privacy["budget"]
+    assert privacy["planned_epsilon"] > privacy["budget"]  # 3 rounds would not have fit
+    assert load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_distributed_noise_with_compression_and_dpsgd(tmp_path):
+    """ffa with each client clipping and noising its own B update, sending it top-50 % in
+    int8, and training with DP-SGD: both epsilons reported, and each client's DP-SGD
+    epsilon is the accountant's for its own sampling rate and rounds."""
+    scenario = load_scenario("tiny", [
+        "run.rounds=2", 'federation.aggregator="ffa"', 'privacy.mode="distributed"',
+        "privacy.target_epsilon=8", f"privacy.delta={DELTA}", "privacy.clip_norm=0.5",
+        "privacy.sample_noise_multiplier=1.5", "privacy.sample_clip_norm=1.0",
+        "compression.upload_density=0.5", "compression.upload_values='int8'"])
+    summary = _summary(simulate(scenario, out_dir=tmp_path))
+    assert summary["status"] == "completed"
+    plan = scenario.privacy_plan()
+    assert [r["epsilon"] for r in summary["rounds"]] == pytest.approx(
+        [epsilon_after([(plan.noise_multiplier, 1.0, n)], DELTA) for n in (1, 2)])
+    assert summary["privacy"]["epsilon"] <= 8.0
+    lines = [json.loads(x) for x in (tmp_path.glob("*/metrics.jsonl").__next__())
+             .read_text().splitlines()]
+    train = [x for x in lines if x["phase"] == "train"]
+    assert len(train) == 2 * scenario.data.num_clients
+    for record in train:
+        n = client_batch(scenario, int(record["client"])).train.shape[0]
+        q = min(1.0, scenario.train.batch_size / n)
+        expected = epsilon_after([(1.5, q, scenario.train.steps * record["round"])], DELTA)
+        assert record["sample_epsilon"] == pytest.approx(expected, rel=1e-9)
+        assert record["dp_update_norm"] > 0
+        assert record["bytes_up"] < record["bytes_up_dense"]
+    for r in summary["rounds"]:
+        assert r["sample_epsilon_max"] == max(x["sample_epsilon"] for x in train
+                                              if x["round"] == r["round"])
