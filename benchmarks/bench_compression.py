@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from simrun import simulate_in_process
 
 
 def run_one(scenario: str, aggregator: str, density: float, values: str, extra: list[str],
@@ -27,16 +26,10 @@ def run_one(scenario: str, aggregator: str, density: float, values: str, extra: 
             f'compression.upload_values="{values}"', f'compression.download_values="{values}"',
             f'run.name="{aggregator}-d{density}-{values}"', f'run.out_dir="{out / "runs"}"',
             *extra]
-    cmd = [str(Path(sys.executable).with_name("fedtune")), "simulate", "-s", scenario]
-    for item in sets:
-        cmd += ["--set", item]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-2000:], "wall_s": wall}
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    done = simulate_in_process(scenario, sets)
+    if "error" in done:
+        return done
+    run_dir, wall, summary = Path(done["run_dir"]), done["wall_s"], done["summary"]
     rounds = summary["rounds"]
     return {
         "run_dir": str(run_dir), "wall_s": wall,
