@@ -40,7 +40,6 @@ from fedtune.model.lora import (
     reset_lora,
 )
 from fedtune.privacy import GaussianNoise, epsilon_after
-from fedtune.privacy.dpsgd import SampleLevelDP, sample_rate, train_local_dpsgd
 from fedtune.privacy.mechanism import local_release
 from fedtune.train import EvalResult, TrainResult, evaluate, train_local
 
@@ -233,6 +232,8 @@ def train_with_dpsgd(model: PeftModel, data: torch.Tensor, scenario: Scenario,
                      ) -> tuple[TrainResult, dict[str, float]]:
     """DP-SGD training; the client's own accountant history lives in its node state and
     its epsilon so far is reported (only the number leaves the client)."""
+    from fedtune.privacy.dpsgd import SampleLevelDP, sample_rate, train_local_dpsgd
+
     dp = SampleLevelDP(float(config[keys.DPSGD_CLIP]), float(config[keys.DPSGD_NOISE]))
     train_config = settings.train_config(scenario.train)
     result = train_local_dpsgd(model, data, train_config, dp, seed, _device(scenario.model),

@@ -12,9 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
 #: Beyond this noise multiplier a target epsilon counts as unreachable (the update would
@@ -28,9 +26,17 @@ class BudgetError(ValueError):
     """A privacy target or budget cannot be met with the planned schedule."""
 
 
-def _accountant(kind: str, history: Sequence[Step] = ()) -> IAccountant:
+def _check_kind(kind: str) -> None:
     if kind not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {kind!r}")
+
+
+def _accountant(kind: str, history: Sequence[Step] = ()) -> Any:
+    """An Opacus accountant replaying ``history`` (imported here: Opacus takes seconds to
+    import, and a run without DP should not pay for it)."""
+    from opacus.accountants import create_accountant
+
+    _check_kind(kind)
     accountant = create_accountant(kind)
     accountant.history = [tuple(step) for step in history]
     return accountant
@@ -53,7 +59,7 @@ class PrivacyAccountant:
     def __init__(self, delta: float, kind: str = "rdp", history: Sequence[Step] = ()) -> None:
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        _accountant(kind)  # validates the kind
+        _check_kind(kind)
         self.delta = delta
         self.kind = kind
         self.history: list[Step] = [tuple(step) for step in history]
@@ -99,6 +105,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
             f"{MAX_NOISE_MULTIPLIER:g} spends {floor:.4g}; plan fewer rounds, sample fewer "
             "clients per round, or raise the target"
         )
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
