@@ -87,3 +87,31 @@ def test_distributed_noise_with_compression_and_dpsgd(tmp_path):
     for r in summary["rounds"]:
         assert r["sample_epsilon_max"] == max(x["sample_epsilon"] for x in train
                                               if x["round"] == r["round"])
+
+
+HETERO_TINY = ['model.source="tiny"', 'model.device="cpu"', "run.rounds=2", "train.steps=3",
+               "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",
+               "data.max_eval_sequences=4", "federation.clients_per_round=6"]
+
+
+@pytest.mark.parametrize("aggregator", ["zeropad", "flora", "flexlora"])
+def test_central_dp_with_mixed_ranks(aggregator, tmp_path):
+    """Device profiles with different ranks: zeropad's factor form and flora / flexlora's
+    dense form run through Flower, release a global adapter of the expected rank, and
+    report the noise the mechanism promises."""
+    scenario = load_scenario("hetero", [
+        *HETERO_TINY, f'federation.aggregator="{aggregator}"', "federation.rank_budget=8",
+        'privacy.mode="central"', "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.2",
+        "privacy.delta=1e-3"])
+    summary = _summary(simulate(scenario, out_dir=tmp_path))
+    assert summary["status"] == "completed"
+    for record in summary["rounds"]:
+        assert record["dp_noise_std"] == pytest.approx(0.5 * 0.2 / 6)
+        assert record["clients_replied"] == 6
+    assert summary["privacy"]["sample_rate"] == 6 / scenario.data.num_clients
+    tensors = load_file(next(tmp_path.glob("*/adapter/adapter_model.safetensors")))
+    ranks = {t.shape[0] for k, t in tensors.items() if "lora_A" in k}
+    if aggregator == "flora":
+        assert ranks == {8}  # the rank budget
+    else:
+        assert len(ranks) == 1 and ranks.pop() >= 4
