@@ -61,9 +61,22 @@ def run_one(scenario: str, aggregator: str, epsilon: float | None, clip: float,
                                f'run.name="{name}"', f'run.out_dir="{out / "runs"}"', *extra])
 
 
+def released_entries(run_dir: str, aggregator: str) -> int:
+    """d: how many factor entries the mechanism noises (ffa: B only; A is frozen)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(run_dir) / "adapter" / "adapter_model.safetensors")
+    return sum(t.numel() for k, t in tensors.items()
+               if "lora_B" in k or aggregator != "ffa")
+
+
 def table(results: dict[str, dict], aggregators: list[str]) -> str:
+    """Per aggregator and target: what was spent, the noise, and perplexity vs no DP.
+    ``noise / signal`` = z sqrt(d) / m: the norm of the noise on the average over the
+    largest norm the average of clipped updates can have (C)."""
     rows = ["| aggregator | target epsilon | epsilon spent (delta) | z | C | noise std on the "
-            "average | final perplexity | vs no DP |", "|---|---|---|---|---|---|---|---|"]
+            "average | noise / signal | final perplexity | vs no DP |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for agg in aggregators:
         base = results.get(f"{agg}|none")
         for key, r in results.items():
@@ -77,7 +90,11 @@ def table(results: dict[str, dict], aggregators: list[str]) -> str:
             z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
             clip = "-" if r["clip_norm"] is None else f"{r['clip_norm']:.3g}"
             std = "-" if r["noise_std"] is None else f"{r['noise_std']:.4f}"
-            rows.append(f"| {agg} | {target} | {spent} | {z} | {clip} | {std} | "
+            ratio = "-"
+            if r["noise_multiplier"] is not None and r["clip_norm"]:
+                d = released_entries(r["run_dir"], agg)
+                ratio = f"{r['noise_std'] * d ** 0.5 / r['clip_norm']:.1f}"
+            rows.append(f"| {agg} | {target} | {spent} | {z} | {clip} | {std} | {ratio} | "
                         f"{r['final_perplexity']:.2f} | {change} |")
     return "\n".join(rows)
 

@@ -352,7 +352,16 @@ class FedtuneStrategy(Strategy):
                            dp_update_norm_max=max(norms),
                            dp_clipped_fraction=sum(n > p.clip_norm for n in norms) / len(norms),
                            dp_noise_std=share * math.sqrt(len(updates)) / self.stats.sampled)
-        metrics = {**metrics, "epsilon": self.accountant.epsilon(),
+        sigma = metrics["dp_noise_std"]
+        ratio = sigma * math.sqrt(release.released) / p.clip_norm
+        if ratio > 1 and server_round == 1:
+            log.warning(
+                "privacy: the noise on the average is %.1f times the largest norm the average "
+                "update can have (z sqrt(d) / m with d = %d released entries, m = %d); it "
+                "will drown the updates. Sample more clients per round, release fewer "
+                "entries (ffa, lower rank, fewer modules) or accept a larger epsilon",
+                ratio, release.released, self.stats.sampled)
+        metrics = {**metrics, "dp_noise_to_signal": ratio, "epsilon": self.accountant.epsilon(),
                    "delta": p.delta, "noise_multiplier": self.plan.noise_multiplier}
         round_number = 1 if self.global_adapter is None else self.global_adapter.round + 1
         return GlobalAdapter(release.factors, round=round_number), metrics

@@ -22,6 +22,7 @@ Two forms, chosen by aggregator:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -71,6 +72,12 @@ class Release:
     norms: list[float] = field(default_factory=list)  # each client's norm before clipping
     clipped: int = 0  # how many clients were scaled down
     noise_std: float = 0.0
+    released: int = 0  # d: how many entries the noise went on
+
+    def noise_to_signal(self, clip_norm: float) -> float:
+        """sigma sqrt(d) / C: the noise's norm on the average over the largest norm the
+        average of clipped updates can have. Above 1 the noise drowns every update."""
+        return self.noise_std * math.sqrt(self.released) / clip_norm
 
     def metrics(self) -> dict[str, float]:
         norms = self.norms or [0.0]
@@ -145,6 +152,7 @@ def factor_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraF
         for f in trainable:  # sorted module order, A before B: reproducible draws
             summed = total[f"{module}/{f}"] / dp.sampled
             summed += noise.sample(summed.shape, std, torch.float64)
+            release.released += summed.numel()
             fields[f] = (fields[f].double() + summed).to(fields[f].dtype)
         release.factors[module] = LoraFactors(A=fields["A"], B=fields["B"], scale=ref.scale)
     return release
@@ -184,6 +192,7 @@ def dense_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFa
     for m in modules:
         summed = total[m] / dp.sampled
         summed += noise.sample(summed.shape, std, torch.float64)
+        release.released += summed.numel()
         if previous is not None and m in previous:
             summed += previous[m].delta().double()
         identity = torch.eye(summed.shape[1], dtype=torch.float64)

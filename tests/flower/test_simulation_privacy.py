@@ -41,6 +41,7 @@ def test_epsilon_each_round_equals_the_library_accountant(central_run):
         library.step(noise_multiplier=Z, sample_rate=0.5)
         assert record["epsilon"] == pytest.approx(library.get_epsilon(delta=DELTA), rel=1e-9)
         assert record["dp_noise_std"] == pytest.approx(Z * 0.3 / 2)
+        assert record["dp_noise_to_signal"] > 0
         assert record["clients_replied"] == 2
         assert 0.0 <= record["dp_clipped_fraction"] <= 1.0
         assert record["dp_update_norm_max"] > 0

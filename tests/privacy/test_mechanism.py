@@ -157,6 +157,9 @@ def test_noise_is_zero_mean_with_std_z_C_over_m(secure):
         draws += [out.A.flatten(), out.B.flatten()]
     samples = torch.cat(draws).double()
     n, sigma = samples.numel(), z * C / m
+    release = factor_release(updates, {"m": base}, dp, GaussianNoise(0))
+    assert release.released == 8 * 400 + 300 * 8
+    assert release.noise_to_signal(C) == pytest.approx(z * math.sqrt(8 * 700) / m)
     assert dp.noise_std == pytest.approx(sigma)
     # standard error of the std estimate is sigma / sqrt(2n); allow 5 of them
     assert float(samples.std()) == pytest.approx(sigma, abs=5 * sigma / math.sqrt(2 * n))
