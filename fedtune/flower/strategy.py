@@ -411,12 +411,13 @@ class FedtuneStrategy(Strategy):
             self.on_client(record)
         updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
         minimum = self.scenario.federation.min_clients
-        if self.plan is not None:
-            minimum = max(minimum, self.privacy.min_clients)
+        rule = f"federation.min_clients = {minimum}"
+        if self.plan is not None and self.privacy.min_clients > minimum:
+            minimum = self.privacy.min_clients
+            rule = f"privacy.min_clients = {minimum}"
         if len(updates) < minimum:
             raise RoundFailedError(
-                f"round {server_round}: {len(updates)} valid replies, fewer than the "
-                f"minimum of {minimum} (federation.min_clients, privacy.min_clients); "
+                f"round {server_round}: {len(updates)} valid replies, fewer than {rule}; "
                 f"dropped: {self.stats.dropped}"
             )
         start = time.perf_counter()
