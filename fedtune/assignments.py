@@ -10,15 +10,18 @@ message, and checks that replies match them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.aggregation import AggregationError, get_aggregator
 from fedtune.config import ConfigError, Scenario
 from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import LoraSpec
 from fedtune.train.local import TrainConfig
+
+if TYPE_CHECKING:
+    from fedtune.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -76,31 +79,45 @@ def _uniform(scenario: Scenario, partition: int) -> ClientSettings:
 
 
 def _from_profiles(scenario: Scenario) -> list[ClientSettings]:
-    from fedtune.model.memory import model_dims
-    from fedtune.profiles import assign_profiles, load_profile, resolve_profile
+    from fedtune.profiles import assign_profiles, load_profile
 
     spec = scenario.clients
     names = assign_profiles(scenario.data.num_clients, spec.mix or list(spec.profiles),
                             scenario.run.seed)
+    loaded = {name: load_profile(name) for name in sorted(set(names))}
+    return settings_from_profiles(scenario, [loaded[name] for name in names])
+
+
+def settings_from_profiles(scenario: Scenario, profiles: Sequence[DeviceProfile | None]
+                           ) -> list[ClientSettings]:
+    """One client per entry (index = partition): its profile resolved against the model,
+    or the scenario's own values where the entry is None (a client without a profile)."""
+    from fedtune.model.memory import model_dims
+    from fedtune.profiles import resolve_profile
+
     dims = model_dims(scenario.model.source)
     resolved = {
-        name: resolve_profile(load_profile(name), dims, scenario.lora.target_modules)
-        for name in sorted(set(names))
+        p.name: resolve_profile(p, dims, scenario.lora.target_modules)
+        for p in profiles if p is not None
     }
     rank_of = {name: r.rank for name, r in resolved.items()}
-    if _equal_ranks(scenario):
+    if rank_of and _equal_ranks(scenario):
         smallest = min(rank_of.values())
         rank_of = dict.fromkeys(rank_of, smallest)
-    return [
-        ClientSettings(
+    settings = []
+    for i, profile in enumerate(profiles):
+        if profile is None:
+            settings.append(_uniform(scenario, i))
+            continue
+        name = profile.name
+        settings.append(ClientSettings(
             partition=i, profile=name, rank=rank_of[name],
             alpha=resolved[name].alpha * rank_of[name] / resolved[name].rank,
             quantization=resolved[name].quantization, batch_size=resolved[name].batch_size,
             seq_len=min(resolved[name].seq_len, scenario.data.seq_len),
             speed_factor=resolved[name].speed_factor,
-        )
-        for i, name in enumerate(names)
-    ]
+        ))
+    return settings
 
 
 def _equal_ranks(scenario: Scenario) -> bool:

@@ -103,6 +103,8 @@ class FederationSpec:
     merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
     ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
     padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
+    # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
+    max_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -137,6 +139,8 @@ class FederationSpec:
                  "over the clients that have it)")
         _require(self.padding == "zeros" or self.aggregator in PADDING_AGGREGATORS,
                  "padding", self.padding, "'zeros' unless aggregator is zeropad or hetlora")
+        _require(self.max_update_norm >= 0, "max_update_norm", self.max_update_norm,
+                 "a number >= 0 (0 = no bound)")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""
@@ -324,6 +328,46 @@ class SimulationSpec:
 
 
 @dataclass(frozen=True)
+class ServerSpec:
+    """Where ``fedtune server`` listens and how it is secured (ignored by simulations).
+
+    TLS needs all three certificate files; ``insecure = true`` is the only way to run
+    without them. ``auth_keys`` (a CSV of SuperNode public keys) turns on Flower's node
+    authentication: only clients holding one of those keys may join.
+    """
+
+    address: str = "0.0.0.0:9092"  # Fleet API: where clients connect
+    control_address: str = "127.0.0.1:9093"  # Control API (run submission), local only
+    serverappio_address: str = "127.0.0.1:9091"  # ServerAppIo API, local only
+    insecure: bool = False
+    ca_cert: str = ""
+    cert: str = ""
+    key: str = ""
+    auth_keys: str = ""
+    wait_for_clients: float = 600.0  # seconds to wait for data.num_clients to connect
+
+    def __post_init__(self) -> None:
+        for key in ("address", "control_address", "serverappio_address"):
+            value = getattr(self, key)
+            host, _, port = value.rpartition(":")
+            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, key, value,
+                     "HOST:PORT with a port in 1..65535")
+        files = [self.ca_cert, self.cert, self.key]
+        _require(all(files) or not any(files), "ca_cert", self.ca_cert,
+                 "all three of ca_cert, cert, key (TLS) or none of them")
+        _require(not (self.insecure and any(files)), "insecure", self.insecure,
+                 "false when certificate files are given")
+        _require(not (self.insecure and self.auth_keys), "auth_keys", self.auth_keys,
+                 "empty with insecure = true (Flower's node authentication needs TLS)")
+        _require(self.wait_for_clients > 0, "wait_for_clients", self.wait_for_clients,
+                 "seconds > 0")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class Scenario:
     run: RunSpec = field(default_factory=RunSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -335,6 +379,7 @@ class Scenario:
     clients: ClientsSpec = field(default_factory=ClientsSpec)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    server: ServerSpec = field(default_factory=ServerSpec)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -441,6 +486,7 @@ _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
     "clients": ClientsSpec, "compression": CompressionConfig, "privacy": PrivacyConfig,
+    "server": ServerSpec,
 }
 
 

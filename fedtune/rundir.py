@@ -89,6 +89,16 @@ class RunRecorder:
         self.write_summary()
         self.write_plot()
 
+    def state(self) -> str:
+        """What a resumed run needs to continue this record (JSON, for the checkpoint)."""
+        return json.dumps({"rounds": self.rounds, "initial": self.initial})
+
+    def restore(self, state: str) -> None:
+        """Continue the record of a checkpoint (rounds after it are forgotten: they rerun)."""
+        saved = json.loads(state)
+        self.rounds, self.initial, self.status = saved["rounds"], saved["initial"], "running"
+        self.write_summary()
+
     def summary(self) -> dict[str, Any]:
         last_eval = next((r for r in reversed(self.rounds) if r.get("eval_loss") is not None), {})
         return {

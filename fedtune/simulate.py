@@ -83,8 +83,10 @@ def simulate(
     out_dir: str | Path | None = None,
     progress: Progress | None = None,
     verbose: bool = False,
+    resume: Path | None = None,
 ) -> Path:
-    """Run ``scenario`` with virtual clients; return the run directory."""
+    """Run ``scenario`` with virtual clients; return the run directory. With ``resume``
+    (a run directory with a checkpoint), go on from its last completed round."""
     from flwr.simulation import run_simulation
 
     from fedtune.flower.client_app import make_client_app
@@ -92,7 +94,7 @@ def simulate(
 
     config = backend_config(scenario, verbose)
     preflight(scenario)
-    run_dir = new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
     if not verbose:
         flwr_log = logging.getLogger("flwr")
         flwr_log.setLevel(logging.WARNING)
@@ -100,7 +102,7 @@ def simulate(
             flwr_log.addFilter(_HideRunSimulationDeprecation())
     try:
         run_simulation(
-            server_app=make_server_app(scenario, run_dir, progress),
+            server_app=make_server_app(scenario, run_dir, progress, resume=resume is not None),
             client_app=make_client_app(scenario),
             num_supernodes=scenario.data.num_clients,
             backend_name=scenario.simulation.backend,

@@ -76,6 +76,15 @@ RESIDUAL_NORM_IN = "residual-norm-in"  # error feedback carried into this round'
 DP_UPDATE_NORM = "dp-update-norm"  # distributed DP: the update's norm before clipping
 SAMPLE_EPSILON = "sample-epsilon"  # DP-SGD: this client's epsilon so far
 
+# deployment: what a `fedtune client` tells the server about itself (query reply)
+IDENTITY = "identity"  # ConfigRecord of a query reply
+CLIENT_NAME = "client-name"  # stable name: the same client after a restart
+CLIENT_PROFILE = "client-profile"  # its device profile as TOML text ("" = server defaults)
+
+#: the only records a client's reply may carry: adapter tensors and scalar metrics (and,
+#: in a query reply, the client's name and profile). Nothing else leaves a client.
+REPLY_RECORDS = frozenset({ADAPTER, METRICS, IDENTITY})
+
 
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """peft-keyed fp32 tensors -> ArrayRecord (key names preserved)."""
@@ -135,10 +144,36 @@ def make_content(
     return content
 
 
-def reply(message: Message, metrics: Mapping[str, float], adapter: ArrayRecord | None = None
-          ) -> Message:
-    """Build the reply to ``message`` with metrics and optionally an adapter."""
+def reply(message: Message, metrics: Mapping[str, float], adapter: ArrayRecord | None = None,
+          identity: Mapping[str, str] | None = None) -> Message:
+    """Build the reply to ``message`` with metrics and optionally an adapter (or, for a
+    query, the client's identity); see :func:`check_outgoing`."""
     content = RecordDict({METRICS: MetricRecord(dict(metrics))})
     if adapter is not None:
         content[ADAPTER] = adapter
+    if identity is not None:
+        content[IDENTITY] = ConfigRecord(dict(identity))
+    check_outgoing(content)
     return Message(content=content, reply_to=message)
+
+
+class PrivacyLeakError(ValueError):
+    """A reply was about to carry something other than adapter factors and metrics."""
+
+
+def check_outgoing(content: RecordDict) -> None:
+    """The client's last line of defence: only LoRA tensors (or one packed blob) and
+    scalar metrics may leave; no text, token ids or per-example values."""
+    extra = sorted(set(content) - REPLY_RECORDS)
+    if extra:
+        raise PrivacyLeakError(f"a reply may not carry the records {extra}")
+    for key in content.array_records.get(ADAPTER, {}):
+        if key != PACKED and ".lora_A." not in key and ".lora_B." not in key:
+            raise PrivacyLeakError(f"a reply's adapter may hold LoRA factors only, not {key!r}")
+    for key, value in content.metric_records.get(METRICS, MetricRecord()).items():
+        if not isinstance(value, (int, float)):
+            raise PrivacyLeakError(f"metric {key!r} must be one number, got a list")
+    identity = content.config_records.get(IDENTITY)
+    if identity is not None and set(identity) - {CLIENT_NAME, CLIENT_PROFILE}:
+        raise PrivacyLeakError(f"a query reply may carry only {CLIENT_NAME!r} and "
+                               f"{CLIENT_PROFILE!r}, got {sorted(identity)}")

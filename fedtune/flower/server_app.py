@@ -12,8 +12,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.assignments import check_ranks_fit_model, client_settings
 from fedtune.config import Scenario, scenario_from_flat
+from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.flower.strategy import FedtuneStrategy
-from fedtune.rundir import ADAPTER_DIR, RunRecorder, new_run_dir
+from fedtune.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
 
 log = logging.getLogger("fedtune")
 
@@ -39,13 +40,21 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
 
 
 def run_federation(
-    grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None
+    grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None,
+    resume: bool = False,
 ) -> RunRecorder:
-    """Run every round of ``scenario`` on ``grid``, recording into ``run_dir``.
+    """Run every round of ``scenario`` on ``grid``, recording into ``run_dir`` and saving
+    a checkpoint after each completed round; with ``resume``, go on from the run
+    directory's checkpoint (see ``fedtune.flower.checkpoint``).
 
     On a failure the last global adapter (if any round completed) is still exported."""
     strategy = FedtuneStrategy(scenario)  # validates client settings before any file
+    first_round = 1
+    if resume:
+        first_round = restore(strategy, scenario, run_dir)
     recorder = RunRecorder(run_dir, scenario.to_dict())
+    if resume:
+        recorder.restore(load_checkpoint(run_dir)["recorder"])
     report = progress or (lambda record: None)
 
     def on_round(record: dict[str, Any]) -> None:
@@ -54,12 +63,15 @@ def run_federation(
                 recorder.log_initial_eval(record["eval_loss"])
         else:
             recorder.log_round(record)
+            save_checkpoint(run_dir, {"round": record["round"], "scenario": scenario.to_json(),
+                                      "strategy": strategy.state_dict(),
+                                      "recorder": recorder.state()})
         report(record)
 
     strategy.on_client, strategy.on_round = recorder.log_client, on_round
     recorder.privacy = privacy_report(strategy)
     try:
-        strategy.run(grid)
+        strategy.run(grid, first_round=first_round)
         save_global_adapter(strategy, scenario, run_dir)
     except BaseException:
         recorder.close("failed")
@@ -69,6 +81,18 @@ def run_federation(
     recorder.privacy = privacy_report(strategy)
     recorder.close("completed")
     return recorder
+
+
+def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path) -> int:
+    """Load the run directory's checkpoint into ``strategy``; the next round to run."""
+    state = load_checkpoint(run_dir)
+    if state["scenario"] != scenario.to_json():
+        raise CheckpointError(f"{run_dir} was run with another scenario; resume it with the "
+                              f"scenario it saved ({run_dir / SCENARIO_FILE})")
+    strategy.load_state_dict(state["strategy"])
+    done = int(state["round"])
+    log.info("fedtune: resuming %s after round %d of %d", run_dir, done, scenario.run.rounds)
+    return done + 1
 
 
 def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
@@ -95,21 +119,27 @@ def make_server_app(
     scenario: Scenario | None = None,
     run_dir: Path | None = None,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to a scenario and run directory, or reading both from the run
-    config (``scenario`` file + ``section.key`` overrides, ``out`` folder) when None."""
+    config (``scenario`` file + ``section.key`` overrides, ``out`` folder or ``run-dir``,
+    ``resume``) when None."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        chosen = scenario if scenario is not None else scenario_from_flat(context.run_config)
+        config = context.run_config
+        chosen = scenario if scenario is not None else scenario_from_flat(config)
         check_ranks_fit_model(chosen, client_settings(chosen))  # before any directory
         target = run_dir
+        if target is None and config.get("run-dir"):
+            target = Path(str(config["run-dir"]))
         if target is None:
-            out = str(context.run_config.get("out", chosen.run.out_dir))
+            out = str(config.get("out", chosen.run.out_dir))
             target = new_run_dir(out, chosen.run.name)
         log.info("fedtune: writing run directory %s", target)
-        run_federation(grid, chosen, target, progress)
+        resume_run = resume or bool(config.get("resume", False))
+        run_federation(grid, chosen, target, progress, resume=resume_run)
 
     return app
 

@@ -58,7 +58,9 @@ class RoundStats:
     bytes_up_dense: int = 0  # the same updates as dense fp32 data
     down_by_node: dict[int, int] = field(default_factory=dict)
     sampled: int = 0
+    nodes: list[int] = field(default_factory=list)  # the nodes sampled this round
     dropped: list[str] = field(default_factory=list)
+    stragglers: int = 0  # sampled nodes with no reply before the round deadline
     client_records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -76,6 +78,10 @@ class FedtuneStrategy(Strategy):
                                          **scenario.federation.aggregator_options())
         self.settings = client_settings(scenario)
         self.node_partition: dict[int, int] = {}
+        #: deployment: client name -> partition (stable across client restarts and resumes)
+        self.names: dict[str, int] = {}
+        #: deployment: the profile (TOML text) each partition declared when it first joined
+        self.declared: dict[int, str] = {}
         self.global_adapter: GlobalAdapter | None = None
         self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
@@ -124,36 +130,104 @@ class FedtuneStrategy(Strategy):
         return nodes
 
     def discover(self, grid: Grid) -> None:
-        """Ask every node which client (partition) it is, so the server can send each
-        node the settings of its own device profile."""
+        """Ask every node that has not yet said so which client it is, so the server can
+        send each node the settings of its own device profile. The first call waits for
+        the whole population; later ones only look at nodes that (re)joined since."""
         timeout = self.scenario.federation.round_timeout
-        nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients, timeout)
+        if self.node_partition:
+            nodes = sorted(grid.get_node_ids())
+        else:
+            nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients, timeout)
         unknown = [n for n in nodes if n not in self.node_partition]
         if not unknown:
             return
         queries = [Message(content=keys.make_content(None, {keys.ROUND: 0}),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        named: dict[int, tuple[str, str]] = {}
         for reply in grid.send_and_receive(queries, timeout=timeout):
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %s did not say who it is: %s", reply.metadata.src_node_id,
-                            reply.error.reason)
+                log.warning("node %s did not say who it is: %s", node, reply.error.reason)
+                continue
+            identity = reply.content.config_records.get(keys.IDENTITY)
+            if identity is not None:  # a deployed client: known by its name
+                named[node] = (str(identity[keys.CLIENT_NAME]),
+                               str(identity.get(keys.CLIENT_PROFILE, "")))
                 continue
             partition = int(reply.content.metric_records[keys.METRICS][keys.PARTITION])
             if not 0 <= partition < len(self.settings):
                 log.warning("node %s reports partition %d, outside 0..%d; ignored",
-                            reply.metadata.src_node_id, partition, len(self.settings) - 1)
+                            node, partition, len(self.settings) - 1)
                 continue
-            self.node_partition[reply.metadata.src_node_id] = partition
+            self.node_partition[node] = partition
+        if named:
+            self._register_named(named)
+
+    def _register_named(self, named: dict[int, tuple[str, str]]) -> None:
+        """Deployed clients get partitions in the order of their names (so a restarted
+        client, or a resumed server, finds the same client at the same place); a client
+        that returns under its name replaces its old node. Profiles declared at the
+        first sight of a client set its settings for the rest of the run."""
+        fresh: dict[int, str] = {}
+        for node, (name, profile) in sorted(named.items(), key=lambda item: item[1][0]):
+            if name not in self.names:
+                if len(self.names) >= self.scenario.data.num_clients:
+                    log.warning("client %r (node %s) is one more than data.num_clients = %d; "
+                                "ignored", name, node, self.scenario.data.num_clients)
+                    continue
+                self.names[name] = len(self.names)
+                if profile:
+                    fresh[self.names[name]] = profile
+            partition = self.names[name]
+            for old in [n for n, p in self.node_partition.items() if p == partition]:
+                log.info("client %r rejoined as node %s (was node %s)", name, node, old)
+                del self.node_partition[old]
+            self.node_partition[node] = partition
+        if fresh:
+            self.declared.update(fresh)
+            self._apply_declared_profiles()
+
+    def _apply_declared_profiles(self) -> None:
+        """Settings from the profiles deployed clients declared (see ``_register_named``)."""
+        import tomllib
+
+        from fedtune.assignments import check_ranks, settings_from_profiles
+        from fedtune.profiles import DeviceProfile
+
+        profiles = [None] * self.scenario.data.num_clients
+        for partition, text in self.declared.items():
+            profiles[partition] = DeviceProfile.from_dict(
+                tomllib.loads(text), origin=f"the profile client {partition} declared")
+        settings = settings_from_profiles(self.scenario, profiles)
+        check_ranks(self.scenario, [s.rank for s in settings])
+        self.settings = tuple(settings)
 
     def _sample_nodes(self, grid: Grid, wanted: int) -> list[int]:
-        """Seeded sample of clients by partition id (node ids are random per run)."""
+        """Seeded sample of clients by partition id (node ids are random per run) among
+        the nodes connected now; fewer than ``wanted`` when some are gone (a round still
+        needs its minimum of replies)."""
         self.discover(grid)
-        by_partition = {p: n for n, p in self.node_partition.items()}
-        if len(by_partition) < wanted:
+        live = set(grid.get_node_ids())
+        by_partition = {p: n for n, p in self.node_partition.items() if n in live}
+        if len(by_partition) < self.minimum_replies()[0]:
             raise RoundFailedError(
-                f"{len(by_partition)} nodes identified themselves, need {wanted}")
+                f"{len(by_partition)} identified clients are connected, fewer than "
+                f"{self.minimum_replies()[1]}")
+        if len(by_partition) < wanted:
+            log.warning("only %d of the %d clients to sample are connected; sampling them",
+                        len(by_partition), wanted)
+            wanted = len(by_partition)
         chosen = sorted(self.rng.sample(sorted(by_partition), wanted))
         return [by_partition[p] for p in chosen]
+
+    def minimum_replies(self) -> tuple[int, str]:
+        """The fewest valid replies a round may aggregate, and the rule that says so."""
+        minimum = self.scenario.federation.min_clients
+        rule = f"federation.min_clients = {minimum}"
+        if self.plan is not None and self.privacy.min_clients > minimum:
+            minimum = self.privacy.min_clients
+            rule = f"privacy.min_clients = {minimum}"
+        return minimum, rule
 
     def _settings(self, node: int) -> ClientSettings:
         """The node's profile settings, with its self-pruned rank once it has pruned
@@ -268,12 +342,20 @@ class FedtuneStrategy(Strategy):
             raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
         rank = self._check_shapes(factors, settings.rank)
         packed = keys.is_packed(record)
+        bound = self.scenario.federation.max_update_norm
         start = None
-        if packed or self.plan is not None or getattr(self.aggregator, "merge", "mean") == "ties":
+        if (packed or self.plan is not None or bound > 0
+                or getattr(self.aggregator, "merge", "mean") == "ties"):
             start = factors_from_state_dict(self._client_start(settings, decoded.values), scale)
         if packed:  # the reply is an update: add it to the start the server knows
             factors = {n: LoraFactors(A=start[n].A + f.A, B=start[n].B + f.B, scale=scale)
                        for n, f in factors.items()}
+        if bound > 0:
+            assert start is not None
+            norm = update_norm(factors, start)
+            if norm > bound:
+                raise ValueError(f"update norm {norm:.4g} exceeds federation.max_update_norm "
+                                 f"= {bound:g}")
         if rank < settings.rank:
             self.pruned_rank[settings.partition] = rank
         return ClientUpdate(
@@ -379,15 +461,17 @@ class FedtuneStrategy(Strategy):
     ) -> Iterable[Message]:
         self.stats = RoundStats()
         nodes = self._sample_nodes(grid, self.scenario.sampled_per_round)
-        self.stats.sampled = len(nodes)
+        self.stats.sampled, self.stats.nodes = len(nodes), list(nodes)
         return self._train_messages(nodes, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         updates: list[ClientUpdate] = []
+        answered: set[int] = set()
         for message in replies:
             node = message.metadata.src_node_id
+            answered.add(node)
             try:
                 update = self._decode(message)
             except ValueError as err:
@@ -410,11 +494,8 @@ class FedtuneStrategy(Strategy):
             self.stats.client_records.append(record)
             self.on_client(record)
         updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
-        minimum = self.scenario.federation.min_clients
-        rule = f"federation.min_clients = {minimum}"
-        if self.plan is not None and self.privacy.min_clients > minimum:
-            minimum = self.privacy.min_clients
-            rule = f"privacy.min_clients = {minimum}"
+        self._count_stragglers(server_round, answered)
+        minimum, rule = self.minimum_replies()
         if len(updates) < minimum:
             raise RoundFailedError(
                 f"round {server_round}: {len(updates)} valid replies, fewer than {rule}; "
@@ -437,6 +518,18 @@ class FedtuneStrategy(Strategy):
             **_sample_epsilon(updates),
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics
+
+    def _count_stragglers(self, server_round: int, answered: set[int]) -> None:
+        """Sampled nodes that sent nothing before the round deadline (slow, crashed or
+        disconnected): dropped from the round and counted."""
+        timeout = self.scenario.federation.round_timeout
+        for node in self.stats.nodes:
+            if node not in answered:
+                self.stats.stragglers += 1
+                self.stats.dropped.append(
+                    f"node {node}: no reply within federation.round_timeout = {timeout:g} s")
+                log.warning("round %d: node %s sent no reply before the deadline",
+                            server_round, node)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -481,14 +574,15 @@ class FedtuneStrategy(Strategy):
         metrics = self.aggregate_evaluate(server_round, replies)
         return None if metrics is None else float(metrics["eval-loss"])
 
-    def run(self, grid: Grid, initial_eval: bool = True) -> Result:
-        """All rounds: train, aggregate, evaluate; report each round to ``on_round``."""
+    def run(self, grid: Grid, initial_eval: bool = True, first_round: int = 1) -> Result:
+        """Rounds ``first_round``.. (2 and on after a resume): train, aggregate, evaluate;
+        report each round to ``on_round``."""
         result = Result()
         timeout = self.scenario.federation.round_timeout
-        if initial_eval:
+        if initial_eval and first_round == 1:
             loss = self._evaluate(grid, 0)
             self.on_round({"round": 0, "eval_loss": loss})
-        for server_round in range(1, self.scenario.run.rounds + 1):
+        for server_round in range(first_round, self.scenario.run.rounds + 1):
             if not self.budget_left_for_next_round():
                 assert self.accountant is not None
                 self.stopped = (f"privacy budget: round {server_round} would take epsilon past "
@@ -514,6 +608,7 @@ class FedtuneStrategy(Strategy):
                 "clients_sampled": self.stats.sampled,
                 "clients_replied": int(train_metrics["num-clients"]),
                 "dropped": list(self.stats.dropped),
+                "stragglers": self.stats.stragglers,
                 **{k.replace("-", "_"): v for k, v in train_metrics.items()
                    if k not in ("train-loss", "num-clients", "seconds-aggregate")},
                 "seconds": time.perf_counter() - start,
@@ -524,6 +619,51 @@ class FedtuneStrategy(Strategy):
             }
             self.on_round(record)
         return result
+
+
+    # ---- checkpoint / resume --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed server needs to go on exactly where this one stopped (see
+        ``fedtune.flower.checkpoint``); node ids are not kept: they change on restart."""
+        from fedtune.flower.checkpoint import adapter_to_state, rng_to_state
+
+        return {
+            "global": adapter_to_state(self.global_adapter),
+            "rng": rng_to_state(self.rng.getstate()),
+            "expected": {n: list(v) for n, v in self.expected.items()},
+            "pruned_rank": dict(self.pruned_rank),
+            "names": dict(self.names),
+            "declared": dict(self.declared),
+            "accountant": None if self.accountant is None else self.accountant.state(),
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from fedtune.flower.checkpoint import adapter_from_state, rng_from_state
+
+        self.global_adapter = adapter_from_state(state["global"])
+        self.rng.setstate(rng_from_state(state["rng"]))
+        self.expected = {n: (int(v[0]), int(v[1])) for n, v in state["expected"].items()}
+        self.pruned_rank = {int(k): int(v) for k, v in state["pruned_rank"].items()}
+        self.names = {str(k): int(v) for k, v in state["names"].items()}
+        self.declared = {int(k): str(v) for k, v in state["declared"].items()}
+        if self.declared:
+            self._apply_declared_profiles()
+        if state["accountant"] is not None:
+            saved = state["accountant"]
+            self.accountant = PrivacyAccountant(float(saved["delta"]), str(saved["kind"]),
+                                                [tuple(h) for h in saved["history"]])
+        self.stopped = state["stopped"]
+        self.node_partition = {}
+
+
+def update_norm(factors: dict[str, LoraFactors], start: dict[str, LoraFactors]) -> float:
+    """L2 norm of a reply's move from where it started, over every factor it sent."""
+    total = 0.0
+    for name, f in factors.items():
+        s = start[name]
+        total += float((f.A - s.A[: f.rank]).pow(2).sum() + (f.B - s.B[:, : f.rank]).pow(2).sum())
+    return math.sqrt(total)
 
 
 def noise_seed(round_seed: int) -> int:
