@@ -129,7 +129,7 @@ def bundled_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILE_DIR.glob("*.toml"))
 
 
-def _profile_path(name_or_path: str | Path) -> Path:
+def profile_path(name_or_path: str | Path) -> Path:
     text = str(name_or_path)
     path = Path(text).expanduser()
     if isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml"):
@@ -147,7 +147,7 @@ def _profile_path(name_or_path: str | Path) -> Path:
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """A bundled profile by name (``jetson-orin-nano-8gb``) or a profile TOML file by path."""
-    path = _profile_path(name_or_path)
+    path = profile_path(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:

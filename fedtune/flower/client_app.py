@@ -77,11 +77,14 @@ def _tokenised(data: DataSpec, seed: int, source: str, partition_id: int, seq_le
         raise ValueError(
             f"partition-id {partition_id} is out of range: the scenario has {len(clients)} clients"
         )
-    client = clients[partition_id]
+    return _pack_client(clients[partition_id], source, seq_len, data.max_eval_sequences)
+
+
+def _pack_client(client: ClientData, source: str, seq_len: int, max_eval: int) -> ClientBatch:
     tokenizer = _tokenizer(source)
     train = pack_texts(client.train, tokenizer, seq_len)
     held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
-    cap = data.max_eval_sequences or None
+    cap = max_eval or None
     held_out = PackedData(held_out.input_ids[:cap], held_out.labels[:cap])
     if train.shape[0] == 0:
         raise ValueError(
@@ -98,6 +101,27 @@ def client_batch(scenario: Scenario, partition_id: int, seq_len: int | None = No
                       seq_len or scenario.data.seq_len)
 
 
+@functools.lru_cache(maxsize=8)
+def _local_tokenised(path: str, name: str, data: DataSpec, seed: int, source: str,
+                     seq_len: int) -> ClientBatch:
+    """A deployed client's own file, tokenised once per process (see ``load_local``)."""
+    from fedtune.data.local import load_local
+
+    client = load_local(path, name, data.eval_fraction, seed, data.max_samples_per_client or None)
+    return _pack_client(client, source, seq_len, data.max_eval_sequences)
+
+
+def _node_batch(scenario: Scenario, context: Context, partition_id: int,
+                seq_len: int | None = None) -> ClientBatch:
+    """This node's data: its own file when deployed, else its simulated partition."""
+    config = context.node_config
+    if DATA_PATH in config:
+        return _local_tokenised(str(config[DATA_PATH]), str(config.get(NAME, "client")),
+                                scenario.data, scenario.run.seed, scenario.model.source,
+                                seq_len or scenario.data.seq_len)
+    return client_batch(scenario, partition_id, seq_len)
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(source: str) -> Any:
     """One tokenizer per process (quantization does not change it)."""
@@ -108,17 +132,27 @@ def _scenario(bound: Scenario | None, context: Context) -> Scenario:
     return bound if bound is not None else scenario_from_flat(context.run_config)
 
 
+#: node_config keys of a deployed client (``fedtune client`` sets them)
+DATA_PATH, NAME, PROFILE = "data-path", "name", "profile"
+
+
+def _deployed(context: Context) -> bool:
+    return DATA_PATH in context.node_config
+
+
 def _partition_id(context: Context) -> int:
     if "partition-id" not in context.node_config:
         raise ValueError(
             "node_config has no 'partition-id'; start the SuperNode with "
-            "--node-config 'partition-id=N num-partitions=M'"
+            "--node-config 'partition-id=N num-partitions=M' (or use `fedtune client`)"
         )
     return int(context.node_config["partition-id"])
 
 
 def _settings(message: Message, context: Context) -> ClientSettings:
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
+    if _deployed(context):  # the server placed this client by its name
+        return settings
     if settings.partition != _partition_id(context):
         raise ValueError(f"settings for partition {settings.partition} sent to partition "
                          f"{_partition_id(context)}")
@@ -165,9 +199,11 @@ def _use_cpu_share(scenario: Scenario) -> None:
 
 
 def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: int,
-                    seq_len: int | None = None, batch_size: int | None = None) -> EvalResult:
+                    seq_len: int | None = None, batch_size: int | None = None,
+                    context: Context | None = None) -> EvalResult:
     """Held-out loss of ``model`` on one client's data (the number the server reports)."""
-    held_out = client_batch(scenario, partition_id, seq_len).eval
+    held_out = (client_batch(scenario, partition_id, seq_len) if context is None
+                else _node_batch(scenario, context, partition_id, seq_len)).eval
     return evaluate(model, held_out.input_ids, batch_size or scenario.train.batch_size,
                     _device(scenario.model), labels=held_out.labels)
 
@@ -256,7 +292,7 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     _use_cpu_share(scenario)
     settings = _settings(message, context)
     model, start, setup_s = _prepare_for_training(scenario, settings, message)
-    data = client_batch(scenario, settings.partition, settings.seq_len)
+    data = _node_batch(scenario, context, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
     seed = client_seed(int(config[keys.SEED]), settings.partition)
     extra: dict[str, float] = {}
@@ -297,7 +333,8 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
 
 
 def evaluate_global(scenario: Scenario, settings: ClientSettings,
-                    state: dict[str, torch.Tensor]) -> EvalResult:
+                    state: dict[str, torch.Tensor], context: Context | None = None
+                    ) -> EvalResult:
     """Held-out loss of one client under a global adapter (scale 1, applied frozen on the
     client's own base) or, with an empty state, of the bare base model. The one place that
     defines what "the federation's held-out loss" means."""
@@ -305,11 +342,11 @@ def evaluate_global(scenario: Scenario, settings: ClientSettings,
     if not state:
         with model.disable_adapter():
             return evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                                   settings.batch_size)
+                                   settings.batch_size, context)
     load_frozen_global(model, state, lora)
     model.base_model.set_adapter([GLOBAL_ADAPTER])
     return evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                           settings.batch_size)
+                           settings.batch_size, context)
 
 
 def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
@@ -317,10 +354,10 @@ def evaluate_message(scenario: Scenario, message: Message, context: Context) -> 
     _use_cpu_share(scenario)
     settings = _settings(message, context)
     start = time.perf_counter()
-    result = evaluate_global(scenario, settings, _payload(message))
+    result = evaluate_global(scenario, settings, _payload(message), context)
+    held_out = _node_batch(scenario, context, settings.partition, settings.seq_len).eval
     metrics = {
-        keys.NUM_EXAMPLES: int(client_batch(scenario, settings.partition, settings.seq_len)
-                               .eval.input_ids.shape[0]),
+        keys.NUM_EXAMPLES: int(held_out.input_ids.shape[0]),
         keys.EVAL_LOSS: float(result.loss),
         keys.EVAL_TOKENS: int(result.tokens),
         keys.PARTITION: settings.partition,
@@ -330,8 +367,19 @@ def evaluate_message(scenario: Scenario, message: Message, context: Context) -> 
 
 
 def query_message(message: Message, context: Context) -> Message:
-    """Tell the server which client (partition) this node is."""
-    return keys.reply(message, {keys.PARTITION: _partition_id(context)})
+    """Tell the server which client this node is: its partition in a simulation; its
+    name and device profile (the TOML text, so the server can resolve it) when deployed."""
+    if not _deployed(context):
+        return keys.reply(message, {keys.PARTITION: _partition_id(context)})
+    profile = str(context.node_config.get(PROFILE, ""))
+    text = ""
+    if profile:
+        from fedtune.profiles import profile_path
+
+        text = profile_path(profile).read_text()
+    return keys.reply(message, {keys.PARTITION: -1},
+                      identity={keys.CLIENT_NAME: str(context.node_config.get(NAME, "")),
+                                keys.CLIENT_PROFILE: text})
 
 
 def make_client_app(scenario: Scenario | None = None) -> ClientApp:

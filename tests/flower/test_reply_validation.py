@@ -150,3 +150,31 @@ def test_prune_gamma_needs_hetlora():
 
     with pytest.raises(ConfigError, match="prune_gamma"):
         load_scenario("tiny", ["federation.prune_gamma=0.5"])
+
+
+def test_update_beyond_max_update_norm_is_rejected_and_the_round_goes_on():
+    """The norm is of the move from the start the server knows (the seeded init in
+    round 1), so a reply 1e6 times too far is refused while normal ones pass."""
+    from fedtune.config import load_scenario as load
+
+    strategy = FedtuneStrategy(load("tiny", ["federation.min_clients=2",
+                                             "federation.max_update_norm=100"]))
+    strategy.node_partition = {100 + i: i for i in range(4)}
+    far = {k: v * 1e6 for k, v in _good_state().items()}
+    replies = [_reply(100, _good_state()), _reply(101, far), _reply(102, _good_state())]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-clients"] == 2
+    assert len(strategy.stats.dropped) == 1
+    assert "node 101" in strategy.stats.dropped[0]
+    assert "exceeds federation.max_update_norm = 100" in strategy.stats.dropped[0]
+
+
+def test_sampled_nodes_without_a_reply_are_counted_as_stragglers():
+    strategy = _strategy()
+    strategy.stats.nodes = [100, 101, 102, 103]
+    replies = [_reply(100, _good_state()), _reply(102, _good_state())]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-clients"] == 2
+    assert strategy.stats.stragglers == 2
+    assert sorted(d.split(":")[0] for d in strategy.stats.dropped) == ["node 101", "node 103"]
+    assert all("no reply within federation.round_timeout" in d for d in strategy.stats.dropped)
