@@ -1,4 +1,4 @@
-"""`fedtune` command line: simulate (more commands arrive with their issues)."""
+"""`fedtune` command line: simulate, compare, server, client, certs."""
 
 from __future__ import annotations
 
@@ -130,6 +130,109 @@ def compare(
     print(folder)
     if failed(folder):
         raise typer.Exit(1)
+
+
+@app.command()
+def server(
+    config: Optional[str] = typer.Option(  # noqa: UP045
+        None, "--config", "-c", help="Server scenario TOML (e.g. server/server.toml)."),
+    resume: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--resume", help="Continue the run in this run directory from its checkpoint."),
+    overrides: list[str] = typer.Option(  # noqa: B006
+        [], "--set", help="Override a scenario key: section.key=value (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder for the run directory."),  # noqa: UP045
+    insecure: bool = typer.Option(
+        False, "--insecure",
+        help="Run WITHOUT TLS (ignores the certificate files): traffic is not encrypted."),
+) -> None:
+    """Start the federation server (a Flower SuperLink) and run every round."""
+    from fedtune.deploy.server import DeploymentError, load_run_scenario, serve
+
+    if (config is None) == (resume is None):
+        console.print("[red]error:[/] give --config FILE for a new run or --resume RUN_DIR")
+        raise typer.Exit(2)
+    try:
+        if insecure:
+            overrides = [*overrides, "server.insecure=true", 'server.ca_cert=""',
+                         'server.cert=""', 'server.key=""', 'server.auth_keys=""']
+        chosen = load_run_scenario(resume) if resume else load_scenario(config, overrides)
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    rounds = chosen.run.rounds
+    console.print(f"fedtune server: [bold]{escape(chosen.run.name)}[/] — {rounds} rounds, "
+                  f"aggregator {chosen.federation.aggregator}, {chosen.data.num_clients} clients"
+                  + (f", resuming {escape(str(resume))}" if resume else ""))
+    try:
+        run_dir = serve(None if resume else chosen, out, resume=resume,
+                        report=lambda record: console.print(round_line(record, rounds)),
+                        announce=lambda text: console.print(escape(text)))
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    except (DeploymentError, OSError, ValueError) as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
+    console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
+    print(run_dir)
+
+
+@app.command()
+def client(
+    server_address: str = typer.Option(..., "--server", help="The server's HOST:PORT."),
+    data: str = typer.Option(..., "--data", help="This client's data: a *.jsonl or text file."),
+    profile: str = typer.Option(
+        "", "--profile", help="Device profile: a bundled name or a .toml path."),
+    name: str = typer.Option(
+        "", "--name", help="Stable client name (default: the data file's name)."),
+    root_certificates: str = typer.Option(
+        "", "--root-certificates", help="CA certificate that signed the server's certificate."),
+    auth_key: str = typer.Option(
+        "", "--auth-key", help="Private key registered with the server (node authentication)."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Connect WITHOUT TLS: traffic is not encrypted."),
+    state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
+    client_app: str = typer.Option(
+        "fedtune.flower.client_app:app", "--app", hidden=True,
+        help="module:attribute of the ClientApp to serve (for tests and custom apps)."),
+) -> None:
+    """Join a federation and train on local data only (runs until stopped: Ctrl-C, SIGTERM)."""
+    import signal
+    import threading
+
+    from fedtune.deploy.client import ClientError, ClientOptions, run_client
+
+    options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
+                            root_certificates=root_certificates, insecure=insecure,
+                            auth_key=auth_key, state_dir=state_dir, app=client_app)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        served = run_client(options, say=lambda text: console.print(escape(text)), stop=stop)
+    except ClientError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
+    console.print(f"client stopped after {served} messages")
+
+
+@app.command()
+def certs(
+    folder: Path = typer.Argument(..., help="Where to write the certificates and keys."),
+    hosts: str = typer.Option("localhost,127.0.0.1", "--hosts",
+                              help="Comma-separated names / IPs the server certificate covers."),
+    clients: int = typer.Option(0, "--clients", help="Client key pairs to make (node auth)."),
+) -> None:
+    """Make TEST certificates (a CA, a server certificate) and client keys."""
+    from fedtune.deploy.certs import make_certificates
+
+    made = make_certificates(folder, [h.strip() for h in hosts.split(",") if h.strip()],
+                             clients)
+    keys_file = folder / "authorized_clients.pub"
+    keys_file.write_text("".join(p.read_text() for p in made.node_public_keys))
+    console.print(f"CA {made.ca_cert}, server certificate {made.cert} (key {made.key})"
+                  + (f"; {clients} client keys, public ones listed in {keys_file}"
+                     if clients else ""))
 
 
 @app.callback()

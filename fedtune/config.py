@@ -332,13 +332,11 @@ class ServerSpec:
     """Where ``fedtune server`` listens and how it is secured (ignored by simulations).
 
     TLS needs all three certificate files; ``insecure = true`` is the only way to run
-    without them. ``auth_keys`` (a CSV of SuperNode public keys) turns on Flower's node
-    authentication: only clients holding one of those keys may join.
+    without them. ``auth_keys`` (a file of OpenSSH ECDSA public keys, one per line) turns on
+    Flower's node authentication: only clients holding one of those keys may join.
     """
 
-    address: str = "0.0.0.0:9092"  # Fleet API: where clients connect
-    control_address: str = "127.0.0.1:9093"  # Control API (run submission), local only
-    serverappio_address: str = "127.0.0.1:9091"  # ServerAppIo API, local only
+    address: str = "0.0.0.0:9092"  # the SuperLink's one port (Fleet, Control and runtime APIs)
     insecure: bool = False
     ca_cert: str = ""
     cert: str = ""
@@ -347,11 +345,9 @@ class ServerSpec:
     wait_for_clients: float = 600.0  # seconds to wait for data.num_clients to connect
 
     def __post_init__(self) -> None:
-        for key in ("address", "control_address", "serverappio_address"):
-            value = getattr(self, key)
-            host, _, port = value.rpartition(":")
-            _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, key, value,
-                     "HOST:PORT with a port in 1..65535")
+        host, _, port = self.address.rpartition(":")
+        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
+                 self.address, "HOST:PORT with a port in 1..65535")
         files = [self.ca_cert, self.cert, self.key]
         _require(all(files) or not any(files), "ca_cert", self.ca_cert,
                  "all three of ca_cert, cert, key (TLS) or none of them")

@@ -193,8 +193,11 @@ def _device(model_spec: ModelSpec) -> torch.device:
     return pick_device(model_spec.device)
 
 
-def _use_cpu_share(scenario: Scenario) -> None:
-    """One torch thread per CPU the engine gave this client (oversubscription is slow)."""
+def _use_cpu_share(scenario: Scenario, context: Context | None = None) -> None:
+    """One torch thread per CPU the engine gave this client (oversubscription is slow);
+    a deployed client has its machine to itself and keeps torch's default."""
+    if context is not None and _deployed(context):
+        return
     torch.set_num_threads(max(1, int(scenario.simulation.cpus_per_client)))
 
 
@@ -289,7 +292,7 @@ def train_with_dpsgd(model: PeftModel, data: torch.Tensor, scenario: Scenario,
 def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one train message: set up the payload, train locally, reply with the LoRA
     (or, when the server asks for compression, with its compressed update)."""
-    _use_cpu_share(scenario)
+    _use_cpu_share(scenario, context)
     settings = _settings(message, context)
     model, start, setup_s = _prepare_for_training(scenario, settings, message)
     data = _node_batch(scenario, context, settings.partition, settings.seq_len)
@@ -351,7 +354,7 @@ def evaluate_global(scenario: Scenario, settings: ClientSettings,
 
 def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
     """Handle one evaluate message: held-out loss of exactly the global adapter."""
-    _use_cpu_share(scenario)
+    _use_cpu_share(scenario, context)
     settings = _settings(message, context)
     start = time.perf_counter()
     result = evaluate_global(scenario, settings, _payload(message), context)

@@ -61,6 +61,9 @@ class RoundStats:
     nodes: list[int] = field(default_factory=list)  # the nodes sampled this round
     dropped: list[str] = field(default_factory=list)
     stragglers: int = 0  # sampled nodes with no reply before the round deadline
+    #: message id -> node it went to; a SuperLink answers for a node it lost (Node
+    #: Unavailable) from its own node id, so such replies are traced back through this
+    message_node: dict[str, int] = field(default_factory=dict)
     client_records: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -137,7 +140,8 @@ class FedtuneStrategy(Strategy):
         if self.node_partition:
             nodes = sorted(grid.get_node_ids())
         else:
-            nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients, timeout)
+            nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients,
+                                         self.scenario.server.wait_for_clients)
         unknown = [n for n in nodes if n not in self.node_partition]
         if not unknown:
             return
@@ -312,12 +316,12 @@ class FedtuneStrategy(Strategy):
 
     def _decode(self, message: Message) -> ClientUpdate:
         """Turn one reply into a ClientUpdate or raise ValueError with the reason."""
-        node = message.metadata.src_node_id
+        node = self._sender(message)
+        if message.has_error():
+            raise ValueError(f"client error: {short_reason(message.error.reason)}")
         if node not in self.node_partition:
             raise ValueError("reply from a node that was not sampled")
         settings = self._settings(node)
-        if message.has_error():
-            raise ValueError(f"client error: {short_reason(message.error.reason)}")
         content = message.content
         if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
             raise ValueError("reply has no adapter or no metrics")
@@ -470,7 +474,7 @@ class FedtuneStrategy(Strategy):
         updates: list[ClientUpdate] = []
         answered: set[int] = set()
         for message in replies:
-            node = message.metadata.src_node_id
+            node = self._sender(message)
             answered.add(node)
             try:
                 update = self._decode(message)
@@ -518,6 +522,13 @@ class FedtuneStrategy(Strategy):
             **_sample_epsilon(updates),
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics
+
+    def _sender(self, message: Message) -> int:
+        """The node a reply is about (for an error the SuperLink sent in its place too)."""
+        node = message.metadata.src_node_id
+        if node in self.node_partition:
+            return node
+        return self.stats.message_node.get(message.metadata.reply_to_message_id, node)
 
     def _count_stragglers(self, server_round: int, answered: set[int]) -> None:
         """Sampled nodes that sent nothing before the round deadline (slow, crashed or
@@ -593,6 +604,8 @@ class FedtuneStrategy(Strategy):
             messages = list(self.configure_train(server_round, ArrayRecord(), ConfigRecord(),
                                                  grid))
             replies = grid.send_and_receive(messages, timeout=timeout)
+            self.stats.message_node = {m.metadata.message_id: m.metadata.dst_node_id
+                                       for m in messages}
             train_done = time.perf_counter()
             arrays, train_metrics = self.aggregate_train(server_round, replies)
             aggregate_done = time.perf_counter()

@@ -1,0 +1,182 @@
+"""``fedtune client``: a Flower SuperNode plus a long-lived worker that runs the ClientApp.
+
+Everything that can be checked without the server is checked first (the data file, the
+profile, the server's address and, with TLS, its certificate), so a mistake ends in a
+clear message and a non-zero exit instead of a client that retries forever. The
+SuperNode (Flower's own client process, ``--isolation process``) keeps the connection
+and the heartbeats; this process claims its tasks (``fedtune.deploy.worker``), so the
+base model is loaded once and stays loaded across rounds. The SuperNode reconnects by
+itself when the server restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedtune.data.local import read_local_texts
+from fedtune.data.types import DataError
+from fedtune.deploy.server import flower_bin, flower_env, stop_process, tail
+
+
+class ClientError(RuntimeError):
+    """The client cannot start or was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str  # HOST:PORT of the server's SuperLink
+    data: str
+    profile: str = ""  # bundled name or path; "" = the server's defaults
+    name: str = ""  # "" = the data file's stem
+    root_certificates: str = ""  # the CA that signed the server's certificate
+    insecure: bool = False
+    auth_key: str = ""  # OpenSSH private key registered with the server
+    state_dir: str = ""  # FLWR_HOME and the SuperNode's log; "" = a temporary folder
+    app: str = "fedtune.flower.client_app:app"
+
+    @property
+    def client_name(self) -> str:
+        return self.name or Path(self.data).stem
+
+
+def check_local(options: ClientOptions) -> int:
+    """The data and profile, before anything connects; returns the number of texts."""
+    try:
+        texts = read_local_texts(options.data)
+    except DataError as err:
+        raise ClientError(str(err)) from None
+    if len(texts) < 2:
+        raise ClientError(f"data file {options.data} has {len(texts)} text; need at least 2")
+    if options.profile:
+        from fedtune.profiles import ProfileError, load_profile
+
+        try:
+            load_profile(options.profile)
+        except ProfileError as err:
+            raise ClientError(str(err)) from None
+    if not options.insecure and not options.root_certificates:
+        raise ClientError("give --root-certificates CA_FILE (the CA that signed the server's "
+                          "certificate) or --insecure (traffic NOT encrypted)")
+    for flag, value in (("--root-certificates", options.root_certificates),
+                        ("--auth-key", options.auth_key)):
+        if value and not Path(value).is_file():
+            raise ClientError(f"{flag} {value}: no such file")
+    return len(texts)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClientError(f"--server {address!r} must look like HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def check_server(options: ClientOptions, timeout: float = 10.0) -> None:
+    """Reach the server's port and, with TLS, verify its certificate against the CA."""
+    host, port = split_address(options.server)
+    try:
+        connection = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:
+        raise ClientError(f"cannot reach the server at {options.server}: {err}") from None
+    with connection:
+        if options.insecure:
+            return
+        context = ssl.create_default_context(cafile=options.root_certificates)
+        try:
+            with context.wrap_socket(connection, server_hostname=host):
+                pass
+        except ssl.SSLError as err:
+            raise ClientError(
+                f"TLS with {options.server} failed: {err.reason or err} (is "
+                f"{options.root_certificates} the CA that signed the server's certificate, "
+                f"and is {host} among the names it is issued for?)") from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def node_config(options: ClientOptions) -> str:
+    """``--node-config`` (TOML values; JSON strings are valid TOML basic strings)."""
+    values = {"data-path": str(Path(options.data).resolve()), "name": options.client_name,
+              "profile": str(Path(options.profile).resolve()) if "/" in options.profile
+              or options.profile.endswith(".toml") else options.profile}
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
+    command = [flower_bin("flower-supernode"), "--superlink", options.server,
+               "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+               "--node-config", node_config(options)]
+    if options.insecure:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", options.root_certificates]
+    if options.auth_key:
+        command += ["--auth-supernode-private-key", options.auth_key]
+    return command
+
+
+def _load_app(reference: str) -> object:
+    import importlib
+
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute or "app")
+
+
+def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
+               stop: threading.Event | None = None) -> int:
+    """Check, connect and serve until the SuperNode ends or ``stop`` is set; returns the
+    number of messages served. Raises ClientError when the server refuses this client."""
+    from fedtune.deploy.worker import serve_forever
+
+    say = say or (lambda text: None)
+    texts = check_local(options)
+    check_server(options)
+    app = _load_app(options.app)
+    state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
+    (state / "home").mkdir(parents=True, exist_ok=True)
+    log = state / "supernode.log"
+    port = free_port()
+    env = flower_env(state / "home")
+    stop = stop or threading.Event()
+    with open(log, "ab") as handle:
+        process = subprocess.Popen(supernode_command(options, port), stdout=handle,
+                                   stderr=subprocess.STDOUT, env=env)
+    say(f"client {options.client_name!r}: {texts} texts in {options.data}; connecting to "
+        f"{options.server} ({'insecure' if options.insecure else 'TLS'}); log {log}")
+
+    ended = threading.Event()  # the SuperNode stopped by itself (refused, crashed)
+
+    def watch() -> None:
+        process.wait()
+        ended.set()
+        stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    served = 0
+
+    def count(status: str, seconds: float) -> None:
+        nonlocal served
+        served += 1
+        say(f"message {served} done ({status}) in {seconds:.1f} s")
+
+    try:
+        serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)  # type: ignore[arg-type]
+    finally:
+        stop_process(process)
+    if ended.is_set() and process.returncode != 0:
+        what = "did not accept this client" if served == 0 else "connection ended"
+        raise ClientError(f"the server {what} (SuperNode exit code {process.returncode}):\n"
+                          f"{tail(log, 8)}")
+    return served

@@ -1,0 +1,272 @@
+"""``fedtune server``: a Flower SuperLink plus one run of the fedtune ServerApp.
+
+The SuperLink (Flower's own server process) listens where clients connect; the run is
+submitted to it through its Control API as a Flower app whose run config carries the
+whole scenario, so clients need nothing but the server's address. The ServerApp writes
+the same run directory as ``fedtune simulate`` and a checkpoint after every round;
+``--resume RUN_DIR`` starts a new SuperLink on the same state and continues the run.
+
+Layout of the run directory's ``flower/`` folder: ``app/pyproject.toml`` (the app that
+is submitted), ``home/`` (FLWR_HOME of the SuperLink), ``state.db`` (its database, so
+registered client keys survive a restart) and ``superlink.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
+from fedtune.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
+
+FLOWER_DIR = "flower"
+LOG_FILE = "superlink.log"
+
+
+class DeploymentError(RuntimeError):
+    """The server could not start or the run did not complete."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How local tools reach the SuperLink (its Control API is on the clients' port)."""
+
+    address: str
+    ca_cert: str | None
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable next to this Python (a venv), else on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise DeploymentError(f"{name} not found; is flwr installed in this environment?")
+    return found
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment of Flower's processes: their own FLWR_HOME, and this Python's
+    scripts first on PATH (a SuperLink starts ``flower-superexec`` by name)."""
+    scripts = str(Path(sys.executable).parent)
+    return {**os.environ, "FLWR_HOME": str(home),
+            "PATH": scripts + os.pathsep + os.environ.get("PATH", "")}
+
+
+def check_security(server: ServerSpec) -> None:
+    """TLS certificates or an explicit insecure choice, and files that exist."""
+    if not server.insecure and not server.tls:
+        raise ConfigError(
+            "the server needs TLS certificates (server.ca_cert, server.cert, server.key; "
+            "`fedtune certs DIR` makes test ones) or an explicit --insecure, which sends "
+            "adapters and metrics unencrypted")
+    for key in ("ca_cert", "cert", "key", "auth_keys"):
+        value = getattr(server, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"server.{key} = {value!r}: no such file")
+
+
+def app_config(scenario: Scenario, run_dir: Path, resume: bool) -> dict[str, Any]:
+    """The run config: the whole scenario as flat keys (clients read it from there)."""
+    return {"scenario": "", "overrides": "", "out": str(run_dir.parent),
+            "run-dir": str(run_dir.resolve()), "resume": resume, **scenario.to_flat()}
+
+
+def write_app(folder: Path, config: dict[str, Any]) -> Path:
+    """A Flower app that is nothing but fedtune's installed ServerApp / ClientApp."""
+    folder.mkdir(parents=True, exist_ok=True)
+    project = {
+        "project": {"name": "fedtune-run", "version": "1.0.0", "dependencies": []},
+        "tool": {"flwr": {"app": {
+            "publisher": "fedtune",
+            "components": {"serverapp": "fedtune.flower.server_app:app",
+                           "clientapp": "fedtune.flower.client_app:app"},
+            "config": config,
+        }}},
+    }
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return folder
+
+
+def superlink_command(server: ServerSpec, database: Path) -> list[str]:
+    host, _, port = server.address.rpartition(":")
+    command = [flower_bin("flower-superlink"), "--host", host, "--port", port,
+               "--database", str(database), "--disable-runtime-dependency-installation"]
+    if server.insecure:
+        return [*command, "--insecure"]
+    command += ["--ssl-ca-certfile", server.ca_cert, "--ssl-certfile", server.cert,
+                "--ssl-keyfile", server.key]
+    if server.auth_keys:
+        command.append("--enable-supernode-auth")
+    return command
+
+
+def local_endpoint(server: ServerSpec) -> Endpoint:
+    """0.0.0.0 listens everywhere; local tools reach it on 127.0.0.1."""
+    host, _, port = server.address.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    return Endpoint(f"{host}:{port}", None if server.insecure else server.ca_cert)
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], endpoint: Endpoint, log: Path,
+                       timeout: float = 60.0) -> None:
+    """Poll the SuperLink's /health until it answers; a dead process is an error that
+    quotes its log (a port in use, a bad certificate)."""
+    import httpx
+
+    scheme = "http" if endpoint.ca_cert is None else "https"
+    verify: Any = True if endpoint.ca_cert is None else _ssl_context(endpoint.ca_cert)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DeploymentError(f"the SuperLink exited with code {process.returncode}:\n"
+                                  f"{tail(log)}")
+        try:
+            if httpx.get(f"{scheme}://{endpoint.address}/health", verify=verify,
+                         timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise DeploymentError(f"the SuperLink did not answer within {timeout:.0f} s:\n{tail(log)}")
+
+
+def _ssl_context(ca_cert: str) -> Any:
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds (the SuperLink's own children
+    watch its pid and exit with it)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def load_run_scenario(run_dir: Path) -> Scenario:
+    """The scenario a run directory was started with (what a resume must continue)."""
+    path = Path(run_dir) / SCENARIO_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a fedtune run directory (no {SCENARIO_FILE})")
+    return build_scenario(json.loads(path.read_text()), origin=str(path))
+
+
+RoundReport = Callable[[dict[str, Any]], None]
+
+
+class RoundWatcher:
+    """Reports each new round of a run directory's summary as it appears."""
+
+    def __init__(self, run_dir: Path, report: RoundReport) -> None:
+        self.path = run_dir / SUMMARY_FILE
+        self.report = report
+        self.seen: set[int] = set()
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            summary = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        initial = summary.get("initial") or {}
+        if initial and 0 not in self.seen:
+            self.seen.add(0)
+            self.report({"round": 0, "eval_loss": initial.get("eval_loss")})
+        for record in summary.get("rounds", []):
+            if record["round"] not in self.seen:
+                self.seen.add(record["round"])
+                self.report(record)
+        return summary
+
+
+def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
+          resume: Path | None = None, report: RoundReport | None = None,
+          announce: Callable[[str], None] | None = None) -> Path:
+    """Start the SuperLink, run every round (or the rest, with ``resume``), stop it;
+    returns the run directory. Raises DeploymentError when the run does not complete."""
+    from fedtune.assignments import check_ranks_fit_model, client_settings
+    from fedtune.deploy.control import register_node_keys, submit_run, wait_for_run
+
+    say = announce or (lambda text: None)
+    if resume is not None:
+        resume = Path(resume)
+        scenario = load_run_scenario(resume)
+    assert scenario is not None
+    check_security(scenario.server)
+    check_ranks_fit_model(scenario, client_settings(scenario))
+    run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    flower = run_dir / FLOWER_DIR
+    (flower / "home").mkdir(parents=True, exist_ok=True)
+    app = write_app(flower / "app", app_config(scenario, run_dir, resume is not None))
+    log = flower / LOG_FILE
+    endpoint = local_endpoint(scenario.server)
+    env = flower_env(flower / "home")
+    with open(log, "ab") as log_handle:
+        process = subprocess.Popen(superlink_command(scenario.server, flower / "state.db"),
+                                   stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_healthy(process, endpoint, log)
+        if scenario.server.auth_keys:
+            register_node_keys(endpoint.address, Path(scenario.server.auth_keys),
+                               endpoint.ca_cert)
+        security = ("insecure: traffic is NOT encrypted" if scenario.server.insecure
+                    else "TLS" + (", node authentication" if scenario.server.auth_keys else ""))
+        say(f"clients connect to {scenario.server.address} ({security}); waiting for "
+            f"{scenario.data.num_clients} clients; run directory {run_dir}")
+        run_id = _with_home(env, lambda: submit_run(endpoint.address, app, {},
+                                                    endpoint.ca_cert))
+        watcher = RoundWatcher(run_dir, report or (lambda record: None))
+
+        def check_alive() -> None:
+            watcher.poll()
+            if process.poll() is not None:
+                raise DeploymentError(f"the SuperLink exited with code {process.returncode}:"
+                                      f"\n{tail(log)}")
+
+        status = _with_home(env, lambda: wait_for_run(endpoint.address, run_id,
+                                                      endpoint.ca_cert, on_poll=check_alive))
+        summary = watcher.poll() or {}
+    finally:
+        stop_process(process)
+    if status[1] != "completed" or summary.get("status") != "completed":
+        raise DeploymentError(f"run {run_id} ended {status[0]}:{status[1]} {status[2]} "
+                              f"(summary status {summary.get('status')!r}); see {log} and "
+                              f"{run_dir}")
+    return run_dir
+
+
+def _with_home(env: dict[str, str], call: Callable[[], Any]) -> Any:
+    """Flower's CLI helpers read FLWR_HOME (auth tokens, config): point it at the run's."""
+    saved = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = env["FLWR_HOME"]
+    try:
+        return call()
+    finally:
+        if saved is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = saved
