@@ -192,6 +192,8 @@ def client(
     insecure: bool = typer.Option(
         False, "--insecure", help="Connect WITHOUT TLS: traffic is not encrypted."),
     state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
+    connect_wait: float = typer.Option(
+        30.0, "--connect-wait", help="Seconds to keep trying to reach the server at start."),
     client_app: str = typer.Option(
         "fedtune.flower.client_app:app", "--app", hidden=True,
         help="module:attribute of the ClientApp to serve (for tests and custom apps)."),
@@ -204,7 +206,8 @@ def client(
 
     options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
                             root_certificates=root_certificates, insecure=insecure,
-                            auth_key=auth_key, state_dir=state_dir, app=client_app)
+                            auth_key=auth_key, state_dir=state_dir, app=client_app,
+                            connect_wait=connect_wait)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ class ClientOptions:
     auth_key: str = ""  # OpenSSH private key registered with the server
     state_dir: str = ""  # FLWR_HOME and the SuperNode's log; "" = a temporary folder
     app: str = "fedtune.flower.client_app:app"
+    connect_wait: float = 30.0  # seconds to keep trying to reach the server at start
 
     @property
     def client_name(self) -> str:
@@ -79,13 +81,20 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_server(options: ClientOptions, timeout: float = 10.0) -> None:
-    """Reach the server's port and, with TLS, verify its certificate against the CA."""
+def check_server(options: ClientOptions, wait: float = 30.0) -> None:
+    """Reach the server's port (retrying for ``wait`` seconds: a server being restarted)
+    and, with TLS, verify its certificate against the CA."""
     host, port = split_address(options.server)
-    try:
-        connection = socket.create_connection((host, port), timeout=timeout)
-    except OSError as err:
-        raise ClientError(f"cannot reach the server at {options.server}: {err}") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            connection = socket.create_connection((host, port), timeout=10)
+            break
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ClientError(f"cannot reach the server at {options.server} (tried for "
+                                  f"{wait:g} s): {err}") from None
+            time.sleep(1.0)
     with connection:
         if options.insecure:
             return
@@ -142,7 +151,7 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
 
     say = say or (lambda text: None)
     texts = check_local(options)
-    check_server(options)
+    check_server(options, options.connect_wait)
     app = _load_app(options.app)
     state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
     (state / "home").mkdir(parents=True, exist_ok=True)

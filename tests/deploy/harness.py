@@ -1,0 +1,128 @@
+"""Real `fedtune server` / `fedtune client` processes on localhost for the deployment tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
+
+#: the tiny config-built model on short sequences: a round takes seconds
+TINY = ["model.source='tiny'", "model.quantization='none'", "data.seq_len=32",
+        "data.max_samples_per_client=48", "data.max_eval_sequences=8", "train.steps=4",
+        "train.batch_size=4", "lora.rank=4", "lora.alpha=8"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def client_files(folder: Path, count: int) -> list[Path]:
+    """One text file per client: the lines of a Shakespeare character each."""
+    from fedtune.data import load_clients
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, c in enumerate(load_clients("shakespeare", num_clients=count, min_lines=64,
+                                       seed=0, max_samples_per_client=64)):
+        path = folder / f"client{i}.txt"
+        path.write_text("\n".join(c.train + c.eval))
+        files.append(path)
+    return files
+
+
+class Proc:
+    """A child process in its own session (so a kill takes its Flower children too),
+    its output in a file."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}
+        with open(log, "wb") as handle:
+            self.process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT,
+                                            cwd=REPO, env=env, start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.log.name} still running after {timeout} s:\n"
+                                 f"{self.output()[-3000:]}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM as a service manager would send, then make sure nothing is left."""
+        self.kill(signal.SIGTERM)
+        self.kill(signal.SIGKILL)
+
+
+def server(tmp: Path, port: int, sets: list[str], extra: list[str] | None = None,
+           name: str = "server") -> Proc:
+    args = [*FEDTUNE, "server", "-c", str(REPO / "server" / "server.toml"),
+            "--out", str(tmp / "runs"), "--set", f"server.address='127.0.0.1:{port}'"]
+    for s in [*TINY, *sets]:
+        args += ["--set", s]
+    return Proc([*args, *(extra or [])], tmp / f"{name}.log")
+
+
+def resume(tmp: Path, run_dir: Path, name: str = "resumed") -> Proc:
+    return Proc([*FEDTUNE, "server", "--resume", str(run_dir)], tmp / f"{name}.log")
+
+
+def client(tmp: Path, port: int, data: Path, extra: list[str] | None = None,
+           name: str | None = None) -> Proc:
+    args = [*FEDTUNE, "client", "--server", f"127.0.0.1:{port}", "--data", str(data),
+            "--state-dir", str(tmp / f"state-{name or data.stem}"), *(extra or [])]
+    return Proc(args, tmp / f"{name or data.stem}.log")
+
+
+def run_dir_of(proc: Proc, timeout: float = 60) -> Path:
+    """The run directory the server announces."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"run directory (\S+)", proc.output())
+        if found:
+            return Path(found.group(1).rstrip(";"))
+        if proc.process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{proc.output()[-3000:]}")
+        time.sleep(0.3)
+    raise AssertionError(f"no run directory announced:\n{proc.output()[-3000:]}")
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if any(r["round"] >= round_number for r in summary(run_dir)["rounds"]):
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"round {round_number} did not complete within {timeout} s")

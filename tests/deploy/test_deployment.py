@@ -1,0 +1,114 @@
+"""`fedtune server` and `fedtune client` as real processes on localhost (tiny model):
+a federation that completes, survives a client that dies and a server that restarts,
+rejects a malformed reply, and refuses clients without the right certificate or key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.deploy import harness as h
+
+pytestmark = pytest.mark.timeout(600)
+
+# 3 honest clients and one that sends NaN factors; everyone is sampled every round
+FOUR = ["data.num_clients=4", "federation.min_clients=2", "run.rounds=2",
+        "federation.round_timeout=90", "federation.max_update_norm=1000"]
+EVIL = ["--app", "tests.deploy.evil_app:app", "--name", "mallory"]
+
+
+def _federation(tmp, port, files, insecure=True):
+    flag = ["--insecure"] if insecure else []
+    clients = [h.client(tmp, port, f, flag) for f in files]
+    clients.append(h.client(tmp, port, files[0], [*flag, *EVIL], name="mallory"))
+    return clients
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """One server, three clients and a malicious one, two rounds, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("whole")
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = h.server(tmp, port, FOUR, ["--insecure"])
+    h.run_dir_of(server)
+    clients = _federation(tmp, port, files)
+    try:
+        assert server.wait(300) == 0, server.output()[-3000:]
+    finally:
+        for c in clients:
+            c.stop()
+    return tmp, h.run_dir_of(server), server, files
+
+
+def test_three_clients_two_rounds_give_an_adapter_peft_loads(whole_run):
+    from peft import PeftModel
+
+    from fedtune.model.loading import ModelSpec, load_base_model
+
+    _, run_dir, server, _ = whole_run
+    summary = h.summary(run_dir)
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert [r["clients_replied"] for r in summary["rounds"]] == [3, 3]
+    assert "round 2/2" in server.output()
+    base, _ = load_base_model(ModelSpec(source="tiny", quantization="none", device="cpu"))
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(n for n, _ in model.named_parameters() if "lora_A" in n)
+
+
+def test_malformed_reply_is_rejected_and_the_server_goes_on(whole_run):
+    _, run_dir, _, _ = whole_run
+    for record in h.summary(run_dir)["rounds"]:
+        assert len(record["dropped"]) == 1, record["dropped"]
+        assert "non-finite values" in record["dropped"][0]
+
+
+def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, tmp_path):
+    tmp, reference, _, files = whole_run
+    port = h.free_port()
+    server = h.server(tmp_path, port, FOUR, ["--insecure"])
+    run_dir = h.run_dir_of(server)
+    clients = _federation(tmp_path, port, files)
+    try:
+        h.wait_for_round(run_dir, 1, 240)
+        server.kill()  # the server machine dies: SuperLink, ServerApp and all
+        assert h.summary(run_dir)["status"] == "running"
+        resumed = h.resume(tmp_path, run_dir)
+        assert resumed.wait(300) == 0, resumed.output()[-3000:]
+    finally:
+        for c in clients:
+            c.stop()
+    summary = h.summary(run_dir)
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert "resuming" in resumed.output()
+    a = load_file(reference / "adapter" / "adapter_model.safetensors")
+    b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_client_killed_in_round_2_does_not_stop_the_run(tmp_path):
+    port = h.free_port()
+    files = h.client_files(tmp_path / "data", 3)
+    server = h.server(tmp_path, port, ["data.num_clients=3", "federation.min_clients=2",
+                                       "run.rounds=2", "federation.round_timeout=20"],
+                      ["--insecure"])
+    run_dir = h.run_dir_of(server)
+    clients = [h.client(tmp_path, port, f, ["--insecure"]) for f in files]
+    try:
+        h.wait_for_round(run_dir, 1, 240)
+        clients[2].kill()  # the client's machine dies: its SuperNode and worker
+        assert server.wait(300) == 0, server.output()[-3000:]
+    finally:
+        for c in clients:
+            c.stop()
+    rounds = h.summary(run_dir)["rounds"]
+    assert [r["clients_replied"] for r in rounds] == [3, 2]
+    assert rounds[1]["stragglers"] + len(rounds[1]["dropped"]) >= 1
+    assert any("no reply" in d or "Unavailable" in d for d in rounds[1]["dropped"])
