@@ -97,6 +97,7 @@ def check_server(options: ClientOptions, wait: float = 30.0) -> None:
             time.sleep(1.0)
     with connection:
         if options.insecure:
+            _check_plain_http(options.server)
             return
         context = ssl.create_default_context(cafile=options.root_certificates)
         try:
@@ -107,6 +108,19 @@ def check_server(options: ClientOptions, wait: float = 30.0) -> None:
                 f"TLS with {options.server} failed: {err.reason or err} (is "
                 f"{options.root_certificates} the CA that signed the server's certificate, "
                 f"and is {host} among the names it is issued for?)") from None
+
+
+def _check_plain_http(address: str) -> None:
+    """An insecure client of a TLS server would retry forever: ask the server's health
+    endpoint in plain HTTP first."""
+    import httpx
+
+    try:
+        httpx.get(f"http://{address}/health", timeout=10)
+    except httpx.HTTPError as err:
+        raise ClientError(f"the server at {address} does not answer plain HTTP ({err}); it "
+                          "probably uses TLS: pass --root-certificates CA_FILE instead of "
+                          "--insecure") from None
 
 
 def free_port() -> int:

@@ -112,3 +112,43 @@ def test_a_client_killed_in_round_2_does_not_stop_the_run(tmp_path):
     assert [r["clients_replied"] for r in rounds] == [3, 2]
     assert rounds[1]["stragglers"] + len(rounds[1]["dropped"]) >= 1
     assert any("no reply" in d or "Unavailable" in d for d in rounds[1]["dropped"])
+
+
+def test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key(tmp_path):
+    from fedtune.deploy.certs import make_certificates
+
+    made = make_certificates(tmp_path / "certs", nodes=3)
+    stranger = make_certificates(tmp_path / "other-ca")  # a CA the server never used
+    allowed = tmp_path / "certs" / "allowed.pub"
+    allowed.write_text("".join(p.read_text() for p in made.node_public_keys[:2]))
+    port = h.free_port()
+    files = h.client_files(tmp_path / "data", 2)
+    server = h.server(tmp_path, port, [
+        "data.num_clients=2", "run.rounds=1", f"server.ca_cert='{made.ca_cert}'",
+        f"server.cert='{made.cert}'", f"server.key='{made.key}'",
+        f"server.auth_keys='{allowed}'"])
+    run_dir = h.run_dir_of(server)
+    tls = ["--root-certificates", str(made.ca_cert)]
+    clients = [h.client(tmp_path, port, f, [*tls, "--auth-key", str(k)])
+               for f, k in zip(files, made.node_keys, strict=False)]
+    wrong_ca = h.client(tmp_path, port, files[0],
+                        ["--root-certificates", str(stranger.ca_cert)], name="wrong-ca")
+    unknown_key = h.client(tmp_path, port, files[1], [*tls, "--auth-key",
+                                                      str(made.node_keys[2])], name="unknown")
+    plain = h.client(tmp_path, port, files[1], ["--insecure", "--connect-wait", "1"],
+                     name="plain")
+    try:
+        assert wrong_ca.wait(60) == 1
+        assert "TLS with" in wrong_ca.output() and "failed" in wrong_ca.output()
+        assert unknown_key.wait(120) == 1
+        assert "did not accept this client" in unknown_key.output()
+        assert server.wait(300) == 0, server.output()[-3000:]
+        assert plain.wait(60) == 1
+        assert "probably uses TLS" in plain.output()
+    finally:
+        for c in [*clients, wrong_ca, unknown_key, plain]:
+            c.stop()
+    assert "(TLS, node authentication)" in server.output()
+    summary = h.summary(run_dir)
+    assert summary["status"] == "completed"
+    assert summary["rounds"][0]["clients_replied"] == 2
