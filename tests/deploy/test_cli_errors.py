@@ -1,0 +1,78 @@
+"""`fedtune client` / `fedtune server` given bad input exit non-zero with a message that
+names the problem, before anything connects or listens (real processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.deploy import harness as h
+
+FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*FEDTUNE, *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd or h.REPO, env=env)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return h.client_files(tmp_path_factory.mktemp("data"), 1)[0]
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    (lambda tmp, data: ["--data", str(tmp / "nope.txt"), "--insecure"], "does not exist"),
+    (lambda tmp, data: ["--data", str(_empty(tmp)), "--insecure"], "is empty"),
+    (lambda tmp, data: ["--data", str(data), "--profile", "no-such-device", "--insecure"],
+     "unknown device profile 'no-such-device'"),
+    (lambda tmp, data: ["--data", str(data)], "--root-certificates CA_FILE"),
+    (lambda tmp, data: ["--data", str(data), "--root-certificates", str(tmp / "ca.crt")],
+     "no such file"),
+])
+def test_client_refuses_bad_input_before_connecting(tmp_path, data_file, setup, message):
+    port = h.free_port()  # nothing listens there: the checks must come first
+    done = _run("client", "--server", f"127.0.0.1:{port}", "--connect-wait", "0",
+                *setup(tmp_path, data_file))
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr
+
+
+def test_client_says_when_the_server_is_unreachable(data_file):
+    port = h.free_port()
+    done = _run("client", "--server", f"127.0.0.1:{port}", "--data", str(data_file),
+                "--insecure", "--connect-wait", "2")
+    assert done.returncode == 1
+    assert f"cannot reach the server at 127.0.0.1:{port} (tried for 2 s)" in done.stderr
+
+
+def test_server_without_certificates_asks_for_them_or_insecure(tmp_path):
+    done = _run("server", "-c", str(h.REPO / "server" / "server.toml"), "--out",
+                str(tmp_path), "--set", "server.ca_cert=''", "--set", "server.cert=''",
+                "--set", "server.key=''")
+    assert done.returncode == 2
+    assert "needs TLS certificates" in done.stderr and "--insecure" in done.stderr
+    assert not any(tmp_path.iterdir())  # nothing was created
+
+
+def test_server_refuses_missing_certificate_files(tmp_path):
+    done = _run("server", "-c", str(h.REPO / "server" / "server.toml"), "--out",
+                str(tmp_path), cwd=tmp_path)  # certs/... do not exist here
+    assert done.returncode == 2
+    assert "server.ca_cert = 'certs/ca.crt': no such file" in done.stderr
+
+
+def test_resume_of_a_folder_that_is_no_run(tmp_path):
+    done = _run("server", "--resume", str(tmp_path))
+    assert done.returncode == 2
+    assert "is not a fedtune run directory" in done.stderr
+
+
+def _empty(folder):
+    path = folder / "empty.txt"
+    path.write_text("\n\n")
+    return path
