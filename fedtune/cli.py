@@ -194,6 +194,9 @@ def client(
     state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
     connect_wait: float = typer.Option(
         30.0, "--connect-wait", help="Seconds to keep trying to reach the server at start."),
+    per_message_process: bool = typer.Option(
+        False, "--per-message-process",
+        help="Flower's default: a fresh ClientApp process (and model load) per message."),
     client_app: str = typer.Option(
         "fedtune.flower.client_app:app", "--app", hidden=True,
         help="module:attribute of the ClientApp to serve (for tests and custom apps)."),
@@ -207,7 +210,7 @@ def client(
     options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
                             root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, state_dir=state_dir, app=client_app,
-                            connect_wait=connect_wait)
+                            connect_wait=connect_wait, long_lived=not per_message_process)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

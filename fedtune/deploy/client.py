@@ -43,6 +43,9 @@ class ClientOptions:
     state_dir: str = ""  # FLWR_HOME and the SuperNode's log; "" = a temporary folder
     app: str = "fedtune.flower.client_app:app"
     connect_wait: float = 30.0  # seconds to keep trying to reach the server at start
+    #: False: Flower's default, a fresh ClientApp process (imports + model load) per
+    #: message; kept to measure what the long-lived worker saves
+    long_lived: bool = True
 
     @property
     def client_name(self) -> str:
@@ -139,8 +142,10 @@ def node_config(options: ClientOptions) -> str:
 
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
     command = [flower_bin("flower-supernode"), "--superlink", options.server,
-               "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port),
+               "--host", "127.0.0.1", "--port", str(runtime_port),
                "--node-config", node_config(options)]
+    if options.long_lived:
+        command += ["--isolation", "process"]
     if options.insecure:
         command.append("--insecure")
     else:
@@ -166,7 +171,7 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     say = say or (lambda text: None)
     texts = check_local(options)
     check_server(options, options.connect_wait)
-    app = _load_app(options.app)
+    app = _load_app(options.app) if options.long_lived else None
     state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
     (state / "home").mkdir(parents=True, exist_ok=True)
     log = state / "supernode.log"
@@ -195,7 +200,10 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
         say(f"message {served} done ({status}) in {seconds:.1f} s")
 
     try:
-        serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)  # type: ignore[arg-type]
+        if options.long_lived:
+            serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)  # type: ignore[arg-type]
+        else:
+            stop.wait()
     finally:
         stop_process(process)
     if ended.is_set() and process.returncode != 0:

@@ -1,0 +1,116 @@
+"""Deployment overhead: what a round costs beyond local training, with Flower's default
+(a fresh ClientApp process, imports and model load per message) and with fedtune's
+long-lived worker, for the tiny model and SmolLM2 4-bit; and deployment against
+simulation wall time for the same scenario. Real processes on localhost, measured in
+one run (ratios, not absolute times, are what to compare).
+
+    .venv/bin/python benchmarks/bench_deployment.py [--models tiny,smollm2] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.simrun import simulate_in_process  # noqa: E402
+from tests.deploy import harness as h  # noqa: E402
+
+OUT = Path(__file__).parent / "deployment"
+MODELS = {
+    "tiny": h.TINY,
+    "smollm2": ["model.source='smollm2'", "model.quantization='4bit'", "data.seq_len=64",
+                "data.max_samples_per_client=48", "data.max_eval_sequences=4",
+                "train.steps=3", "train.batch_size=2"],
+}
+
+
+def client_seconds(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Per round: the slowest client's training seconds and the mean set-up seconds."""
+    rounds: dict[int, dict[str, list[float]]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("phase") == "train":
+            r = rounds.setdefault(record["round"], {"train": [], "load": []})
+            r["train"].append(record["seconds_train"])
+            r["load"].append(record.get("seconds_load", 0.0))
+    return {k: {"train_max": max(v["train"]), "load_mean": statistics.mean(v["load"])}
+            for k, v in rounds.items()}
+
+
+def deployment(model: str, rounds: int, long_lived: bool, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    port = h.free_port()
+    files = h.client_files(work / "data", 3)
+    sets = [*MODELS[model], "data.num_clients=3", f"run.rounds={rounds}",
+            "federation.round_timeout=1200"]
+    server = h.server(work, port, sets, ["--insecure"])
+    # h.server applies the tiny settings first; the model's own sets override them
+    start = time.perf_counter()
+    run_dir = h.run_dir_of(server)
+    extra = ["--insecure"] + ([] if long_lived else ["--per-message-process"])
+    clients = [h.client(work, port, f, extra) for f in files]
+    try:
+        code = server.wait(3600)
+    finally:
+        for c in clients:
+            c.stop()
+    wall = time.perf_counter() - start
+    if code != 0:
+        return {"error": server.output()[-2000:]}
+    summary = h.summary(run_dir)
+    per_client = client_seconds(run_dir)
+    records = summary["rounds"]
+    overhead = [r["seconds"] - per_client[r["round"]]["train_max"] for r in records]
+    return {"wall_s": wall, "round_s": [r["seconds"] for r in records],
+            "overhead_s": overhead, "overhead_mean_s": statistics.mean(overhead),
+            "train_max_s": [per_client[r["round"]]["train_max"] for r in records],
+            "client_setup_mean_s": [per_client[r["round"]]["load_mean"] for r in records],
+            "final_eval_loss": summary["final"]["eval_loss"], "run_dir": str(run_dir)}
+
+
+def simulation(model: str, rounds: int) -> dict:
+    sets = [*h.TINY, *MODELS[model], "data.num_clients=3", f"run.rounds={rounds}",
+            "data.min_lines=64", "run.out_dir='benchmarks/deployment/runs'"]
+    result = simulate_in_process("tiny", sets)
+    if "error" in result:
+        return result
+    records = result["summary"]["rounds"]
+    return {"wall_s": result["wall_s"], "round_s": [r["seconds"] for r in records],
+            "final_eval_loss": result["summary"]["final"]["eval_loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    results = {}
+    for model in args.models.split(","):
+        row = {
+            "per_message_process": deployment(model, args.rounds, False,
+                                              OUT / "runs" / f"{model}-per-message"),
+            "long_lived": deployment(model, args.rounds, True, OUT / "runs" / f"{model}-long"),
+            "simulation": simulation(model, args.rounds),
+        }
+        results[model] = row
+        before, after = row["per_message_process"], row["long_lived"]
+        if "error" not in before and "error" not in after:
+            print(f"{model}: overhead per round {before['overhead_mean_s']:.1f} s -> "
+                  f"{after['overhead_mean_s']:.1f} s "
+                  f"({before['overhead_mean_s'] / after['overhead_mean_s']:.1f}x); wall "
+                  f"{before['wall_s']:.0f} s -> {after['wall_s']:.0f} s; simulation "
+                  f"{row['simulation'].get('wall_s', float('nan')):.0f} s", flush=True)
+        else:
+            print(model, json.dumps(row, indent=1)[:3000], flush=True)
+        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
