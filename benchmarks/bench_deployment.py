@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from benchmarks.simrun import simulate_in_process  # noqa: E402
+from simrun import simulate_in_process  # noqa: E402
+
 from tests.deploy import harness as h  # noqa: E402
 
 OUT = Path(__file__).parent / "deployment"

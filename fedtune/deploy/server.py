@@ -176,6 +176,17 @@ def load_run_scenario(run_dir: Path) -> Scenario:
     return build_scenario(json.loads(path.read_text()), origin=str(path))
 
 
+def check_resumable(scenario: Scenario) -> None:
+    """A resumed run is a new Flower run: each client's run state starts empty. For
+    DP-SGD that state is the client's own privacy accountant, so a resume would report
+    too small an epsilon; refuse rather than under-count."""
+    if scenario.privacy.sample_level:
+        raise ConfigError(
+            "this run trains with DP-SGD (privacy.sample_noise_multiplier > 0): each client's "
+            "accountant lives in its Flower run state, which a resumed run does not have, "
+            "so its epsilon would be under-counted; start a new run instead")
+
+
 RoundReport = Callable[[dict[str, Any]], None]
 
 
@@ -215,6 +226,7 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
     if resume is not None:
         resume = Path(resume)
         scenario = load_run_scenario(resume)
+        check_resumable(scenario)
     assert scenario is not None
     check_security(scenario.server)
     check_ranks_fit_model(scenario, client_settings(scenario))
