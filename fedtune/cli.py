@@ -212,13 +212,16 @@ def client(
                             auth_key=auth_key, state_dir=state_dir, app=client_app,
                             connect_wait=connect_wait, long_lived=not per_message_process)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         served = run_client(options, say=lambda text: console.print(escape(text)), stop=stop)
     except ClientError as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     console.print(f"client stopped after {served} messages")
 
 

@@ -93,25 +93,28 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, tmp_
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_client_killed_in_round_2_does_not_stop_the_run(tmp_path):
+def test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins(tmp_path):
     port = h.free_port()
     files = h.client_files(tmp_path / "data", 3)
     server = h.server(tmp_path, port, ["data.num_clients=3", "federation.min_clients=2",
-                                       "run.rounds=2", "federation.round_timeout=20"],
+                                       "run.rounds=3", "federation.round_timeout=40"],
                       ["--insecure"])
     run_dir = h.run_dir_of(server)
     clients = [h.client(tmp_path, port, f, ["--insecure"]) for f in files]
     try:
         h.wait_for_round(run_dir, 1, 240)
         clients[2].kill()  # the client's machine dies: its SuperNode and worker
-        assert server.wait(300) == 0, server.output()[-3000:]
+        # ... and comes back under the same name while round 2 waits for it
+        clients.append(h.client(tmp_path, port, files[2], ["--insecure"], name="restarted"))
+        assert server.wait(400) == 0, server.output()[-3000:]
     finally:
         for c in clients:
             c.stop()
     rounds = h.summary(run_dir)["rounds"]
-    assert [r["clients_replied"] for r in rounds] == [3, 2]
+    assert [r["clients_replied"] for r in rounds] == [3, 2, 3]
     assert rounds[1]["stragglers"] + len(rounds[1]["dropped"]) >= 1
     assert any("no reply" in d or "Unavailable" in d for d in rounds[1]["dropped"])
+    assert "message" in clients[-1].output()  # the restarted client served round 3
 
 
 def test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key(tmp_path):
