@@ -54,10 +54,39 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
 
 
 def test_resume_refuses_a_directory_without_checkpoint_or_with_another_scenario(tmp_path):
-    scenario = load_scenario("tiny", ["run.rounds=1"])
+    from fedtune.flower.checkpoint import save_checkpoint
+    from fedtune.flower.server_app import restore
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    scenario = load_scenario("tiny", ["run.rounds=2"])
     with pytest.raises(CheckpointError, match=f"no {CHECKPOINT_FILE}"):
         load_checkpoint(tmp_path)
-    run_dir = simulate(scenario, out_dir=tmp_path)
     other = load_scenario("tiny", ["run.rounds=2", "train.lr=0.1"])
-    with pytest.raises(SimulationError, match="another scenario"):
-        simulate(other, resume=run_dir)
+    strategy = FedtuneStrategy(other)
+    save_checkpoint(tmp_path, {"round": 1, "scenario": other.to_json(),
+                               "strategy": strategy.state_dict(), "recorder": "{}"})
+    assert restore(FedtuneStrategy(other), other, tmp_path) == 2
+    with pytest.raises(CheckpointError, match="another scenario"):
+        restore(FedtuneStrategy(scenario), scenario, tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_state_round_trips_the_accountant_and_the_sampler(tmp_path):
+    from fedtune.flower.checkpoint import save_checkpoint
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    scenario = load_scenario("tiny", ["run.rounds=3", "federation.clients_per_round=2",
+                                      "privacy.mode='central'", "privacy.noise_multiplier=1.0",
+                                      "privacy.min_clients=2", "privacy.max_epsilon=0"])
+    strategy = FedtuneStrategy(scenario)
+    strategy.accountant.step(1.0, 0.5)
+    strategy.accountant.step(1.0, 0.5)
+    strategy.rng.random()
+    restored = FedtuneStrategy(scenario)
+    save_checkpoint(tmp_path, {"strategy": strategy.state_dict()})  # through the file
+    restored.load_state_dict(load_checkpoint(tmp_path)["strategy"])
+    assert restored.accountant.history == strategy.accountant.history
+    assert restored.accountant.epsilon() == strategy.accountant.epsilon() > 0
+    assert [restored.rng.random() for _ in range(5)] == [strategy.rng.random() for _ in range(5)]
