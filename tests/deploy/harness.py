@@ -45,9 +45,10 @@ class Proc:
     """A child process in its own session (so a kill takes its Flower children too),
     its output in a file."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log
-        env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0"}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "FLWR_TELEMETRY_ENABLED": "0",
+               **(env or {})}
         with open(log, "wb") as handle:
             self.process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT,
                                             cwd=REPO, env=env, start_new_session=True)
@@ -93,10 +94,10 @@ def resume(tmp: Path, run_dir: Path, name: str = "resumed") -> Proc:
 
 
 def client(tmp: Path, port: int, data: Path, extra: list[str] | None = None,
-           name: str | None = None) -> Proc:
+           name: str | None = None, env: dict[str, str] | None = None) -> Proc:
     args = [*FEDTUNE, "client", "--server", f"127.0.0.1:{port}", "--data", str(data),
             "--state-dir", str(tmp / f"state-{name or data.stem}"), *(extra or [])]
-    return Proc(args, tmp / f"{name or data.stem}.log")
+    return Proc(args, tmp / f"{name or data.stem}.log", env)
 
 
 def run_dir_of(proc: Proc, timeout: float = 60) -> Path:

@@ -9,7 +9,7 @@ from fedtune.config import load_scenario
 from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.flower import messages as keys
 from fedtune.flower.client_app import _prepare_for_training
-from fedtune.flower.strategy import FedtuneStrategy
+from fedtune.flower.strategy import FedtuneStrategy, RoundFailedError
 from fedtune.model import cache
 from fedtune.model.lora import LoraSpec, adapter_state
 
@@ -92,6 +92,16 @@ def test_lower_rank_payload_fills_the_first_components_of_a_higher_rank_client()
             assert torch.count_nonzero(state[key][:, 4:]) == 0
 
 
+class _Connected:
+    """What sampling asks of a Grid: which nodes are connected now."""
+
+    def __init__(self, node_ids):
+        self.node_ids = node_ids
+
+    def get_node_ids(self):
+        return list(self.node_ids)
+
+
 def test_node_sampling_is_seeded_by_partition_not_by_node_id():
     scenario = load_scenario("tiny", ["federation.clients_per_round=2"])
     picks = []
@@ -99,8 +109,18 @@ def test_node_sampling_is_seeded_by_partition_not_by_node_id():
         strategy = FedtuneStrategy(scenario)
         strategy.node_partition = {n: p for p, n in enumerate(node_ids)}
         strategy.discover = lambda grid: None  # nodes already identified above
-        nodes = strategy._sample_nodes(None, 2)
+        nodes = strategy._sample_nodes(_Connected(node_ids), 2)
         picks.append(sorted(strategy.node_partition[n] for n in nodes))
     assert picks[0] == picks[1]
+
+
+def test_sampling_skips_nodes_that_are_gone_and_keeps_the_minimum():
+    scenario = load_scenario("tiny", ["federation.min_clients=2"])
+    strategy = FedtuneStrategy(scenario)
+    strategy.node_partition = {11: 0, 22: 1, 33: 2, 44: 3}
+    strategy.discover = lambda grid: None
+    assert sorted(strategy._sample_nodes(_Connected([11, 33, 44]), 4)) == [11, 33, 44]
+    with pytest.raises(RoundFailedError, match="fewer than federation.min_clients = 2"):
+        strategy._sample_nodes(_Connected([22]), 4)
 
 
