@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,6 +45,19 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         f"{record['clients_sampled']}{dropped}  up {_fmt_bytes(record['bytes_up'])}  "
         f"down {_fmt_bytes(record['bytes_down'])}  {record['seconds']:.1f} s"
     )
+
+
+@contextlib.contextmanager
+def _exits_on(*failures: type[BaseException]) -> Iterator[None]:
+    """A configuration error exits 2, one of ``failures`` exits 1, each with its message."""
+    try:
+        yield
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
+    except failures as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -112,7 +127,7 @@ def compare(
     from fedtune.simulate import SimulationError
 
     names = [a.strip() for a in (aggregators or ",".join(available())).split(",") if a.strip()]
-    try:
+    with _exits_on(SimulationError, FileNotFoundError, ValueError):
         chosen = load_scenario(scenario, overrides)
         folder = run_comparison(
             chosen, names, out or chosen.run.out_dir,
@@ -120,12 +135,6 @@ def compare(
             progress=lambda event: console.print(describe_event(event), markup=False),
             command=shlex.join(["fedtune", *sys.argv[1:]]),
         )
-    except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
-    except (SimulationError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
     print((folder / COMPARISON_MD).read_text())
     print(folder)
     if failed(folder):
@@ -163,16 +172,10 @@ def server(
     console.print(f"fedtune server: [bold]{escape(chosen.run.name)}[/] — {rounds} rounds, "
                   f"aggregator {chosen.federation.aggregator}, {chosen.data.num_clients} clients"
                   + (f", resuming {escape(str(resume))}" if resume else ""))
-    try:
+    with _exits_on(DeploymentError, OSError, ValueError):
         run_dir = serve(None if resume else chosen, out, resume=resume,
                         report=lambda record: console.print(round_line(record, rounds)),
                         announce=lambda text: console.print(escape(text)))
-    except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
-    except (DeploymentError, OSError, ValueError) as err:
-        console.print(f"[red]error:[/] {escape(str(err))}")
-        raise typer.Exit(1) from None
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
 

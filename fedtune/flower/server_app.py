@@ -49,12 +49,13 @@ def run_federation(
 
     On a failure the last global adapter (if any round completed) is still exported."""
     strategy = FedtuneStrategy(scenario)  # validates client settings before any file
-    first_round = 1
+    first_round, saved = 1, None
     if resume:
-        first_round = restore(strategy, scenario, run_dir)
+        saved = load_checkpoint(run_dir)
+        first_round = restore(strategy, scenario, run_dir, saved)
     recorder = RunRecorder(run_dir, scenario.to_dict())
-    if resume:
-        recorder.restore(load_checkpoint(run_dir)["recorder"])
+    if saved is not None:
+        recorder.restore(saved["recorder"])
     report = progress or (lambda record: None)
 
     def on_round(record: dict[str, Any]) -> None:
@@ -83,9 +84,11 @@ def run_federation(
     return recorder
 
 
-def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path) -> int:
-    """Load the run directory's checkpoint into ``strategy``; the next round to run."""
-    state = load_checkpoint(run_dir)
+def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
+            state: dict[str, Any] | None = None) -> int:
+    """Load the run directory's checkpoint (or ``state``, already read from it) into
+    ``strategy``; the next round to run."""
+    state = load_checkpoint(run_dir) if state is None else state
     if state["scenario"] != scenario.to_json():
         raise CheckpointError(f"{run_dir} was run with another scenario; resume it with the "
                               f"scenario it saved ({run_dir / SCENARIO_FILE})")
