@@ -13,3 +13,14 @@ _os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 _logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``from fedtune import Client`` etc.: the SDK (``fedtune.sdk``), imported on first
+    use so that ``import fedtune`` and the command line stay light."""
+    import importlib
+
+    sdk = importlib.import_module("fedtune.sdk")
+    if name in sdk.__all__:
+        return getattr(sdk, name)
+    raise AttributeError(f"module 'fedtune' has no attribute {name!r}")

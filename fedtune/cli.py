@@ -188,6 +188,9 @@ def client(
         "", "--profile", help="Device profile: a bundled name or a .toml path."),
     name: str = typer.Option(
         "", "--name", help="Stable client name (default: the data file's name)."),
+    model: str = typer.Option(
+        "", "--model", help="This machine's own copy of the federation's base model (a "
+        "folder or .gguf); checked against the base before any training."),
     root_certificates: str = typer.Option(
         "", "--root-certificates", help="CA certificate that signed the server's certificate."),
     auth_key: str = typer.Option(
@@ -213,7 +216,8 @@ def client(
     options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
                             root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, state_dir=state_dir, app=client_app,
-                            connect_wait=connect_wait, long_lived=not per_message_process)
+                            connect_wait=connect_wait, long_lived=not per_message_process,
+                            model=model)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -8,15 +8,37 @@ evaluates on the same split.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from fedtune.data.jsonl import read_client_file
 from fedtune.data.partition import cap_samples, split_train_eval
 from fedtune.data.types import ClientData, DataError
 
+#: data-path prefix of texts an application handed over in memory (``register_texts``)
+MEMORY_PREFIX = "memory:"
+_held: dict[str, list[str]] = {}
+_numbers = itertools.count(1)
+
+
+def register_texts(texts: list[str]) -> str:
+    """Keep an application's texts in this process under a data path that stands for
+    them (the SDK: data that is never written to disk by fedtune)."""
+    key = f"{MEMORY_PREFIX}{next(_numbers)}"
+    _held[key] = list(texts)
+    return key
+
+
+def unregister_texts(key: str) -> None:
+    _held.pop(key, None)
+
 
 def read_local_texts(path: str | Path) -> list[str]:
     """The texts of a client's data file, or a DataError that says what is wrong with it."""
+    if str(path).startswith(MEMORY_PREFIX):
+        if str(path) not in _held:
+            raise DataError(f"data path {path} names texts held by another process")
+        return list(_held[str(path)])
     file = Path(path)
     if not str(path):
         raise DataError("no data path given: pass --data FILE (a *.jsonl or a text file)")

@@ -21,10 +21,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedtune.data.local import read_local_texts
+from fedtune.data.local import MEMORY_PREFIX, read_local_texts
 from fedtune.data.types import DataError
 from fedtune.deploy.server import flower_bin, flower_env, stop_process, tail
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 
 class ClientError(RuntimeError):
@@ -42,6 +46,9 @@ class ClientOptions:
     auth_key: str = ""  # OpenSSH private key registered with the server
     state_dir: str = ""  # FLWR_HOME and the SuperNode's log; "" = a temporary folder
     app: str = "fedtune.flower.client_app:app"
+    #: a model source this client trains in place of the federation's base (its own copy
+    #: of the same base: a local folder, or a model an application lent, see the SDK)
+    model: str = ""
     connect_wait: float = 30.0  # seconds to keep trying to reach the server at start
     #: False: Flower's default, a fresh ClientApp process (imports + model load) per
     #: message; kept to measure what the long-lived worker saves
@@ -50,6 +57,13 @@ class ClientOptions:
     @property
     def client_name(self) -> str:
         return self.name or Path(self.data).stem
+
+    @property
+    def data_path(self) -> str:
+        """Where the ClientApp reads the data: an absolute path, or texts held in memory."""
+        if self.data.startswith(MEMORY_PREFIX):
+            return self.data
+        return str(Path(self.data).resolve())
 
 
 def check_local(options: ClientOptions) -> int:
@@ -60,6 +74,13 @@ def check_local(options: ClientOptions) -> int:
         raise ClientError(str(err)) from None
     if len(texts) < 2:
         raise ClientError(f"data file {options.data} has {len(texts)} text; need at least 2")
+    if options.model:
+        from fedtune.model.loading import ModelNotFoundError, check_model_source
+
+        try:
+            check_model_source(options.model)
+        except (ModelNotFoundError, ValueError) as err:
+            raise ClientError(str(err)) from None
     if options.profile:
         from fedtune.profiles import ProfileError, load_profile
 
@@ -134,9 +155,11 @@ def free_port() -> int:
 
 def node_config(options: ClientOptions) -> str:
     """``--node-config`` (TOML values; JSON strings are valid TOML basic strings)."""
-    values = {"data-path": str(Path(options.data).resolve()), "name": options.client_name,
+    values = {"data-path": options.data_path, "name": options.client_name,
               "profile": str(Path(options.profile).resolve()) if "/" in options.profile
               or options.profile.endswith(".toml") else options.profile}
+    if options.model:
+        values["model"] = options.model
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
@@ -163,15 +186,17 @@ def _load_app(reference: str) -> object:
 
 
 def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
-               stop: threading.Event | None = None) -> int:
+               stop: threading.Event | None = None, app: ClientApp | None = None) -> int:
     """Check, connect and serve until the SuperNode ends or ``stop`` is set; returns the
-    number of messages served. Raises ClientError when the server refuses this client."""
+    number of messages served. Raises ClientError when the server refuses this client.
+    ``app`` serves the messages in place of ``options.app`` (an application's own)."""
     from fedtune.deploy.worker import serve_forever
 
     say = say or (lambda text: None)
     texts = check_local(options)
     check_server(options, options.connect_wait)
-    app = _load_app(options.app) if options.long_lived else None
+    if app is None and options.long_lived:
+        app = _load_app(options.app)  # type: ignore[assignment]
     state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
     (state / "home").mkdir(parents=True, exist_ok=True)
     log = state / "supernode.log"
@@ -201,7 +226,8 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
 
     try:
         if options.long_lived:
-            serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)  # type: ignore[arg-type]
+            assert app is not None
+            serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)
         else:
             stop.wait()
     finally:

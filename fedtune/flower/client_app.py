@@ -8,8 +8,10 @@ metrics leave the client.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,11 +131,33 @@ def _tokenizer(source: str) -> Any:
 
 
 def _scenario(bound: Scenario | None, context: Context) -> Scenario:
-    return bound if bound is not None else scenario_from_flat(context.run_config)
+    """The run's scenario; a node that brings its own copy of the base (node_config
+    ``model``) trains that one, once it is known to be the federation's base."""
+    scenario = bound if bound is not None else scenario_from_flat(context.run_config)
+    own = str(context.node_config.get(MODEL, ""))
+    if not own or own == scenario.model.source:
+        return scenario
+    _check_own_base(own, scenario.model.source, scenario.lora.target_modules)
+    return dataclasses.replace(scenario, model=dataclasses.replace(scenario.model, source=own))
 
 
-#: node_config keys of a deployed client (``fedtune client`` sets them)
-DATA_PATH, NAME, PROFILE = "data-path", "name", "profile"
+@functools.lru_cache(maxsize=8)
+def _check_own_base(own: str, base: str, targets: tuple[str, ...]) -> None:
+    from fedtune.model.compat import check_compatible
+
+    check_compatible(own, base, targets)
+
+
+#: node_config keys of a deployed client (``fedtune client`` / the SDK set them)
+DATA_PATH, NAME, PROFILE, MODEL = "data-path", "name", "profile", "model"
+
+#: what an embedding application hears from the ClientApp (see ``make_client_app``):
+#: ``(event, server round, details)``; an exception it raises ends the message's work
+Listener = Callable[[str, int, dict[str, Any]], None]
+
+
+def _quiet(event: str, server_round: int, details: dict[str, Any]) -> None:
+    """The listener of a ClientApp nobody listens to."""
 
 
 def _deployed(context: Context) -> bool:
@@ -289,7 +313,8 @@ def train_with_dpsgd(model: PeftModel, data: torch.Tensor, scenario: Scenario,
     return result, {keys.SAMPLE_EPSILON: epsilon}
 
 
-def train_message(scenario: Scenario, message: Message, context: Context) -> Message:
+def train_message(scenario: Scenario, message: Message, context: Context,
+                  listener: Listener = _quiet) -> Message:
     """Handle one train message: set up the payload, train locally, reply with the LoRA
     (or, when the server asks for compression, with its compressed update)."""
     _use_cpu_share(scenario, context)
@@ -298,13 +323,18 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
     data = _node_batch(scenario, context, settings.partition, settings.seq_len)
     config = message.content.config_records[keys.CONFIG]
     seed = client_seed(int(config[keys.SEED]), settings.partition)
+    server_round = int(config.get(keys.ROUND, 0))
+    steps = settings.train_config(scenario.train).steps
+
+    def on_step(done: int, loss: float) -> None:
+        listener("step", server_round, {"step": done, "steps": steps, "loss": loss})
     extra: dict[str, float] = {}
     if float(config.get(keys.DPSGD_NOISE, 0.0)) > 0:
         result, extra = train_with_dpsgd(model, data.train, scenario, settings, config, seed,
                                          context)
     else:
         result = train_local(model, data.train, settings.train_config(scenario.train), seed,
-                             _device(scenario.model))
+                             _device(scenario.model), on_step=on_step)
     codec_start = time.perf_counter()
     state = adapter_state(model)
     gamma = float(config.get(keys.PRUNE_GAMMA, 0.0))
@@ -332,7 +362,9 @@ def train_message(scenario: Scenario, message: Message, context: Context) -> Mes
         keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
         **extra,
     }
-    return keys.reply(message, metrics, adapter)
+    outgoing = keys.reply(message, metrics, adapter)
+    listener("train", server_round, metrics)
+    return outgoing
 
 
 def evaluate_global(scenario: Scenario, settings: ClientSettings,
@@ -352,7 +384,8 @@ def evaluate_global(scenario: Scenario, settings: ClientSettings,
                            settings.batch_size, context)
 
 
-def evaluate_message(scenario: Scenario, message: Message, context: Context) -> Message:
+def evaluate_message(scenario: Scenario, message: Message, context: Context,
+                     listener: Listener = _quiet) -> Message:
     """Handle one evaluate message: held-out loss of exactly the global adapter."""
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
@@ -366,7 +399,19 @@ def evaluate_message(scenario: Scenario, message: Message, context: Context) -> 
         keys.PARTITION: settings.partition,
         keys.SECONDS_EVAL: time.perf_counter() - start,
     }
+    server_round = int(message.content.config_records[keys.CONFIG].get(keys.ROUND, 0))
+    listener("evaluate", server_round, metrics)
     return keys.reply(message, metrics)
+
+
+def final_message(message: Message, context: Context, listener: Listener) -> Message:
+    """The run is over: hand its final global adapter to the listener (an application
+    that embeds fedtune keeps it) and acknowledge."""
+    config = message.content.config_records[keys.CONFIG]
+    server_round = int(config.get(keys.ROUND, 0))
+    listener("final", server_round, {"adapter": _payload(message),
+                                     "scenario": scenario_from_flat(context.run_config)})
+    return keys.reply(message, {keys.ROUND: server_round})
 
 
 def query_message(message: Message, context: Context) -> Message:
@@ -385,20 +430,26 @@ def query_message(message: Message, context: Context) -> Message:
                                 keys.CLIENT_PROFILE: text})
 
 
-def make_client_app(scenario: Scenario | None = None) -> ClientApp:
-    """A ClientApp bound to ``scenario``, or reading it from the run config when None."""
-    app = ClientApp()
+def make_client_app(scenario: Scenario | None = None, listener: Listener = _quiet,
+                    mods: list[Any] | None = None) -> ClientApp:
+    """A ClientApp bound to ``scenario``, or reading it from the run config when None;
+    ``listener`` hears every step, reply and the run's end (see ``Listener``); ``mods``
+    are Flower mods around every message."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return train_message(_scenario(scenario, context), message, context)
+        return train_message(_scenario(scenario, context), message, context, listener)
 
     @app.evaluate()
     def evaluate_(message: Message, context: Context) -> Message:
-        return evaluate_message(_scenario(scenario, context), message, context)
+        return evaluate_message(_scenario(scenario, context), message, context, listener)
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
+        config = message.content.config_records.get(keys.CONFIG)
+        if config is not None and config.get(keys.FINAL, False):
+            return final_message(message, context, listener)
         return query_message(message, context)
 
     return app

@@ -77,6 +77,7 @@ DP_UPDATE_NORM = "dp-update-norm"  # distributed DP: the update's norm before cl
 SAMPLE_EPSILON = "sample-epsilon"  # DP-SGD: this client's epsilon so far
 
 # deployment: what a `fedtune client` tells the server about itself (query reply)
+FINAL = "final"  # query config: the run is over; its adapter is the final global adapter
 IDENTITY = "identity"  # ConfigRecord of a query reply
 CLIENT_NAME = "client-name"  # stable name: the same client after a restart
 CLIENT_PROFILE = "client-profile"  # its device profile as TOML text ("" = server defaults)

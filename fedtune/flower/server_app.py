@@ -24,19 +24,15 @@ Progress = Callable[[dict[str, Any]], None]
 def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path) -> Path | None:
     """Write the global adapter in peft format (loadable by ``PeftModel.from_pretrained``)."""
     from fedtune.core.codec import scale_folded_state_dict
-    from fedtune.model.lora import base_model_name, save_peft_adapter
+    from fedtune.model.lora import base_model_name, save_folded_adapter
 
     adapter = strategy.global_adapter
     if adapter is None:
         return None
-    rank = max(f.rank for f in adapter.factors.values())
     # Scales folded into B: with lora_alpha == r peft applies exactly B @ A (modules of
     # another rank get rank_pattern / alpha_pattern entries with the same scale 1).
-    state = scale_folded_state_dict(adapter.factors)
-    target = out / ADAPTER_DIR
-    save_peft_adapter(target, state, scenario.lora, base_model_name(scenario.model),
-                      rank=rank, alpha=float(rank))
-    return target
+    return save_folded_adapter(out / ADAPTER_DIR, scale_folded_state_dict(adapter.factors),
+                               scenario.lora, base_model_name(scenario.model))
 
 
 def run_federation(
@@ -74,6 +70,7 @@ def run_federation(
     try:
         strategy.run(grid, first_round=first_round)
         save_global_adapter(strategy, scenario, run_dir)
+        _announce_end(strategy, grid, recorder)
     except BaseException:
         recorder.close("failed")
         if strategy.global_adapter is not None:
@@ -82,6 +79,16 @@ def run_federation(
     recorder.privacy = privacy_report(strategy)
     recorder.close("completed")
     return recorder
+
+
+def _announce_end(strategy: FedtuneStrategy, grid: Grid, recorder: RunRecorder) -> None:
+    """Send the final adapter to the deployed clients; the run's result is already saved,
+    so a client that cannot be told is only logged."""
+    last = recorder.rounds[-1]["round"] if recorder.rounds else 0
+    try:
+        strategy.announce_end(grid, last)
+    except Exception as err:  # noqa: BLE001 - the run itself completed
+        log.warning("fedtune: could not tell the clients that the run ended: %s", err)
 
 
 def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,

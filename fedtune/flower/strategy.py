@@ -187,9 +187,21 @@ class FedtuneStrategy(Strategy):
                 log.info("client %r rejoined as node %s (was node %s)", name, node, old)
                 del self.node_partition[old]
             self.node_partition[node] = partition
-        if fresh:
-            self.declared.update(fresh)
+        for partition, profile in fresh.items():
+            self._declare(partition, profile)
+
+    def _declare(self, partition: int, profile: str) -> None:
+        """Take a client's declared profile unless the federation cannot serve it (a bad
+        file, a rank the aggregator refuses): then that client keeps the server's
+        settings, and the run goes on."""
+        self.declared[partition] = profile
+        try:
             self._apply_declared_profiles()
+        except (ValueError, KeyError) as err:  # ProfileError, ConfigError, MemoryBudgetError
+            del self.declared[partition]
+            self._apply_declared_profiles()
+            log.warning("client %d declared a device profile the federation cannot serve "
+                        "(%s); it trains with the server's settings", partition, err)
 
     def _apply_declared_profiles(self) -> None:
         """Settings from the profiles deployed clients declared (see ``_register_named``)."""
@@ -633,6 +645,27 @@ class FedtuneStrategy(Strategy):
             self.on_round(record)
         return result
 
+
+    def announce_end(self, grid: Grid, last_round: int) -> int:
+        """Tell every connected deployed client that the run is over and hand it the final
+        global adapter (the exported tensors), so an application embedding a client can
+        use the result and stop; returns how many acknowledged. Simulated clients have
+        nothing to keep and are not told."""
+        named = {p for p in self.names.values()}
+        live = set(grid.get_node_ids())
+        nodes = sorted(n for n, p in self.node_partition.items() if p in named and n in live)
+        if not nodes or self.global_adapter is None:
+            return 0
+        payload = keys.state_to_record(scale_folded_state_dict(self.global_adapter.factors))
+        messages = [Message(content=keys.make_content(payload, {keys.ROUND: last_round,
+                                                                keys.FINAL: True}),
+                            message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        timeout = min(self.scenario.federation.round_timeout, 60.0)
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        told = sum(not r.has_error() for r in replies)
+        log.info("fedtune: %d of %d connected clients received the final adapter",
+                 told, len(nodes))
+        return told
 
     # ---- checkpoint / resume --------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

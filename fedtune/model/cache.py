@@ -60,6 +60,19 @@ def cache_info() -> CacheInfo:
         return CacheInfo(loads=_stats["loads"], hits=_stats["hits"], size=len(_entries))
 
 
+def release(source: str) -> None:
+    """Forget the cached bases loaded from ``source``. A lent model (see
+    ``fedtune.model.loading.register_model``) gets its LoRA layers taken out again, so
+    the application gets back the model it lent, unchanged."""
+    from fedtune.model.loading import lent_model
+
+    with _lock:
+        for key in [k for k in _entries if k[0].source == source]:
+            model, _ = _entries.pop(key)
+            if lent_model(source) is not None:
+                model.unload()
+
+
 def clear() -> None:
     """Drop cached models (and reset counters) so their memory can be reclaimed."""
     with _lock:

@@ -364,8 +364,41 @@ def _load_local(
     )
 
 
+# --------------------------------------------------------------------------- lent models
+
+#: source prefix of a model an application lent to fedtune (``register_model``)
+LENT_PREFIX = "memory:"
+_lent: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+
+def register_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Lend an already-loaded model (and its tokenizer) to this process's loaders; returns
+    the source name that stands for it. It is used as it is: a quantization asked for
+    elsewhere does not re-quantize a model that is already in memory."""
+    source = f"{LENT_PREFIX}{id(model)}"
+    _lent[source] = (model, tokenizer)
+    return source
+
+
+def unregister_model(source: str) -> None:
+    _lent.pop(source, None)
+
+
+def lent_model(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
+    """The model registered under ``source``, or None for any other kind of source."""
+    if not source.startswith(LENT_PREFIX):
+        return None
+    if source not in _lent:
+        raise ModelNotFoundError(f"model source {source!r} names a model lent to another "
+                                 "process (or one no longer lent); give a path instead")
+    return _lent[source]
+
+
 def _load_any(spec: ModelSpec, device: torch.device) -> tuple[PreTrainedModel, Any]:
     source = spec.source.strip()
+    lent = lent_model(source)
+    if lent is not None:
+        return lent
     if source == "smollm2":
         return _from_pretrained(bundled_model_dir(), spec, device)
     seed = parse_tiny_seed(source)
@@ -381,6 +414,8 @@ def _load_any(spec: ModelSpec, device: torch.device) -> tuple[PreTrainedModel, A
 def check_model_source(source: str) -> None:
     """Fail fast (no weights loaded) if ``source`` cannot be found; used before a run starts."""
     source = source.strip()
+    if lent_model(source) is not None:
+        return
     if source == "smollm2":
         if not (cache_root() / "models").exists():
             bundled_gguf_path()  # raises with the install hint when the package is missing
@@ -404,7 +439,10 @@ def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
     """Only the tokenizer of ``source`` (no weights): data can be tokenised once per
     process whatever quantization each client's base uses."""
     source = source.strip()
-    if source == "smollm2":
+    lent = lent_model(source)
+    if lent is not None:
+        tokenizer = lent[1]
+    elif source == "smollm2":
         tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     elif parse_tiny_seed(source) is not None:
         tokenizer = build_byte_tokenizer()

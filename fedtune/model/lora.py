@@ -360,3 +360,12 @@ def save_peft_adapter(
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out
+
+
+def save_folded_adapter(out_dir: str | Path, state: dict[str, Tensor], spec: LoraSpec,
+                        base_model_name: str) -> Path:
+    """Save a scale-folded state (its update is exactly B @ A, see
+    ``fedtune.core.codec.scale_folded_state_dict``) as a peft adapter with alpha = rank."""
+    rank = max(_module_ranks(state).values())
+    return save_peft_adapter(out_dir, state, spec, base_model_name, rank=rank,
+                             alpha=float(rank))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,12 +137,15 @@ def train_local(
     seed: int = 0,
     device: str | torch.device | None = None,
     labels: torch.Tensor | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` AdamW steps on the model's trainable parameters.
 
     ``labels`` defaults to ``sequences`` (packed blocks, no padding); pass
     ``PackedData.labels`` when blocks are padded. The model should already be on
     ``device`` (default: where its parameters are); it is left in eval mode.
+    ``on_step(steps done, loss)`` runs after every step: progress for an application,
+    and the place to stop early (an exception it raises ends training).
     """
     check_blocks(sequences, labels)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -174,6 +177,8 @@ def train_local(
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 losses.append(step_loss)
+                if on_step is not None:
+                    on_step(step + 1, step_loss)
     finally:
         optimizer.zero_grad(set_to_none=True)
         model.eval()
