@@ -1,4 +1,4 @@
-"""`fedtune` command line: simulate, compare, server, client, certs."""
+"""`fedtune` command line: simulate, compare, server, client, certs, export."""
 
 from __future__ import annotations
 
@@ -249,6 +249,25 @@ def certs(
     console.print(f"CA {made.ca_cert}, server certificate {made.cert} (key {made.key})"
                   + (f"; {clients} client keys, public ones listed in {keys_file}"
                      if clients else ""))
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A run directory or a peft adapter folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write (must not exist or be empty)."),
+    merge: bool = typer.Option(
+        False, "--merge", help="Fold the adapter into the base: a plain transformers model."),
+    model: str = typer.Option(
+        "", "--model", help="Base model source for --merge (default: the run's or the "
+        "adapter's own)."),
+) -> None:
+    """Export a run's adapter: as a peft adapter, or merged into a plain model."""
+    from fedtune.sdk.results import AdapterNotFoundError, export_adapter
+
+    with _exits_on(AdapterNotFoundError, FileExistsError, OSError, ValueError):
+        written = export_adapter(source, out, merge=merge, model=model or None)
+    kind = "merged model" if merge else "peft adapter"
+    console.print(f"[green]done[/]: {kind} in {escape(str(written))}")
 
 
 @app.callback()

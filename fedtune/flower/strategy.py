@@ -67,6 +67,21 @@ class RoundStats:
     client_records: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _with_fixed_rank(profile: str, rank: int) -> str | None:
+    """The profile TOML with ``rank = "auto"`` replaced by the federation's rank (for an
+    aggregator that needs one rank), or None when its rank is not "auto"."""
+    import tomli_w
+    import tomllib
+
+    try:
+        fields = tomllib.loads(profile)
+    except tomllib.TOMLDecodeError:
+        return None
+    if fields.get("rank") != "auto":
+        return None
+    return tomli_w.dumps({**fields, "rank": rank})
+
+
 class FedtuneStrategy(Strategy):
     """Runs fedtune's aggregators inside Flower's Strategy contract."""
 
@@ -194,14 +209,19 @@ class FedtuneStrategy(Strategy):
         """Take a client's declared profile unless the federation cannot serve it (a bad
         file, a rank the aggregator refuses): then that client keeps the server's
         settings, and the run goes on."""
-        self.declared[partition] = profile
-        try:
-            self._apply_declared_profiles()
-        except (ValueError, KeyError) as err:  # ProfileError, ConfigError, MemoryBudgetError
-            del self.declared[partition]
-            self._apply_declared_profiles()
-            log.warning("client %d declared a device profile the federation cannot serve "
-                        "(%s); it trains with the server's settings", partition, err)
+        for attempt in (profile, _with_fixed_rank(profile, self.scenario.lora.rank)):
+            if attempt is None:
+                continue
+            self.declared[partition] = attempt
+            try:
+                self._apply_declared_profiles()
+                return
+            except (ValueError, KeyError) as err:  # ProfileError, ConfigError, MemoryBudget
+                problem = err
+        del self.declared[partition]
+        self._apply_declared_profiles()
+        log.warning("client %d declared a device profile the federation cannot serve (%s); "
+                    "it trains with the server's settings", partition, problem)
 
     def _apply_declared_profiles(self) -> None:
         """Settings from the profiles deployed clients declared (see ``_register_named``)."""

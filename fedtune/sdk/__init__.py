@@ -22,12 +22,19 @@ from fedtune.sdk.client import (
     Session,
 )
 from fedtune.sdk.local import LocalResult
-from fedtune.sdk.results import AdapterNotFoundError, adapter_dir, export_adapter, load_adapter
+from fedtune.sdk.results import (
+    AdapterNotFoundError,
+    adapter_dir,
+    base_of,
+    export_adapter,
+    load_adapter,
+    load_model,
+)
 from fedtune.sdk.server import Server
 
 __all__ = [
     "AdapterNotFoundError", "Client", "ConfigError", "DataError", "DeviceProfile",
     "FederationError", "FederationResult", "IncompatibleModelError", "LocalResult",
     "ModelNotFoundError", "ProfileError", "Progress", "RoundReport", "Server", "Session",
-    "adapter_dir", "export_adapter", "load_adapter",
+    "adapter_dir", "base_of", "export_adapter", "load_adapter", "load_model",
 ]

@@ -47,17 +47,29 @@ def base_source(adapter: Path) -> str:
     return "smollm2" if name == BUNDLED_HUB_ID else name
 
 
+def base_of(adapter: Any) -> str:
+    """The model source an adapter (run directory, folder or result) was trained on."""
+    return base_source(adapter_dir(adapter))
+
+
+def load_model(source: str = "smollm2", quantization: str = "none", device: str = "cpu"
+               ) -> tuple[Any, Any]:
+    """(model, tokenizer) of a fedtune model source: "smollm2" (the bundled base),
+    "tiny", a local folder or .gguf file, or a Hub id; frozen and in eval mode."""
+    from fedtune.model.loading import ModelSpec, load_base_model
+
+    return load_base_model(ModelSpec(source=source, quantization=quantization, device=device))
+
+
 def _base(model: Any, adapter: Path) -> tuple[Any, Any]:
     """(model, tokenizer or None): the one given, or the adapter's base loaded in full
     precision (merging into a quantized base would round the update away)."""
     if model is not None and not isinstance(model, (str, Path)):
         return model, None
-    from fedtune.model.loading import ModelSpec, load_base_model
-
     source = str(model) if model is not None else base_source(adapter)
     if not source:
         raise AdapterNotFoundError(f"the adapter at {adapter} names no base model; pass model=")
-    return load_base_model(ModelSpec(source=source, quantization="none", device="cpu"))
+    return load_model(source)
 
 
 def load_adapter(model: Any, adapter: Any) -> Any:
