@@ -30,3 +30,26 @@ def test_declared_profile_sets_that_clients_settings_and_survives_a_checkpoint()
     restored.load_state_dict(strategy.state_dict())
     assert restored.settings == strategy.settings
     assert restored.names == strategy.names and restored.node_partition == {}
+
+
+def _profile(**fields: object) -> str:
+    import tomli_w
+
+    return tomli_w.dumps({"name": "declared", "memory_budget_mb": 4000, "device": "cpu",
+                          "quantization": "none", **fields})
+
+
+def test_a_declared_profile_the_aggregator_cannot_serve_falls_back_and_the_run_goes_on():
+    fedavg = load_scenario("tiny", ["data.num_clients=3"])  # one rank for every client
+    strategy = FedtuneStrategy(fedavg)
+    strategy._register_named({1: ("a", _profile(rank=16)), 2: ("b", "rank = 'not toml"),
+                              3: ("c", _profile(rank="auto"))})
+    assert [s.rank for s in strategy.settings] == [fedavg.lora.rank] * 3
+    assert [s.profile for s in strategy.settings] == ["", "", "declared"]  # auto -> r
+    assert set(strategy.declared) == {2}
+
+
+def test_with_mixed_ranks_allowed_a_declared_auto_rank_is_planned():
+    strategy = FedtuneStrategy(SCENARIO)  # zeropad serves mixed ranks
+    strategy._register_named({1: ("a", _profile(rank="auto")), 2: ("b", ""), 3: ("c", "")})
+    assert strategy.settings[0].rank > SCENARIO.lora.rank
