@@ -63,6 +63,7 @@ def run_federation(
             save_checkpoint(run_dir, {"round": record["round"], "scenario": scenario.to_json(),
                                       "strategy": strategy.state_dict(),
                                       "recorder": recorder.state()})
+            save_global_adapter(strategy, scenario, run_dir)  # the latest, for any reader
         report(record)
 
     strategy.on_client, strategy.on_round = recorder.log_client, on_round

@@ -285,22 +285,25 @@ class Session:
         try:
             run_client(options, say=lambda text: self._progress(Progress("status", text)),
                        stop=self._stop, app=app)
-        except ClientError as err:
-            if not self._cancelled and not self._ended.is_set():
+        except ClientError as err:  # the SuperNode ended: expected only when we stopped it
+            if self._error is None and not self._cancelled and not self._ended.is_set():
                 self._error = FederationError(str(err))
         except BaseException as err:  # noqa: BLE001 - handed to result()
-            self._error = err
+            if self._error is None:
+                self._error = err
         finally:
             self.release()
 
     def _guard(self, message: Any, context: Any, call_next: Callable[[Any, Any], Any]) -> Any:
         """Flower mod: an error while handling a message ends the session (result() raises
         it); a cancel ends it quietly. The server gets an error reply either way."""
+        from fedtune.deploy.worker import error_reply
+
         try:
             return call_next(message, context)
-        except Cancelled:
+        except Cancelled as cancelled:
             self._stop.set()
-            raise
+            return error_reply(message, cancelled)
         except Exception as err:
             if self._error is None:
                 self._error = err

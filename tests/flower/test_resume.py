@@ -4,10 +4,17 @@ round 1 and is resumed ends with exactly the adapter of an uninterrupted run."""
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
-from fedtune.flower.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
+from fedtune.core.codec import scale_folded_state_dict
+from fedtune.flower.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    adapter_from_state,
+    load_checkpoint,
+)
 from fedtune.simulate import SimulationError, simulate
 
 # clients_per_round < num_clients: the sampler's state must survive the restart too
@@ -32,7 +39,20 @@ def _adapter(run_dir):
 @pytest.mark.parametrize("aggregator", ["fedavg"])
 def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
     scenario = load_scenario("tiny", [*SETS, f"federation.aggregator='{aggregator}'"])
-    whole = simulate(scenario, out_dir=tmp_path / "whole")
+    after_round_1 = {}
+
+    def snapshot(record):  # RUN_DIR/adapter is the latest global adapter during the run
+        if record["round"] == 1:
+            (run_dir,) = (tmp_path / "whole").iterdir()
+            after_round_1.update(adapter=_adapter(run_dir), checkpoint=load_checkpoint(run_dir))
+
+    whole = simulate(scenario, out_dir=tmp_path / "whole", progress=snapshot)
+    global_1 = adapter_from_state(after_round_1["checkpoint"]["strategy"]["global"])
+    expected = scale_folded_state_dict(global_1.factors)
+    assert after_round_1["adapter"].keys() == expected.keys()
+    assert all(torch.equal(after_round_1["adapter"][k], v) for k, v in expected.items())
+    assert any(not torch.equal(after_round_1["adapter"][k], v)
+               for k, v in _adapter(whole).items())  # rewritten after later rounds
     with pytest.raises(SimulationError):
         simulate(scenario, out_dir=tmp_path / "cut", progress=_crash_after(1))
     (cut,) = (tmp_path / "cut").iterdir()
