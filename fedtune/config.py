@@ -66,10 +66,23 @@ class DataSpec:
     seq_len: int = 128
     max_samples_per_client: int = 0  # 0 = no cap
     max_eval_sequences: int = 0  # 0 = all held-out sequences
+    #: "natural" (roles, users, JSONL clients), "iid", or "dirichlet" (label skew)
+    partition: str = "natural"
+    dirichlet_alpha: float = 0.5  # partition = "dirichlet": concentration; small = skewed
+    group_by: str = ""  # the labels of the skew: genre|play|character, sender, client
 
     def __post_init__(self) -> None:
-        _require(self.source in ("shakespeare", "jsonl"), "source", self.source,
-                 "one of 'shakespeare', 'jsonl'")
+        _require(self.source in ("shakespeare", "chitchat", "jsonl"), "source", self.source,
+                 "one of 'shakespeare', 'chitchat', 'jsonl'")
+        _require(self.partition in ("natural", "iid", "dirichlet"), "partition",
+                 self.partition, "one of 'natural', 'iid', 'dirichlet'")
+        _require(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha,
+                 "a number > 0 (small = each client holds few groups)")
+        allowed = {"shakespeare": ("", "genre", "play", "character"),
+                   "chitchat": ("", "sender"), "jsonl": ("", "client")}[self.source]
+        _require(self.group_by in allowed, "group_by", self.group_by,
+                 f"one of {', '.join(repr(a) for a in allowed if a)} for source "
+                 f"{self.source!r} (or \"\" for its default)")
         _require(self.source != "jsonl" or bool(self.path), "path", self.path,
                  "a file or directory of JSONL records when source = 'jsonl'")
         _require(self.num_clients >= 1, "num_clients", self.num_clients, "an integer >= 1")
@@ -105,6 +118,8 @@ class FederationSpec:
     padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
     # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
     max_update_norm: float = 0.0
+    # clients that evaluate the global adapter (a fixed seeded subset); 0 = every client
+    eval_clients: int = 0
 
     def __post_init__(self) -> None:
         from fedtune.aggregation import available
@@ -116,6 +131,8 @@ class FederationSpec:
         _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
         _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
         _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
+        _require(self.eval_clients >= 0, "eval_clients", self.eval_clients,
+                 "an integer >= 0 (0 = every client)")
         _require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
         _require(self.flora_init in ("fresh", "global"), "flora_init", self.flora_init,
                  "'fresh' (a new LoRA on top of the frozen global adapter each round) or "
@@ -320,11 +337,25 @@ class SimulationSpec:
     backend: str = "ray"
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    #: probability that a sampled client drops out of a round (seeded per round)
+    dropout: float = 0.0
+    #: seconds of simulated device time a round allows; a slower client is a straggler
+    #: and its update is not used (0 = no deadline). Device time = the client's tokens of
+    #: work / (reference_tokens_per_s x its profile's speed_factor) x seeded jitter
+    round_deadline: float = 0.0
+    reference_tokens_per_s: float = 1000.0
+    time_jitter: float = 0.25  # sigma of the lognormal jitter of device time
 
     def __post_init__(self) -> None:
         _require(self.backend == "ray", "backend", self.backend, "'ray'")
         _require(self.cpus_per_client > 0, "cpus_per_client", self.cpus_per_client, "> 0")
         _require(self.gpus_per_client >= 0, "gpus_per_client", self.gpus_per_client, ">= 0")
+        _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
+        _require(self.round_deadline >= 0, "round_deadline", self.round_deadline,
+                 "seconds >= 0 (0 = no deadline)")
+        _require(self.reference_tokens_per_s > 0, "reference_tokens_per_s",
+                 self.reference_tokens_per_s, "a number > 0")
+        _require(self.time_jitter >= 0, "time_jitter", self.time_jitter, "a number >= 0")
 
 
 @dataclass(frozen=True)
@@ -384,6 +415,10 @@ class Scenario:
                 f"federation.clients_per_round = {self.federation.clients_per_round} is larger "
                 f"than data.num_clients = {n}; allowed: 0 (all) to {n}"
             )
+        if self.federation.eval_clients > n:
+            raise ConfigError(
+                f"federation.eval_clients = {self.federation.eval_clients} is larger than "
+                f"the {n} clients (data.num_clients)")
         if self.federation.min_clients > self.sampled_per_round:
             raise ConfigError(
                 f"federation.min_clients = {self.federation.min_clients} exceeds the "

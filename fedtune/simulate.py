@@ -35,15 +35,11 @@ class SimulationError(RuntimeError):
 def preflight(scenario: Scenario) -> None:
     """Fail before any work starts if data or model cannot be found."""
     from fedtune.assignments import check_ranks_fit_model, client_settings
-    from fedtune.data import load_clients
+    from fedtune.data import clients_of
     from fedtune.model.loading import bundled_model_dir, check_model_source
 
     data = scenario.data
-    clients = load_clients(
-        source=data.source, path=data.path or None, num_clients=data.num_clients,
-        min_lines=data.min_lines, eval_fraction=data.eval_fraction, seed=scenario.run.seed,
-        max_samples_per_client=data.max_samples_per_client or None,
-    )
+    clients = clients_of(data, scenario.run.seed)
     if len(clients) < data.num_clients:
         raise SimulationError(
             f"data.num_clients = {data.num_clients} but the data has only {len(clients)} clients"
@@ -71,6 +67,11 @@ def backend_config(scenario: Scenario, verbose: bool = False) -> dict[str, Any]:
             raise SimulationError(
                 f"simulation.gpus_per_client = {sim.gpus_per_client} but no CUDA GPU is visible"
             )
+        if sim.gpus_per_client > torch.cuda.device_count():
+            raise SimulationError(
+                f"simulation.gpus_per_client = {sim.gpus_per_client} exceeds the "
+                f"{torch.cuda.device_count()} GPU(s) here (fractions share one: 0.25 = four "
+                "clients per GPU)")
     return {
         "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",

@@ -71,3 +71,45 @@ def iid_partition(samples: Sequence[T], num_clients: int, seed: int) -> list[lis
     shuffled = list(samples)
     random.Random(seed).shuffle(shuffled)
     return [shuffled[i::num_clients] for i in range(num_clients)]
+
+
+def dirichlet_partition(groups: Sequence[str], num_clients: int, alpha: float, seed: int
+                        ) -> list[list[int]]:
+    """Indices of samples per client, label-skewed over ``groups`` (a play's genre, a
+    user...): each client draws its mix of groups q ~ Dirichlet(alpha * p), p the groups'
+    overall shares (Hsu, Qi & Brown 2019), and takes its equal share of samples from the
+    groups in that mix, without replacement. Small alpha: a client holds one or two
+    groups; large alpha: close to IID. Every client gets len(groups) // num_clients
+    samples (or one more), so none is left empty however small alpha is."""
+    import numpy as np
+
+    if not alpha > 0:
+        raise DataError(f"data.dirichlet_alpha must be > 0, got {alpha}")
+    if num_clients < 1:
+        raise DataError(f"num_clients must be >= 1, got {num_clients}")
+    if len(groups) < 2 * num_clients:
+        raise DataError(f"{len(groups)} samples cannot give {num_clients} clients two each "
+                        "(one to train, one held out)")
+    rng = np.random.default_rng(seed)
+    names = sorted(set(groups))
+    pools = [[i for i, g in enumerate(groups) if g == name] for name in names]
+    for pool in pools:
+        rng.shuffle(pool)
+    prior = np.array([len(pool) for pool in pools], dtype=float) / len(groups)
+    sizes = [len(groups) // num_clients + (k < len(groups) % num_clients)
+             for k in range(num_clients)]
+    shards: list[list[int]] = []
+    for size in sizes:
+        mix = rng.dirichlet(alpha * prior)
+        shard: list[int] = []
+        while len(shard) < size:  # a group that runs out passes its share to the others
+            left = np.array([len(pool) for pool in pools], dtype=float)
+            weights = mix * (left > 0)
+            weights = weights / weights.sum() if weights.sum() > 0 else left / left.sum()
+            for pool, count in zip(pools, rng.multinomial(size - len(shard), weights),
+                                   strict=True):
+                taken = min(int(count), len(pool))
+                shard.extend(pool[len(pool) - taken:])
+                del pool[len(pool) - taken:]
+        shards.append(sorted(shard))
+    return shards

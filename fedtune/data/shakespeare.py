@@ -162,3 +162,28 @@ def load_shakespeare(
         train = cap_samples(train, max_samples_per_client, f"{seed}:{cid}:cap")
         clients.append(ClientData(client_id=cid, train=train, eval=held_out))
     return clients
+
+
+@functools.lru_cache(maxsize=4)
+def play_genres(root: str) -> dict[str, str]:
+    """Genre (the folder: comedy, history, tragedy...) of every play."""
+    return {path.stem: path.parent.name for path in sorted(Path(root).glob("*/*.md"))}
+
+
+GROUP_KEYS = ("genre", "play", "character")
+
+
+def grouped_speeches(group_by: str = "genre") -> list[tuple[str, str]]:
+    """Every speech as (text, group) for pooled partitions (IID, Dirichlet)."""
+    if group_by not in GROUP_KEYS:
+        raise DataError(f"data.group_by = {group_by!r} is not a Shakespeare key; allowed: "
+                        f"{', '.join(GROUP_KEYS)}")
+    root = str(plays_dir())
+    genres = play_genres(root)
+
+    def group(speech: Speech) -> str:
+        play = speech.client_id.split("/", 1)[0]
+        return {"genre": genres.get(play, "?"), "play": play,
+                "character": speech.client_id}[group_by]
+
+    return [(s.text, group(s)) for s in parse_corpus(root)]

@@ -26,7 +26,7 @@ from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
-from fedtune.data import ClientData, PackedData, load_clients, pack, pack_texts
+from fedtune.data import ClientData, PackedData, clients_of, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.model.cache import get_peft_model
 from fedtune.model.device import peak_memory_mb, pick_device
@@ -57,17 +57,7 @@ class ClientBatch:
 
 @functools.lru_cache(maxsize=4)
 def _all_clients(data: DataSpec, seed: int) -> tuple[ClientData, ...]:
-    return tuple(
-        load_clients(
-            source=data.source,
-            path=data.path or None,
-            num_clients=data.num_clients,
-            min_lines=data.min_lines,
-            eval_fraction=data.eval_fraction,
-            seed=seed,
-            max_samples_per_client=data.max_samples_per_client or None,
-        )
-    )
+    return tuple(clients_of(data, seed))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -108,7 +108,7 @@ def test_load_clients_dispatch(tmp_path: Path) -> None:
     clients = load_clients("jsonl", str(tmp_path), num_clients=2, seed=0, max_samples_per_client=5)
     assert len(clients) == 2 and all(len(c.train) == 5 and len(c.eval) == 2 for c in clients)
     assert clients == load_clients("jsonl", str(tmp_path), 2, seed=0, max_samples_per_client=5)
-    with pytest.raises(DataError, match="shakespeare, jsonl"):
+    with pytest.raises(DataError, match="shakespeare, chitchat, jsonl"):
         load_clients("csv", str(tmp_path))
     with pytest.raises(DataError, match="needs a path"):
         load_clients("jsonl", None)
