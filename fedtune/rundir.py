@@ -161,6 +161,9 @@ class RunRecorder:
         os.replace(tmp, self.path / PLOT_FILE)
 
     def close(self, status: str) -> None:
+        from fedtune.report import write_report
+
         self.status = status
         self.write_summary()
         self._metrics.close()
+        write_report(self.path, self.summary())

@@ -90,6 +90,7 @@ def simulate(
     (a run directory with a checkpoint), go on from its last completed round."""
     from flwr.simulation import run_simulation
 
+    from fedtune.flower import simulated_nodes
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
 
@@ -102,14 +103,16 @@ def simulate(
         if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
             flwr_log.addFilter(_HideRunSimulationDeprecation())
     try:
-        run_simulation(
-            server_app=make_server_app(scenario, run_dir, progress, resume=resume is not None),
-            client_app=make_client_app(scenario),
-            num_supernodes=scenario.data.num_clients,
-            backend_name=scenario.simulation.backend,
-            backend_config=config,
-            verbose_logging=verbose,
-        )
+        with simulated_nodes.recording():
+            run_simulation(
+                server_app=make_server_app(scenario, run_dir, progress,
+                                           resume=resume is not None),
+                client_app=make_client_app(scenario),
+                num_supernodes=scenario.data.num_clients,
+                backend_name=scenario.simulation.backend,
+                backend_config=config,
+                verbose_logging=verbose,
+            )
     except Exception as err:
         raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})") from err
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

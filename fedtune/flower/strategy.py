@@ -61,6 +61,7 @@ class RoundStats:
     nodes: list[int] = field(default_factory=list)  # the nodes sampled this round
     dropped: list[str] = field(default_factory=list)
     stragglers: int = 0  # sampled nodes with no reply before the round deadline
+    dropouts: int = 0  # sampled clients a simulated fault took out (fedtune.faults)
     #: message id -> node it went to; a SuperLink answers for a node it lost (Node
     #: Unavailable) from its own node id, so such replies are traced back through this
     message_node: dict[str, int] = field(default_factory=dict)
@@ -157,6 +158,8 @@ class FedtuneStrategy(Strategy):
         else:
             nodes = self._wait_for_nodes(grid, self.scenario.data.num_clients,
                                          self.scenario.server.wait_for_clients)
+            if self._take_simulated_mapping(nodes):
+                return
         unknown = [n for n in nodes if n not in self.node_partition]
         if not unknown:
             return
@@ -181,6 +184,22 @@ class FedtuneStrategy(Strategy):
             self.node_partition[node] = partition
         if named:
             self._register_named(named)
+
+    def _take_simulated_mapping(self, nodes: list[int], wait: float = 5.0) -> bool:
+        """Use the engine's own node -> partition mapping when ``fedtune simulate``
+        recorded one for exactly these nodes (see ``fedtune.flower.simulated_nodes``)."""
+        from fedtune.flower.simulated_nodes import partitions
+
+        deadline = time.monotonic() + wait
+        while True:
+            known = partitions()
+            if known and set(known) >= set(nodes):
+                self.node_partition = {n: known[n] for n in nodes
+                                       if 0 <= known[n] < len(self.settings)}
+                return True
+            if not known or time.monotonic() > deadline:  # not a fedtune simulation
+                return False
+            time.sleep(0.05)  # the engine is still registering nodes
 
     def _register_named(self, named: dict[int, tuple[str, str]]) -> None:
         """Deployed clients get partitions in the order of their names (so a restarted
@@ -497,8 +516,34 @@ class FedtuneStrategy(Strategy):
     ) -> Iterable[Message]:
         self.stats = RoundStats()
         nodes = self._sample_nodes(grid, self.scenario.sampled_per_round)
-        self.stats.sampled, self.stats.nodes = len(nodes), list(nodes)
+        self.stats.sampled = len(nodes)
+        nodes = self._without_simulated_faults(nodes, server_round)
+        self.stats.nodes = list(nodes)
         return self._train_messages(nodes, server_round)
+
+    def _without_simulated_faults(self, nodes: list[int], server_round: int) -> list[int]:
+        """The sampled nodes that neither drop out nor miss the deadline in this round's
+        seeded draw (``fedtune.faults``); the others are counted and not sent work."""
+        from fedtune.faults import draw_faults, faults_active
+
+        spec = self.scenario.simulation
+        if not faults_active(spec):
+            return nodes
+        train = self.scenario.train
+        by_partition = {self.node_partition[n]: n for n in nodes}
+        settings = {p: self._settings(n) for p, n in by_partition.items()}
+        work = {p: float(train.steps * train.grad_accum * s.batch_size * s.seq_len)
+                for p, s in settings.items()}
+        faults = draw_faults(by_partition, work, {p: s.speed_factor for p, s in
+                                                  settings.items()}, spec,
+                             self.scenario.run.seed, server_round)
+        self.stats.dropouts = len(faults.dropped)
+        self.stats.stragglers += len(faults.stragglers)
+        if faults.lost:
+            log.info("round %d: simulated faults: %d dropped out, %d past the %.0f s deadline",
+                     server_round, len(faults.dropped), len(faults.stragglers),
+                     spec.round_deadline)
+        return [n for p, n in sorted(by_partition.items()) if p not in faults.lost]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -582,7 +627,18 @@ class FedtuneStrategy(Strategy):
         if server_round % every and not last and server_round != 0:
             return []
         self.discover(grid)
-        return self._eval_messages(sorted(self.node_partition), server_round)
+        chosen = self.eval_partitions()
+        return self._eval_messages(sorted(n for n, p in self.node_partition.items()
+                                          if chosen is None or p in chosen), server_round)
+
+    def eval_partitions(self) -> set[int] | None:
+        """The clients that evaluate the global adapter: a fixed seeded subset of
+        ``federation.eval_clients`` (the same every round, so rounds compare), or all."""
+        count = self.scenario.federation.eval_clients
+        if not count:
+            return None
+        population = range(self.scenario.data.num_clients)
+        return set(random.Random(f"{self.scenario.run.seed}:eval").sample(population, count))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -654,6 +710,7 @@ class FedtuneStrategy(Strategy):
                 "clients_replied": int(train_metrics["num-clients"]),
                 "dropped": list(self.stats.dropped),
                 "stragglers": self.stats.stragglers,
+                "dropouts": self.stats.dropouts,
                 **{k.replace("-", "_"): v for k, v in train_metrics.items()
                    if k not in ("train-loss", "num-clients", "seconds-aggregate")},
                 "seconds": time.perf_counter() - start,

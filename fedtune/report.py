@@ -1,0 +1,176 @@
+"""The run report: one self-contained HTML page in the run directory.
+
+Plots (held-out perplexity, traffic, epsilon when DP is on, participation with
+dropouts and stragglers) are PNGs embedded as data URIs, so the file can be mailed or
+attached to a paper's supplement and opened anywhere; the scenario that produced the
+run is printed as TOML at the bottom, so the page is also a recipe.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.html"
+MB = 2**20
+
+
+def _figure() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 3.6))
+
+
+def _embed(fig: Any, title: str, ylabel: str) -> str:
+    import matplotlib.pyplot as plt
+
+    ax = fig.axes[0]
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def perplexity_plot(summary: dict[str, Any]) -> str | None:
+    points = [(0, summary["initial"]["eval_perplexity"])] if summary.get("initial") else []
+    points += [(r["round"], r["eval_perplexity"]) for r in summary["rounds"]
+               if r.get("eval_perplexity") is not None]
+    if not points:
+        return None
+    fig, ax = _figure()
+    ax.plot(*zip(*points, strict=True), marker="o", label="held-out perplexity")
+    return _embed(fig, "Held-out perplexity per round (round 0: before training)",
+                  "perplexity")
+
+
+def traffic_plot(summary: dict[str, Any]) -> str | None:
+    rounds = summary["rounds"]
+    if not rounds:
+        return None
+    fig, ax = _figure()
+    x = [r["round"] for r in rounds]
+    ax.bar([v - 0.2 for v in x], [r.get("bytes_up", 0) / MB for r in rounds], 0.4,
+           label="up (clients to server)")
+    ax.bar([v + 0.2 for v in x], [r.get("bytes_down", 0) / MB for r in rounds], 0.4,
+           label="down (server to clients)")
+    return _embed(fig, "Bytes per round", "MB")
+
+
+def epsilon_plot(summary: dict[str, Any]) -> str | None:
+    points = [(r["round"], r["epsilon"]) for r in summary["rounds"]
+              if r.get("epsilon") is not None]
+    client = [(r["round"], r["sample_epsilon_max"]) for r in summary["rounds"]
+              if r.get("sample_epsilon_max") is not None]
+    if not points and not client:
+        return None
+    fig, ax = _figure()
+    if points:
+        ax.plot(*zip(*points, strict=True), marker="o", label="client-level epsilon")
+    if client:
+        ax.plot(*zip(*client, strict=True), marker="s", label="DP-SGD epsilon (max client)")
+    return _embed(fig, "Privacy spent (epsilon) per round", "epsilon")
+
+
+def participation_plot(summary: dict[str, Any]) -> str | None:
+    rounds = summary["rounds"]
+    if not rounds:
+        return None
+    fig, ax = _figure()
+    x = [r["round"] for r in rounds]
+    ax.plot(x, [r.get("clients_sampled", 0) for r in rounds], marker="o", label="sampled")
+    ax.plot(x, [r.get("clients_replied", 0) for r in rounds], marker="s", label="aggregated")
+    ax.bar([v - 0.15 for v in x], [r.get("dropouts", 0) for r in rounds], 0.3,
+           label="dropped out")
+    ax.bar([v + 0.15 for v in x], [r.get("stragglers", 0) for r in rounds], 0.3,
+           label="stragglers")
+    return _embed(fig, "Participation per round", "clients")
+
+
+COLUMNS = (("round", "round", "{}"), ("train loss", "train_loss", "{:.4f}"),
+           ("held-out ppl", "eval_perplexity", "{:.2f}"), ("sampled", "clients_sampled", "{}"),
+           ("aggregated", "clients_replied", "{}"), ("dropped out", "dropouts", "{}"),
+           ("stragglers", "stragglers", "{}"), ("up MB", "bytes_up", "mb"),
+           ("down MB", "bytes_down", "mb"), ("epsilon", "epsilon", "{:.3g}"),
+           ("seconds", "seconds", "{:.1f}"))
+
+
+def _cell(record: dict[str, Any], key: str, form: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return "–"
+    return f"{value / MB:.2f}" if form == "mb" else form.format(value)
+
+
+def rounds_table(summary: dict[str, Any]) -> str:
+    head = "".join(f"<th>{name}</th>" for name, _, _ in COLUMNS)
+    rows = "".join("<tr>" + "".join(f"<td>{_cell(r, key, form)}</td>" for _, key, form
+                                    in COLUMNS) + "</tr>" for r in summary["rounds"])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _scenario_toml(scenario: dict[str, Any]) -> str:
+    import tomli_w
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items() if v is not None}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value if v is not None]
+        return value
+
+    return tomli_w.dumps(plain(scenario))
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
+figure{display:inline-block;margin:0.5em}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;
+padding:1em;overflow:auto}"""
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    scenario = summary["scenario"]
+    name = scenario.get("run", {}).get("name", "fedtune")
+    final, initial = summary.get("final", {}), summary.get("initial", {})
+    plots = [p for p in (perplexity_plot(summary), traffic_plot(summary),
+                         epsilon_plot(summary), participation_plot(summary)) if p]
+    totals = summary.get("totals", {})
+    facts = [
+        f"status <b>{html.escape(str(summary.get('status')))}</b>",
+        f"{len(summary['rounds'])} of {scenario.get('run', {}).get('rounds', '?')} rounds",
+        f"{scenario.get('data', {}).get('num_clients', '?')} clients "
+        f"({html.escape(str(scenario.get('data', {}).get('partition', 'natural')))} partition)",
+        f"aggregator {html.escape(str(scenario.get('federation', {}).get('aggregator')))}",
+    ]
+    if initial.get("eval_perplexity") is not None and final.get("eval_perplexity") is not None:
+        facts.append(f"held-out perplexity {initial['eval_perplexity']:.2f} → "
+                     f"{final['eval_perplexity']:.2f}")
+    if totals:
+        facts.append(f"traffic {totals.get('bytes_up', 0) / MB:.2f} MB up, "
+                     f"{totals.get('bytes_down', 0) / MB:.2f} MB down")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>fedtune run "
+            f"{html.escape(name)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>fedtune run: {html.escape(name)}</h1><p>{' · '.join(facts)}</p>"
+            f"{''.join(plots)}<h2>Rounds</h2>{rounds_table(summary)}"
+            f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario))}</pre>"
+            f"</body></html>")
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    from fedtune.rundir import atomic_write_text
+
+    path = Path(run_dir) / REPORT_FILE
+    atomic_write_text(path, render_report(summary))
+    return path
