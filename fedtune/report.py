@@ -164,7 +164,7 @@ def render_report(summary: dict[str, Any]) -> str:
             f"{html.escape(name)}</title><style>{STYLE}</style></head><body>"
             f"<h1>fedtune run: {html.escape(name)}</h1><p>{' · '.join(facts)}</p>"
             f"{''.join(plots)}<h2>Rounds</h2>{rounds_table(summary)}"
-            f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario))}</pre>"
+            f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario), quote=False)}</pre>"
             f"</body></html>")
 
 

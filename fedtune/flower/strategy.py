@@ -62,6 +62,10 @@ class RoundStats:
     dropped: list[str] = field(default_factory=list)
     stragglers: int = 0  # sampled nodes with no reply before the round deadline
     dropouts: int = 0  # sampled clients a simulated fault took out (fedtune.faults)
+    #: partitions sampled this round, and those a simulated fault took out
+    partitions: list[int] = field(default_factory=list)
+    dropped_out: list[int] = field(default_factory=list)
+    late: list[int] = field(default_factory=list)
     #: message id -> node it went to; a SuperLink answers for a node it lost (Node
     #: Unavailable) from its own node id, so such replies are traced back through this
     message_node: dict[str, int] = field(default_factory=dict)
@@ -527,10 +531,11 @@ class FedtuneStrategy(Strategy):
         from fedtune.faults import draw_faults, faults_active
 
         spec = self.scenario.simulation
+        by_partition = {self.node_partition[n]: n for n in nodes}
+        self.stats.partitions = sorted(by_partition)
         if not faults_active(spec):
             return nodes
         train = self.scenario.train
-        by_partition = {self.node_partition[n]: n for n in nodes}
         settings = {p: self._settings(n) for p, n in by_partition.items()}
         work = {p: float(train.steps * train.grad_accum * s.batch_size * s.seq_len)
                 for p, s in settings.items()}
@@ -539,6 +544,7 @@ class FedtuneStrategy(Strategy):
                              self.scenario.run.seed, server_round)
         self.stats.dropouts = len(faults.dropped)
         self.stats.stragglers += len(faults.stragglers)
+        self.stats.dropped_out, self.stats.late = list(faults.dropped), list(faults.stragglers)
         if faults.lost:
             log.info("round %d: simulated faults: %d dropped out, %d past the %.0f s deadline",
                      server_round, len(faults.dropped), len(faults.stragglers),
@@ -711,6 +717,9 @@ class FedtuneStrategy(Strategy):
                 "dropped": list(self.stats.dropped),
                 "stragglers": self.stats.stragglers,
                 "dropouts": self.stats.dropouts,
+                "sampled_partitions": self.stats.partitions,
+                "dropped_out": self.stats.dropped_out,
+                "late": self.stats.late,
                 **{k.replace("-", "_"): v for k, v in train_metrics.items()
                    if k not in ("train-loss", "num-clients", "seconds-aggregate")},
                 "seconds": time.perf_counter() - start,
