@@ -8,6 +8,7 @@ append-only and flushed line by line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -166,4 +167,7 @@ class RunRecorder:
         self.status = status
         self.write_summary()
         self._metrics.close()
-        write_report(self.path, self.summary())
+        try:
+            write_report(self.path, self.summary())
+        except Exception as err:  # noqa: BLE001 - a report must never hide the run's outcome
+            logging.getLogger("fedtune").warning("could not write the run report: %s", err)
