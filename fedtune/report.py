@@ -56,16 +56,22 @@ def perplexity_plot(summary: dict[str, Any]) -> str | None:
                   "perplexity")
 
 
+def _bar_pair(ax: Any, rounds: list[dict[str, Any]], left: tuple[str, str],
+              right: tuple[str, str], width: float, scale: float = 1.0) -> None:
+    """Two bars per round side by side: (record key, label) each, values / ``scale``."""
+    x = [r["round"] for r in rounds]
+    for shift, (key, label) in ((-width / 2, left), (width / 2, right)):
+        ax.bar([v + shift for v in x], [r.get(key, 0) / scale for r in rounds], width,
+               label=label)
+
+
 def traffic_plot(summary: dict[str, Any]) -> str | None:
     rounds = summary["rounds"]
     if not rounds:
         return None
     fig, ax = _figure()
-    x = [r["round"] for r in rounds]
-    ax.bar([v - 0.2 for v in x], [r.get("bytes_up", 0) / MB for r in rounds], 0.4,
-           label="up (clients to server)")
-    ax.bar([v + 0.2 for v in x], [r.get("bytes_down", 0) / MB for r in rounds], 0.4,
-           label="down (server to clients)")
+    _bar_pair(ax, rounds, ("bytes_up", "up (clients to server)"),
+              ("bytes_down", "down (server to clients)"), 0.4, MB)
     return _embed(fig, "Bytes per round", "MB")
 
 
@@ -92,10 +98,7 @@ def participation_plot(summary: dict[str, Any]) -> str | None:
     x = [r["round"] for r in rounds]
     ax.plot(x, [r.get("clients_sampled", 0) for r in rounds], marker="o", label="sampled")
     ax.plot(x, [r.get("clients_replied", 0) for r in rounds], marker="s", label="aggregated")
-    ax.bar([v - 0.15 for v in x], [r.get("dropouts", 0) for r in rounds], 0.3,
-           label="dropped out")
-    ax.bar([v + 0.15 for v in x], [r.get("stragglers", 0) for r in rounds], 0.3,
-           label="stragglers")
+    _bar_pair(ax, rounds, ("dropouts", "dropped out"), ("stragglers", "stragglers"), 0.3)
     return _embed(fig, "Participation per round", "clients")
 
 

@@ -737,7 +737,7 @@ class FedtuneStrategy(Strategy):
         global adapter (the exported tensors), so an application embedding a client can
         use the result and stop; returns how many acknowledged. Simulated clients have
         nothing to keep and are not told."""
-        named = {p for p in self.names.values()}
+        named = set(self.names.values())
         live = set(grid.get_node_ids())
         nodes = sorted(n for n, p in self.node_partition.items() if p in named and n in live)
         if not nodes or self.global_adapter is None:

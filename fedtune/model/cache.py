@@ -73,6 +73,14 @@ def release(source: str) -> None:
                 model.unload()
 
 
+def give_back(source: str) -> None:
+    """End the loan of a model lent under ``source``: its LoRA layers out, its name freed."""
+    from fedtune.model.loading import unregister_model
+
+    release(source)
+    unregister_model(source)
+
+
 def clear() -> None:
     """Drop cached models (and reset counters) so their memory can be reclaimed."""
     with _lock:

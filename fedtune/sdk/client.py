@@ -366,11 +366,9 @@ class Session:
         """Hand back what the session borrowed: the texts, and a lent model without its
         LoRA layers."""
         from fedtune.data.local import unregister_texts
-        from fedtune.model.cache import release
-        from fedtune.model.loading import unregister_model
+        from fedtune.model.cache import give_back
 
         unregister_texts(self.data_key)
         if self._lent:
             with _ONE_AT_A_TIME:
-                release(self.model_source)
-            unregister_model(self.model_source)
+                give_back(self.model_source)

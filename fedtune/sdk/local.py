@@ -36,8 +36,8 @@ class LocalResult:
 def train_alone(client: Client, steps: int | None, lr: float | None, rank: int | None,
                 out: Path, on_progress: ProgressCallback | None = None) -> LocalResult:
     """Train a fresh LoRA on ``client``'s texts (one held out) and save it to ``out``."""
-    from fedtune.model.cache import get_peft_model, release
-    from fedtune.model.loading import ModelSpec, base_model_name, register_model, unregister_model
+    from fedtune.model.cache import get_peft_model, give_back
+    from fedtune.model.loading import ModelSpec, base_model_name, register_model
     from fedtune.model.lora import (
         activate,
         adapter_name,
@@ -90,6 +90,5 @@ def train_alone(client: Client, steps: int | None, lr: float | None, rank: int |
                               str(getattr(client.model.config, "_name_or_path", "")))
         finally:
             if lent:
-                release(source)
-                unregister_model(source)
+                give_back(source)
     return LocalResult(out, float(result.loss), before, after, config.steps)
