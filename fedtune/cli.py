@@ -232,6 +232,57 @@ def client(
     console.print(f"client stopped after {served} messages")
 
 
+keys_app = typer.Typer(help="Client keys of a running `fedtune server` (node authentication), "
+                        "run on the server machine: add, list, remove.")
+app.add_typer(keys_app, name="keys")
+RUN_OPTION = typer.Option(..., "--run", help="The run directory the server prints.")
+
+
+def _control(run_dir: Path):  # -> fedtune.deploy.server.Endpoint
+    from fedtune.deploy.server import operator_endpoint
+
+    try:
+        return operator_endpoint(run_dir)
+    except ConfigError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("add")
+def keys_add(public_keys: Path = typer.Argument(..., help="OpenSSH public key file(s)."),
+             run: Path = RUN_OPTION) -> None:
+    """Allow the clients holding these keys to join (one key per line)."""
+    from fedtune.deploy.control import ControlError, add_keys_file
+
+    endpoint = _control(run)
+    with _exits_on(ControlError, OSError):
+        added = add_keys_file(endpoint.address, public_keys, endpoint.ca_cert)
+    console.print(f"registered {len(added)} new key(s): node ids {added}")
+
+
+@keys_app.command("list")
+def keys_list(run: Path = RUN_OPTION) -> None:
+    """The client keys the server knows, with their node ids and status."""
+    from fedtune.deploy.control import ControlError, list_node_keys
+
+    endpoint = _control(run)
+    with _exits_on(ControlError, OSError):
+        for node in list_node_keys(endpoint.address, endpoint.ca_cert):
+            print(f"{node.node_id}\t{node.status}\t{node.public_key}")
+
+
+@keys_app.command("remove")
+def keys_remove(which: str = typer.Argument(..., help="A node id, or a public key file."),
+                run: Path = RUN_OPTION) -> None:
+    """Take a client's key away: it can no longer join or send."""
+    from fedtune.deploy.control import ControlError, remove_keys
+
+    endpoint = _control(run)
+    with _exits_on(ControlError, OSError):
+        removed = remove_keys(endpoint.address, which, endpoint.ca_cert)
+    console.print(f"removed node(s) {removed}")
+
+
 @app.command()
 def certs(
     folder: Path = typer.Argument(..., help="Where to write the certificates and keys."),
@@ -246,6 +297,9 @@ def certs(
                              clients)
     keys_file = folder / "authorized_clients.pub"
     keys_file.write_text("".join(p.read_text() for p in made.node_public_keys))
+    if not clients:
+        console.print("no client keys made: a TLS server needs server.auth_keys (or "
+                      "server.allow_unauthenticated_clients = true); use --clients N")
     console.print(f"CA {made.ca_cert}, server certificate {made.cert} (key {made.key})"
                   + (f"; {clients} client keys, public ones listed in {keys_file}"
                      if clients else ""))

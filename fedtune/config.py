@@ -364,15 +364,19 @@ class ServerSpec:
 
     TLS needs all three certificate files; ``insecure = true`` is the only way to run
     without them. ``auth_keys`` (a file of OpenSSH ECDSA public keys, one per line) turns on
-    Flower's node authentication: only clients holding one of those keys may join.
+    Flower's node authentication: only clients holding one of those keys may join, and a
+    client's name is bound to its key. A TLS server without it refuses to start unless
+    ``allow_unauthenticated_clients = true`` says that anyone who reaches ``address`` may
+    join (and claim any unused name).
     """
 
-    address: str = "0.0.0.0:9092"  # the SuperLink's one port (Fleet, Control and runtime APIs)
+    address: str = "0.0.0.0:9092"  # the clients' port: Flower's Fleet API and nothing else
     insecure: bool = False
     ca_cert: str = ""
     cert: str = ""
     key: str = ""
     auth_keys: str = ""
+    allow_unauthenticated_clients: bool = False
     wait_for_clients: float = 600.0  # seconds to wait for data.num_clients to connect
 
     def __post_init__(self) -> None:

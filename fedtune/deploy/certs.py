@@ -55,6 +55,13 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(entries)
 
 
+#: what a CA certificate may sign (RFC 5280; strict verifiers require it)
+_CA_USAGE = x509.KeyUsage(digital_signature=False, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False,
+                          key_agreement=False, key_cert_sign=True, crl_sign=True,
+                          encipher_only=False, decipher_only=False)
+
+
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -75,6 +82,9 @@ def make_certificates(folder: str | Path, hosts: list[str] | None = None, nodes:
           .not_valid_before(now - dt.timedelta(minutes=5))
           .not_valid_after(now + dt.timedelta(days=days))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(_CA_USAGE, critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                         critical=False)
           .sign(ca_key, hashes.SHA256()))
     server_key = ec.generate_private_key(ec.SECP384R1())
     server = (x509.CertificateBuilder().subject_name(_name(hosts[0]))
@@ -86,6 +96,8 @@ def make_certificates(folder: str | Path, hosts: list[str] | None = None, nodes:
               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
               .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
                              critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                  ca_key.public_key()), critical=False)
               .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
     _write(out / "ca.key", _pem_key(ca_key), private=True)

@@ -12,6 +12,8 @@ itself when the server restarts.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import socket
 import ssl
 import subprocess
@@ -25,7 +27,15 @@ from typing import TYPE_CHECKING
 
 from fedtune.data.local import MEMORY_PREFIX, read_local_texts
 from fedtune.data.types import DataError
-from fedtune.deploy.server import flower_bin, flower_env, stop_process, tail
+from fedtune.deploy.seal import RunPin
+from fedtune.deploy.server import flower_bin, flower_env, free_port, stop_process, tail
+from fedtune.deploy.task import TOKEN_VARIABLE
+from fedtune.deploy.task import command as task_command
+
+log = logging.getLogger("fedtune")
+
+#: the runs this client served (``fedtune.deploy.seal.RunPin``), in its state folder
+PIN_FILE = "run-pins.json"
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -50,8 +60,8 @@ class ClientOptions:
     #: of the same base: a local folder, or a model an application lent, see the SDK)
     model: str = ""
     connect_wait: float = 30.0  # seconds to keep trying to reach the server at start
-    #: False: Flower's default, a fresh ClientApp process (imports + model load) per
-    #: message; kept to measure what the long-lived worker saves
+    #: False: a fresh ClientApp process (imports + model load) per message, Flower's
+    #: default cost; kept to measure what the long-lived worker saves
     long_lived: bool = True
 
     @property
@@ -147,12 +157,6 @@ def _check_plain_http(address: str) -> None:
                           "--insecure") from None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def node_config(options: ClientOptions) -> str:
     """``--node-config`` (TOML values; JSON strings are valid TOML basic strings)."""
     values = {"data-path": options.data_path, "name": options.client_name,
@@ -164,11 +168,11 @@ def node_config(options: ClientOptions) -> str:
 
 
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
+    # --isolation process: the SuperNode never starts a ClientApp itself (Flower's would
+    # install the run's FAB and run its code); fedtune's worker claims every task
     command = [flower_bin("flower-supernode"), "--superlink", options.server,
                "--host", "127.0.0.1", "--port", str(runtime_port),
-               "--node-config", node_config(options)]
-    if options.long_lived:
-        command += ["--isolation", "process"]
+               "--node-config", node_config(options), "--isolation", "process"]
     if options.insecure:
         command.append("--insecure")
     else:
@@ -178,11 +182,39 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
     return command
 
 
-def _load_app(reference: str) -> object:
+def load_app(reference: str) -> object:
     import importlib
 
     module, _, attribute = reference.partition(":")
     return getattr(importlib.import_module(module), attribute or "app")
+
+
+def run_pin(options: ClientOptions, state: Path) -> RunPin | None:
+    """Which runs this client serves: those sealed by the server it dials (TLS only)."""
+    if options.insecure:
+        return None
+    host, _ = split_address(options.server)
+    return RunPin(options.root_certificates, host, state / PIN_FILE)
+
+
+def per_message_runner(options: ClientOptions, address: str, state: Path
+                       ) -> Callable[[str], str]:
+    """Runs each task in a fresh ``fedtune.deploy.task`` process (same run check)."""
+    host = "" if options.insecure else split_address(options.server)[0]
+    command = task_command(address, options.app,
+                           "" if options.insecure else options.root_certificates, host,
+                           "" if options.insecure else str(state / PIN_FILE))
+
+    def run(token: str) -> str:
+        done = subprocess.run(command, env={**os.environ, TOKEN_VARIABLE: token},
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            log.error("the per-message ClientApp process failed (%d):\n%s",
+                      done.returncode, done.stderr[-2000:])
+            return "failed"
+        return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "failed"
+
+    return run
 
 
 def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
@@ -196,7 +228,7 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     texts = check_local(options)
     check_server(options, options.connect_wait)
     if app is None and options.long_lived:
-        app = _load_app(options.app)  # type: ignore[assignment]
+        app = load_app(options.app)  # type: ignore[assignment]
     state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
     (state / "home").mkdir(parents=True, exist_ok=True)
     log = state / "supernode.log"
@@ -224,12 +256,15 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
         served += 1
         say(f"message {served} done ({status}) in {seconds:.1f} s")
 
+    pin = run_pin(options, state)
+    if pin is None:
+        say("insecure: this client serves any run the server's SuperLink holds (no seal "
+            "can be checked without TLS)")
+    address = f"127.0.0.1:{port}"
+    per_message = None if options.long_lived else per_message_runner(options, address, state)
     try:
-        if options.long_lived:
-            assert app is not None
-            serve_forever(f"127.0.0.1:{port}", app, stop=stop, on_task=count)
-        else:
-            stop.wait()
+        serve_forever(address, app, stop=stop, on_task=count,  # type: ignore[arg-type]
+                      pin=pin, run_task=per_message)
     finally:
         stop_process(process)
     if ended.is_set() and process.returncode != 0:

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from flwr.cli.typing import SuperLinkConnection
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
+    ListNodesRequest,
     ListRunsRequest,
     RegisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
+    UnregisterNodeRequest,
 )
 from flwr.supercore.fab import Fab
 
@@ -81,34 +84,108 @@ def wait_for_run(address: str, run_id: int, ca_cert: str | None = None, poll: fl
         time.sleep(poll)
 
 
-def register_node_keys(address: str, keys_file: Path, ca_cert: str | None) -> list[int]:
-    """Register every OpenSSH public key in ``keys_file`` (one per line) as a client
-    allowed to join; a key registered before (a resumed server) is skipped."""
+def parse_public_key(line: str, origin: str) -> bytes:
+    """An OpenSSH public key line as the bytes Flower's node registry stores."""
     from cryptography.hazmat.primitives import serialization
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+    try:
+        key = serialization.load_ssh_public_key(line.strip().encode())
+    except (ValueError, TypeError) as err:
+        raise ControlError(f"{origin} is not an OpenSSH public key: {err}") from None
+    return public_key_to_bytes(key)  # type: ignore[arg-type]
+
+
+def read_key_lines(keys_file: Path) -> list[str]:
     lines = [line.strip() for line in Path(keys_file).read_text().splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def register_key(client: Any, public_key: bytes, origin: str) -> int | None:
+    """Register one key; None when it was registered before (a resumed server)."""
+    try:
+        return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id)
+    except Exception as err:  # noqa: BLE001 - Flower raises its own HTTP errors
+        if "already" in str(err).lower():
+            return None
+        raise ControlError(f"registering {origin} failed: {err}") from None
+
+
+def register_node_keys(address: str, keys_file: Path, ca_cert: str | None) -> list[int]:
+    """Register every OpenSSH public key in ``keys_file`` (one per line) as a client
+    allowed to join; a key registered before (a resumed server) is skipped."""
+    keys = read_key_lines(keys_file)
     if not keys:
         raise ControlError(f"server.auth_keys = {str(keys_file)!r} lists no public key")
-    node_ids = []
+    parsed = [parse_public_key(line, f"{keys_file}: key {n}")
+              for n, line in enumerate(keys, start=1)]
     client = _client(address, ca_cert)
     try:
-        for number, line in enumerate(keys, start=1):
-            try:
-                key = serialization.load_ssh_public_key(line.encode())
-            except ValueError as err:
-                raise ControlError(f"{keys_file}: key {number} is not an OpenSSH public key: "
-                                   f"{err}") from None
-            try:
-                response = client.RegisterNode(RegisterNodeRequest(
-                    public_key=public_key_to_bytes(key)))
-            except Exception as err:  # noqa: BLE001 - Flower raises its own HTTP errors
-                if "already" in str(err).lower():
-                    continue
-                raise ControlError(f"registering key {number} of {keys_file} failed: "
-                                   f"{err}") from None
-            node_ids.append(int(response.node_id))
+        found = [register_key(client, key, f"key {n} of {keys_file}")
+                 for n, key in enumerate(parsed, start=1)]
     finally:
         client.close()
-    return node_ids
+    return [n for n in found if n is not None]
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A client key the SuperLink knows: its node id, status and OpenSSH public key."""
+
+    node_id: int
+    status: str
+    public_key: str
+
+
+def list_node_keys(address: str, ca_cert: str | None) -> list[NodeKey]:
+    from cryptography.hazmat.primitives import serialization
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    client = _client(address, ca_cert)
+    try:
+        nodes = client.ListNodes(ListNodesRequest()).nodes_info
+    finally:
+        client.close()
+    found = []
+    for node in nodes:
+        try:
+            key = bytes_to_public_key(node.public_key).public_bytes(
+                serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        except ValueError:
+            key = node.public_key.hex()
+        found.append(NodeKey(int(node.node_id), node.status, key))
+    return found
+
+
+def unregister_node(address: str, node_id: int, ca_cert: str | None) -> None:
+    client = _client(address, ca_cert)
+    try:
+        client.UnregisterNode(UnregisterNodeRequest(node_id=node_id))
+    except Exception as err:  # noqa: BLE001 - Flower raises its own HTTP errors
+        raise ControlError(f"removing node {node_id} failed: {err}") from None
+    finally:
+        client.close()
+
+
+def add_keys_file(address: str, keys_file: Path, ca_cert: str | None) -> list[int]:
+    """``fedtune keys add``: register the keys of a file while the server runs."""
+    if not Path(keys_file).is_file():
+        raise ControlError(f"{keys_file}: no such file")
+    return register_node_keys(address, keys_file, ca_cert)
+
+
+def remove_keys(address: str, which: str, ca_cert: str | None) -> list[int]:
+    """``fedtune keys remove``: a node id, or every node holding a key of a file."""
+    if which.isdigit():
+        ids = [int(which)]
+    else:
+        if not Path(which).is_file():
+            raise ControlError(f"{which}: neither a node id nor a public key file")
+        wanted = {" ".join(line.split()[:2]) for line in read_key_lines(Path(which))}
+        ids = [n.node_id for n in list_node_keys(address, ca_cert)
+               if " ".join(n.public_key.split()[:2]) in wanted]
+        if not ids:
+            raise ControlError(f"no registered node holds a key of {which}")
+    for node_id in ids:
+        unregister_node(address, node_id, ca_cert)
+    return ids

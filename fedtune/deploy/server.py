@@ -1,14 +1,21 @@
 """``fedtune server``: a Flower SuperLink plus one run of the fedtune ServerApp.
 
-The SuperLink (Flower's own server process) listens where clients connect; the run is
-submitted to it through its Control API as a Flower app whose run config carries the
-whole scenario, so clients need nothing but the server's address. The ServerApp writes
-the same run directory as ``fedtune simulate`` and a checkpoint after every round;
-``--resume RUN_DIR`` starts a new SuperLink on the same state and continues the run.
+The SuperLink (Flower's own server process) listens on the loopback interface only: its
+one HTTP port serves the Control API (run submission, client key registration) and the
+runtime API as well as the Fleet API, and flwr's open-source Control API trusts every
+caller. Clients connect to ``server.address``, where ``fedtune.deploy.front`` forwards
+the Fleet routes and nothing else. The run is submitted through the loopback Control API
+as a Flower app whose run config carries the whole scenario, sealed with the server's
+TLS key (``fedtune.deploy.seal``), so clients need nothing but the server's address and
+CA, and serve no other run. The ServerApp writes the same run directory as ``fedtune
+simulate`` and a checkpoint after every round; ``--resume RUN_DIR`` starts a new
+SuperLink on the same state and continues the run.
 
 Layout of the run directory's ``flower/`` folder: ``app/pyproject.toml`` (the app that
 is submitted), ``home/`` (FLWR_HOME of the SuperLink), ``state.db`` (its database, so
-registered client keys survive a restart) and ``superlink.log``.
+registered client keys survive a restart), ``superlink.log``, ``loopback/`` (the
+per-start certificate of the loopback SuperLink, private to the server's user) and,
+while the server runs, ``control.json`` (where ``fedtune keys`` reaches the Control API).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,10 +36,15 @@ from typing import Any
 import tomli_w
 
 from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
+from fedtune.deploy.certs import Certificates, make_certificates
+from fedtune.deploy.front import Front, Upstream
+from fedtune.deploy.seal import seal_config
 from fedtune.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
 
 FLOWER_DIR = "flower"
 LOG_FILE = "superlink.log"
+CONTROL_FILE = "control.json"
+LOOPBACK_DIR = "loopback"
 
 
 class DeploymentError(RuntimeError):
@@ -40,10 +53,18 @@ class DeploymentError(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """How local tools reach the SuperLink (its Control API is on the clients' port)."""
+    """How tools on the server machine reach the SuperLink's Control API (loopback)."""
 
     address: str
     ca_cert: str | None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"address": self.address, "ca_cert": self.ca_cert}))
+
+    @classmethod
+    def load(cls, path: Path) -> Endpoint:
+        saved = json.loads(path.read_text())
+        return cls(str(saved["address"]), saved.get("ca_cert"))
 
 
 def flower_bin(name: str) -> str:
@@ -65,13 +86,30 @@ def flower_env(home: Path) -> dict[str, str]:
             "PATH": scripts + os.pathsep + os.environ.get("PATH", "")}
 
 
+def operator_endpoint(run_dir: Path) -> Endpoint:
+    """Where the running server of ``run_dir`` takes Control API calls (``fedtune keys``)."""
+    path = Path(run_dir) / FLOWER_DIR / CONTROL_FILE
+    if not path.is_file():
+        raise ConfigError(f"no running fedtune server for {run_dir} (no {path}); start it, "
+                          "or list the keys in server.auth_keys for its next start")
+    return Endpoint.load(path)
+
+
 def check_security(server: ServerSpec) -> None:
-    """TLS certificates or an explicit insecure choice, and files that exist."""
+    """TLS certificates or an explicit insecure choice, node authentication or an
+    explicit choice to go without, and files that exist."""
     if not server.insecure and not server.tls:
         raise ConfigError(
             "the server needs TLS certificates (server.ca_cert, server.cert, server.key; "
             "`fedtune certs DIR` makes test ones) or an explicit --insecure, which sends "
             "adapters and metrics unencrypted")
+    if server.tls and not server.auth_keys and not server.allow_unauthenticated_clients:
+        raise ConfigError(
+            "server.auth_keys is not set: without node authentication anyone who can reach "
+            f"{server.address} can join as a client and send updates. List the clients' "
+            "public keys in server.auth_keys (`fedtune certs DIR --clients N` makes "
+            "DIR/authorized_clients.pub), or set server.allow_unauthenticated_clients = "
+            "true to accept any client on purpose")
     for key in ("ca_cert", "cert", "key", "auth_keys"):
         value = getattr(server, key)
         if value and not Path(value).is_file():
@@ -100,24 +138,47 @@ def write_app(folder: Path, config: dict[str, Any]) -> Path:
     return folder
 
 
-def superlink_command(server: ServerSpec, database: Path) -> list[str]:
-    host, _, port = server.address.rpartition(":")
-    command = [flower_bin("flower-superlink"), "--host", host, "--port", port,
+def superlink_command(server: ServerSpec, database: Path, port: int,
+                      loopback: Certificates | None) -> list[str]:
+    """The SuperLink on 127.0.0.1 only, with the loopback certificate (or plain HTTP
+    for an insecure deployment)."""
+    command = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
                "--database", str(database), "--disable-runtime-dependency-installation"]
-    if server.insecure:
+    if loopback is None:
         return [*command, "--insecure"]
-    command += ["--ssl-ca-certfile", server.ca_cert, "--ssl-certfile", server.cert,
-                "--ssl-keyfile", server.key]
+    command += ["--ssl-ca-certfile", str(loopback.ca_cert), "--ssl-certfile",
+                str(loopback.cert), "--ssl-keyfile", str(loopback.key)]
     if server.auth_keys:
         command.append("--enable-supernode-auth")
     return command
 
 
-def local_endpoint(server: ServerSpec) -> Endpoint:
-    """0.0.0.0 listens everywhere; local tools reach it on 127.0.0.1."""
-    host, _, port = server.address.rpartition(":")
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
-    return Endpoint(f"{host}:{port}", None if server.insecure else server.ca_cert)
+def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | None:
+    """A fresh CA and certificate for 127.0.0.1, made at each start in a folder only
+    the server's user can read (None for an insecure deployment)."""
+    if server.insecure:
+        return None
+    folder = flower / LOOPBACK_DIR
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return make_certificates(folder, ["127.0.0.1", "localhost"])
+
+
+def start_front(server: ServerSpec, endpoint: Endpoint) -> Front:
+    """Serve the Fleet API, and only it, where clients connect."""
+    front = Front(server.address, Upstream(endpoint.address, endpoint.ca_cert),
+                  certfile=server.cert or None, keyfile=server.key or None)
+    try:
+        front.start()
+    except OSError as err:
+        raise DeploymentError(f"cannot serve clients on {server.address}: {err}") from None
+    return front
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until_healthy(process: subprocess.Popen[bytes], endpoint: Endpoint, log: Path,
@@ -233,20 +294,31 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
     run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
     flower = run_dir / FLOWER_DIR
     (flower / "home").mkdir(parents=True, exist_ok=True)
-    app = write_app(flower / "app", app_config(scenario, run_dir, resume is not None))
+    config = app_config(scenario, run_dir, resume is not None)
+    if scenario.server.tls:
+        config = seal_config(config, scenario.server.cert, scenario.server.key)
+    app = write_app(flower / "app", config)
     log = flower / LOG_FILE
-    endpoint = local_endpoint(scenario.server)
+    loopback = loopback_certificates(flower, scenario.server)
+    endpoint = Endpoint(f"127.0.0.1:{free_port()}",
+                        None if loopback is None else str(loopback.ca_cert))
     env = flower_env(flower / "home")
     with open(log, "ab") as log_handle:
-        process = subprocess.Popen(superlink_command(scenario.server, flower / "state.db"),
-                                   stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            superlink_command(scenario.server, flower / "state.db",
+                              int(endpoint.address.rpartition(":")[2]), loopback),
+            stdout=log_handle, stderr=subprocess.STDOUT, env=env)
+    front: Front | None = None
     try:
         wait_until_healthy(process, endpoint, log)
+        front = start_front(scenario.server, endpoint)
         if scenario.server.auth_keys:
             register_node_keys(endpoint.address, Path(scenario.server.auth_keys),
                                endpoint.ca_cert)
+        endpoint.save(flower / CONTROL_FILE)
         security = ("insecure: traffic is NOT encrypted" if scenario.server.insecure
-                    else "TLS" + (", node authentication" if scenario.server.auth_keys else ""))
+                    else "TLS" + (", node authentication" if scenario.server.auth_keys
+                                  else ", ANY client may join"))
         say(f"clients connect to {scenario.server.address} ({security}); waiting for "
             f"{scenario.data.num_clients} clients; run directory {run_dir}")
         run_id = _with_home(env, lambda: submit_run(endpoint.address, app, {},
@@ -263,6 +335,9 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
                                                       endpoint.ca_cert, on_poll=check_alive))
         summary = watcher.poll() or {}
     finally:
+        (flower / CONTROL_FILE).unlink(missing_ok=True)
+        if front is not None:
+            front.stop()
         stop_process(process)
     if status[1] != "completed" or summary.get("status") != "completed":
         raise DeploymentError(f"run {run_id} ended {status[0]}:{status[1]} {status[2]} "

@@ -35,6 +35,8 @@ from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+from fedtune.deploy.seal import RunPin, RunRefused
+
 log = logging.getLogger("fedtune")
 
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -81,9 +83,17 @@ def error_reply(message: Message, err: Exception) -> Message:
                    reply_to=message)
 
 
+def refusal_reply(message: Message, err: RunRefused) -> Message:
+    """What a client answers a run it does not serve: an error, no computation."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                         reason=f"run refused by this client: {err}"), reply_to=message)
+
+
 def handle_task(address: str, token: str, app: ClientApp, insecure: bool = True,
-                root_certificates: bytes | None = None) -> str:
-    """Run one claimed task (one message) through ``app``; returns Flower's sub-status."""
+                root_certificates: bytes | None = None, pin: RunPin | None = None) -> str:
+    """Run one claimed task (one message) through ``app``; returns Flower's sub-status.
+    With ``pin``, a message of a run the pin refuses is answered with an error and never
+    reaches the app."""
     retry = _task_retry_invoker(60.0)
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
@@ -99,8 +109,14 @@ def handle_task(address: str, token: str, app: ClientApp, insecure: bool = True,
     try:
         heartbeat.start()
         message, context, _run, _fab = pull_task_input(client)
+        if pin is not None:
+            pin.check(message.metadata.run_id, context.run_config)
         reply = app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
+    except RunRefused as err:
+        assert message is not None
+        log.warning("refused a message of run %s: %s", message.metadata.run_id, err)
+        reply, details = refusal_reply(message, err), f"run refused: {err}"
     except Exception as err:  # noqa: BLE001 - the server gets the error as a reply
         log.error("ClientApp task failed: %s", err, exc_info=err)
         details = str(err)
@@ -126,9 +142,13 @@ def handle_task(address: str, token: str, app: ClientApp, insecure: bool = True,
 def serve_forever(address: str, app: ClientApp, insecure: bool = True,
                   root_certificates: bytes | None = None, poll_interval: float = 0.1,
                   max_disconnected: float | None = None, stop: threading.Event | None = None,
-                  on_task: Callable[[str, float], None] | None = None) -> int:
+                  on_task: Callable[[str, float], None] | None = None,
+                  pin: RunPin | None = None,
+                  run_task: Callable[[str], str] | None = None) -> int:
     """Claim and run the SuperNode's ClientApp tasks until ``stop`` is set or the
-    SuperNode has been unreachable for ``max_disconnected`` seconds; returns the count."""
+    SuperNode has been unreachable for ``max_disconnected`` seconds; returns the count.
+    ``run_task(token)`` runs a task elsewhere (a fresh process per message) in place of
+    ``app`` here."""
     stop = stop or threading.Event()
     acquire = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
@@ -155,7 +175,9 @@ def serve_forever(address: str, app: ClientApp, insecure: bool = True,
                 stop.wait(poll_interval)
                 continue
             begun = time.perf_counter()
-            status = handle_task(address, response.token, app, insecure, root_certificates)
+            status = (run_task(response.token) if run_task is not None else
+                      handle_task(address, response.token, app, insecure, root_certificates,
+                                  pin))
             served += 1
             if on_task is not None:
                 on_task(status, time.perf_counter() - begun)
