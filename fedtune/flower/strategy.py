@@ -37,6 +37,7 @@ from fedtune.core.codec import (
 )
 from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
+from fedtune.flower.identity import NameKeys
 from fedtune.privacy import GaussianNoise, PrivacyAccountant
 from fedtune.privacy.mechanism import ClientLevelDP, dense_release, factor_release
 
@@ -105,6 +106,8 @@ class FedtuneStrategy(Strategy):
         self.names: dict[str, int] = {}
         #: deployment: the profile (TOML text) each partition declared when it first joined
         self.declared: dict[int, str] = {}
+        #: deployment with node authentication: which key owns which name
+        self.name_keys: NameKeys | None = NameKeys() if scenario.server.auth_keys else None
         self.global_adapter: GlobalAdapter | None = None
         self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
@@ -186,6 +189,9 @@ class FedtuneStrategy(Strategy):
                             node, partition, len(self.settings) - 1)
                 continue
             self.node_partition[node] = partition
+        if named and self.name_keys is not None:
+            held = {n.node_id: bytes(n.public_key) for n in grid.get_nodes()}
+            named = self.name_keys.admit(named, held)
         if named:
             self._register_named(named)
 
@@ -766,6 +772,7 @@ class FedtuneStrategy(Strategy):
             "pruned_rank": dict(self.pruned_rank),
             "names": dict(self.names),
             "declared": dict(self.declared),
+            "name_keys": None if self.name_keys is None else self.name_keys.state(),
             "accountant": None if self.accountant is None else self.accountant.state(),
             "stopped": self.stopped,
         }
@@ -779,6 +786,8 @@ class FedtuneStrategy(Strategy):
         self.pruned_rank = {int(k): int(v) for k, v in state["pruned_rank"].items()}
         self.names = {str(k): int(v) for k, v in state["names"].items()}
         self.declared = {int(k): str(v) for k, v in state["declared"].items()}
+        if state.get("name_keys") is not None:
+            self.name_keys = NameKeys(state["name_keys"])
         if self.declared:
             self._apply_declared_profiles()
         if state["accountant"] is not None:
