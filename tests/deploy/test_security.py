@@ -1,0 +1,232 @@
+"""The deployment against an attacker, with real processes on localhost (tiny model).
+
+One TLS + node-authentication federation is attacked while it runs: an outsider who
+can reach the clients' port (it has the CA certificate, no registered key) tries to
+submit its own Flower app and to register its own key, then to join; a rogue run is
+submitted on the server machine itself (through the loopback Control API) with the real
+run's seal over another config; after round 1 the operator registers a fourth key with
+``fedtune keys add`` and its holder claims an existing client's name. The same
+federation run again without any attacker must end with the bit-identical adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import tomli_w
+import tomllib
+from safetensors.torch import load_file
+
+from tests.deploy import harness as h
+
+pytestmark = pytest.mark.timeout(600)
+
+SETS = ["data.num_clients=3", "run.rounds=3", "federation.round_timeout=90"]
+MARKER = "OUTSIDER_CODE_RAN"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """CA, server certificate and five client keys: three clients, one key the operator
+    adds during the run (the impostor's), one never registered (the outsider's)."""
+    from fedtune.deploy.certs import make_certificates
+
+    folder = tmp_path_factory.mktemp("certs")
+    made = make_certificates(folder, nodes=5)
+    allowed = folder / "allowed.pub"
+    allowed.write_text("".join(p.read_text() for p in made.node_public_keys[:3]))
+    return made, allowed
+
+
+def _server(tmp: Path, port: int, keys) -> h.Proc:
+    made, allowed = keys
+    return h.server(tmp, port, [*SETS, f"server.ca_cert='{made.ca_cert}'",
+                                f"server.cert='{made.cert}'", f"server.key='{made.key}'",
+                                f"server.auth_keys='{allowed}'"])
+
+
+def _clients(tmp: Path, port: int, keys, files: list[Path]) -> list[h.Proc]:
+    """client0 and client1 long-lived, client2 a fresh process per message."""
+    made, _ = keys
+    tls = ["--root-certificates", str(made.ca_cert)]
+    return [h.client(tmp, port, f, [*tls, "--auth-key", str(k)]
+                     + (["--per-message-process"] if i == 2 else []))
+            for i, (f, k) in enumerate(zip(files, made.node_keys[:3], strict=True))]
+
+
+def _adapter(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _outsider_app(folder: Path, marker: Path) -> Path:
+    """A Flower app whose ServerApp module writes ``marker`` when imported."""
+    folder.mkdir(parents=True)
+    (folder / "outsider_app.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text({MARKER!r})\n"
+        "from flwr.serverapp import ServerApp\napp = ServerApp()\n")
+    (folder / "pyproject.toml").write_text(tomli_w.dumps({
+        "project": {"name": "outsider", "version": "1.0.0", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "outsider", "components": {
+            "serverapp": "outsider_app:app", "clientapp": "outsider_app:app"},
+            "config": {}}}}}))
+    return folder
+
+
+def _outsider(tmp: Path, port: int, keys) -> dict:
+    """Everything an outsider with the CA certificate tries on the clients' port."""
+    from flwr.proto.control_pb2 import ListRunsRequest, RegisterNodeRequest
+
+    from fedtune.deploy.control import _client, parse_public_key, submit_run
+
+    made, _ = keys
+    address, ca = f"127.0.0.1:{port}", str(made.ca_cert)
+    tried: dict = {"marker": tmp / "outsider-ran.txt"}
+    try:
+        tried["submit"] = submit_run(address, _outsider_app(tmp / "outsider", tried["marker"]),
+                                     {}, ca)
+    except Exception as err:  # noqa: BLE001 - whatever Flower's client raises
+        tried["submit"] = err
+    client = _client(address, ca)
+    try:
+        key = parse_public_key(made.node_public_keys[4].read_text(), "outsider key")
+        tried["register"] = client.RegisterNode(RegisterNodeRequest(public_key=key))
+    except Exception as err:  # noqa: BLE001
+        tried["register"] = err
+    try:
+        tried["list_runs"] = client.ListRuns(ListRunsRequest())
+    except Exception as err:  # noqa: BLE001
+        tried["list_runs"] = err
+    finally:
+        client.close()
+    probe = httpx.Client(base_url=f"https://{address}", verify=ca, timeout=10)
+    tried["status"] = {path: probe.post(path, content=b"").status_code for path in (
+        "/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/get-run",
+        "/v1/fleet/../control/list-runs", "/docs", "/openapi.json")}
+    tried["status"]["/health"] = probe.get("/health").status_code
+    probe.close()
+    return tried
+
+
+def _rogue_run(tmp: Path, run_dir: Path) -> int:
+    """From the server machine: the real app with another config and the real seal."""
+    from fedtune.deploy.control import submit_run
+    from fedtune.deploy.server import operator_endpoint
+
+    project = tomllib.loads((run_dir / "flower" / "app" / "pyproject.toml").read_text())
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert "fedtune-seal" in config
+    config["train.steps"] = 1
+    config["run-dir"] = str(tmp / "rogue-run")
+    folder = tmp / "rogue-app"
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    endpoint = operator_endpoint(run_dir)
+    return submit_run(endpoint.address, folder, {}, endpoint.ca_cert)
+
+
+def _keys_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*h.FEDTUNE, "keys", *args], capture_output=True, text=True,
+                          cwd=h.REPO, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, keys):
+    tmp = tmp_path_factory.mktemp("attacked")
+    made, _ = keys
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = _server(tmp, port, keys)
+    run_dir = h.run_dir_of(server)
+    outsider = _outsider(tmp, port, keys)
+    stranger = h.client(tmp, port, files[0], ["--root-certificates", str(made.ca_cert),
+                                              "--auth-key", str(made.node_keys[4])],
+                        name="outsider")
+    clients = _clients(tmp, port, keys, files)
+    impostor = None
+    try:
+        rogue = _rogue_run(tmp, run_dir)
+        h.wait_for_round(run_dir, 1, 240)
+        added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
+        listed = _keys_cli("list", "--run", str(run_dir))
+        impostor = h.client(tmp, port, files[1], [
+            "--root-certificates", str(made.ca_cert), "--auth-key", str(made.node_keys[3]),
+            "--name", files[0].stem], name="impostor")
+        assert server.wait(400) == 0, server.output()[-3000:]
+        assert stranger.wait(120) == 1
+    finally:
+        for c in [*clients, stranger, *([impostor] if impostor else [])]:
+            c.stop()
+    return dict(tmp=tmp, run_dir=run_dir, server=server, outsider=outsider,
+                stranger=stranger, clients=clients, impostor=impostor, rogue=rogue,
+                added=added, listed=listed)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, keys):
+    """The same federation with nobody attacking it."""
+    tmp = tmp_path_factory.mktemp("reference")
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = _server(tmp, port, keys)
+    run_dir = h.run_dir_of(server)
+    clients = _clients(tmp, port, keys, files)
+    try:
+        assert server.wait(400) == 0, server.output()[-3000:]
+    finally:
+        for c in clients:
+            c.stop()
+    return run_dir
+
+
+def test_an_outsider_cannot_submit_a_run_and_its_code_never_runs(attacked):
+    outsider = attacked["outsider"]
+    assert isinstance(outsider["submit"], Exception), outsider["submit"]
+    assert isinstance(outsider["list_runs"], Exception)
+    assert not outsider["marker"].exists()
+    # nothing but Fleet routes and /health answer on the clients' port
+    status = outsider["status"]
+    assert status.pop("/health") == 200
+    assert set(status.values()) == {404}, status
+
+
+def test_an_outsider_cannot_register_its_key_nor_join(attacked):
+    assert isinstance(attacked["outsider"]["register"], Exception)
+    assert "did not accept this client" in attacked["stranger"].output()
+
+
+def test_clients_refuse_the_rogue_run_and_the_real_run_is_unchanged(attacked, reference):
+    refusal = (f"refused a message of run {attacked['rogue']}: the run's config is not the "
+               "one the server signed")
+    for client in attacked["clients"]:  # long-lived and per-message alike
+        assert refusal in client.output(), client.output()[-2000:]
+    assert not (attacked["tmp"] / "rogue-run" / "adapter").exists()
+    got, want = _adapter(attacked["run_dir"]), _adapter(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].equal(want[name]), name
+    rounds = h.summary(attacked["run_dir"])["rounds"]
+    assert [r["eval_loss"] for r in rounds] == \
+        [r["eval_loss"] for r in h.summary(reference)["rounds"]]
+
+
+def test_the_operator_adds_a_key_while_the_server_runs(attacked):
+    added, listed = attacked["added"], attacked["listed"]
+    assert added.returncode == 0, added.stdout + added.stderr
+    assert "registered 1 new key" in added.stdout
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 4
+
+
+def test_another_key_claiming_a_clients_name_is_refused_and_the_owner_keeps_its_place(
+        attacked):
+    log = (attacked["run_dir"] / "flower" / "superlink.log").read_text(errors="replace")
+    assert "claims the name 'client0'" in log and "belongs to key" in log
+    rounds = h.summary(attacked["run_dir"])["rounds"]
+    assert [r["clients_replied"] for r in rounds] == [3, 3, 3]
+    records = [json.loads(line) for line in
+               (attacked["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    last = {r["client"] for r in records if r.get("phase") == "train" and r["round"] == 3}
+    assert last == {"0", "1", "2"}
