@@ -5,6 +5,10 @@ simulation wall time for the same scenario. Real processes on localhost, measure
 one run (ratios, not absolute times, are what to compare).
 
     .venv/bin/python benchmarks/bench_deployment.py [--models tiny,smollm2] [--rounds 2]
+        [--tls] [--modes per-message,long-lived,simulation]
+
+``--tls``: TLS and node authentication on both sides (test certificates made in the run
+folder), the way a real deployment runs; otherwise ``--insecure``.
 """
 
 from __future__ import annotations
@@ -47,20 +51,39 @@ def client_seconds(run_dir: Path) -> dict[int, dict[str, float]]:
                 "load_mean": statistics.mean(v["load"] or [0.0])} for k, v in rounds.items()}
 
 
-def deployment(model: str, rounds: int, long_lived: bool, work: Path) -> dict:
+def security(work: Path, tls: bool) -> tuple[list[str], list[str], list[list[str]]]:
+    """(server sets, server flags, per-client flags) for an insecure or a TLS +
+    node-authentication deployment of three clients."""
+    if not tls:
+        return [], ["--insecure"], [["--insecure"]] * 3
+    from fedtune.deploy.certs import make_certificates
+
+    made = make_certificates(work / "certs", nodes=3)
+    allowed = work / "certs" / "allowed.pub"
+    allowed.write_text("".join(p.read_text() for p in made.node_public_keys))
+    sets = [f"server.ca_cert='{made.ca_cert}'", f"server.cert='{made.cert}'",
+            f"server.key='{made.key}'", f"server.auth_keys='{allowed}'"]
+    return sets, [], [["--root-certificates", str(made.ca_cert), "--auth-key", str(k)]
+                      for k in made.node_keys]
+
+
+def deployment(model: str, rounds: int, long_lived: bool, work: Path, tls: bool = False
+               ) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     port = h.free_port()
     files = h.client_files(work / "data", 3)
+    secure_sets, server_flags, client_flags = security(work, tls)
     sets = [*MODELS[model], "data.num_clients=3", f"run.rounds={rounds}",
-            "federation.round_timeout=1200"]
-    server = h.server(work, port, sets, ["--insecure"])
+            "federation.round_timeout=1200", *secure_sets]
+    server = h.server(work, port, sets, server_flags)
     # h.server applies the tiny settings first; the model's own sets override them
     start = time.perf_counter()
     run_dir = h.run_dir_of(server)
-    extra = ["--insecure"] + ([] if long_lived else ["--per-message-process"])
+    mode = [] if long_lived else ["--per-message-process"]
     # one thread per client, as the simulation gives each virtual client one CPU: three
     # clients share this machine here, where in a real deployment each has its own
-    clients = [h.client(work, port, f, extra, env={"OMP_NUM_THREADS": "1"}) for f in files]
+    clients = [h.client(work, port, f, [*flags, *mode], env={"OMP_NUM_THREADS": "1"})
+               for f, flags in zip(files, client_flags, strict=True)]
     try:
         code = server.wait(3600)
     finally:
@@ -101,27 +124,35 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tls", action="store_true")
+    parser.add_argument("--modes", default="per-message,long-lived,simulation")
     args = parser.parse_args()
+    modes = set(args.modes.split(","))
     OUT.mkdir(exist_ok=True)
     results = {}
+    suffix = "-tls" if args.tls else ""
     for model in args.models.split(","):
-        row = {
-            "per_message_process": deployment(model, args.rounds, False,
-                                              OUT / "runs" / f"{model}-per-message"),
-            "long_lived": deployment(model, args.rounds, True, OUT / "runs" / f"{model}-long"),
-            "simulation": simulation(model, args.rounds),
-        }
+        row = {}
+        if "per-message" in modes:
+            row["per_message_process"] = deployment(
+                model, args.rounds, False, OUT / "runs" / f"{model}-per-message{suffix}",
+                args.tls)
+        if "long-lived" in modes:
+            row["long_lived"] = deployment(model, args.rounds, True,
+                                           OUT / "runs" / f"{model}-long{suffix}", args.tls)
+        if "simulation" in modes:
+            row["simulation"] = simulation(model, args.rounds)
         results[model] = row
-        before, after = row["per_message_process"], row["long_lived"]
-        if "error" not in before and "error" not in after:
+        before, after = row.get("per_message_process"), row.get("long_lived")
+        if before and after and "error" not in before and "error" not in after:
             print(f"{model}: overhead per round {before['overhead_mean_s']:.1f} s -> "
                   f"{after['overhead_mean_s']:.1f} s "
                   f"({before['overhead_mean_s'] / after['overhead_mean_s']:.1f}x); wall "
                   f"{before['wall_s']:.0f} s -> {after['wall_s']:.0f} s; simulation "
-                  f"{row['simulation'].get('wall_s', float('nan')):.0f} s", flush=True)
+                  f"{row.get('simulation', {}).get('wall_s', float('nan')):.0f} s", flush=True)
         else:
             print(model, json.dumps(row, indent=1)[:3000], flush=True)
-        (OUT / "results.json").write_text(json.dumps(results, indent=2))
+        (OUT / f"results{suffix}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
