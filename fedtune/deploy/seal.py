@@ -98,7 +98,9 @@ def open_seal(config: Mapping[str, Any], ca_file: str | Path, host: str) -> dict
         raise RunRefused("the run is not sealed by the server (no fedtune-seal in its config)")
     try:
         seal = json.loads(raw)
-        certificate = x509.load_pem_x509_certificate(seal["certificate"].encode())
+        # the server's certificate file: its own certificate, then any intermediates
+        certificate, *intermediates = x509.load_pem_x509_certificates(
+            seal["certificate"].encode())
         signature = base64.b64decode(seal["signature"], validate=True)
         statement_text = seal["statement"]
         statement = json.loads(statement_text)
@@ -107,7 +109,7 @@ def open_seal(config: Mapping[str, Any], ca_file: str | Path, host: str) -> dict
     cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
     verifier = PolicyBuilder().store(Store(cas)).build_server_verifier(_subject(host))
     try:
-        verifier.verify(certificate, [])
+        verifier.verify(certificate, intermediates)
     except VerificationError as err:
         raise RunRefused(f"the run's seal is not by the server {host} this client "
                          f"trusts: {err}") from None

@@ -128,3 +128,47 @@ def test_a_name_stays_with_the_first_key_that_claimed_it():
     # the binding survives a checkpoint
     again = NameKeys(names.state())
     assert again.admit({9: ("alice", "")}, {9: mallory}) == {}
+
+
+def test_a_server_certificate_with_an_intermediate_ca_seals_too(tmp_path):
+    """Operators' certificates often come as leaf + intermediate in one file."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+
+    def issue(subject, issuer, issuer_key, public, ca):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(public).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - dt.timedelta(minutes=1))
+                   .not_valid_after(now + dt.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                       issuer_key.public_key()), False))
+        if ca:
+            builder = builder.add_extension(usage, True)
+        else:
+            builder = (builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("fl.example")]), False).add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False))
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = issue("root", "root", root_key, root_key.public_key(), True)
+    mid = issue("mid", "root", root_key, mid_key.public_key(), True)
+    leaf = issue("fl.example", "mid", mid_key, leaf_key.public_key(), False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "root.crt").write_bytes(root.public_bytes(pem))
+    (tmp_path / "chain.pem").write_bytes(leaf.public_bytes(pem) + mid.public_bytes(pem))
+    (tmp_path / "leaf.key").write_bytes(leaf_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    sealed = seal_config({"a": 1}, tmp_path / "chain.pem", tmp_path / "leaf.key")
+    assert open_seal(sealed, tmp_path / "root.crt", "fl.example")["nonce"]
