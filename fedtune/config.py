@@ -118,6 +118,9 @@ class FederationSpec:
     padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
     # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
     max_update_norm: float = 0.0
+    # drop a reply claiming more training examples (its weight in every weighted mean);
+    # 0 = no bound. Why 100,000 and why dropped: fedtune.flower.replies.checked_examples
+    max_examples: int = 100_000
     # clients that evaluate the global adapter (a fixed seeded subset); 0 = every client
     eval_clients: int = 0
 
@@ -158,6 +161,8 @@ class FederationSpec:
                  "padding", self.padding, "'zeros' unless aggregator is zeropad or hetlora")
         _require(self.max_update_norm >= 0, "max_update_norm", self.max_update_norm,
                  "a number >= 0 (0 = no bound)")
+        _require(self.max_examples >= 0, "max_examples", self.max_examples,
+                 "an integer >= 0 (0 = no bound on the num-examples a reply may claim)")
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys."""

@@ -17,6 +17,12 @@ both ends must decode bit-identically on any machine (the server rebuilds what a
 started from), and a server need not have bitsandbytes at all.
 
 Everything is plain tensors and bytes (no Flower): the Flower layer wraps the blob.
+
+A blob from someone else (a client's upload, on the server) is decoded with the shapes
+the receiver expects (:func:`decode_state`'s ``expected``): every declared shape, count
+and length is checked against them and against the blob's own size BEFORE anything is
+allocated, so a blob costs its receiver memory in proportion to the honest payload and
+to its own length, never to what it declares.
 """
 
 from __future__ import annotations
@@ -41,6 +47,16 @@ DENSE, INDICES, BITMASK = 0, 1, 2
 _HEAD = struct.Struct("<4sBII")
 _TENSOR = struct.Struct("<BBBII")  # values, positions, index bytes, k, block
 _INDEX_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.int32}
+#: the smallest record a tensor can have (1 dimension, no positions, no values): a blob
+#: that declares more tensors than its length holds is refused before its names are read
+_MIN_RECORD = 1 + 4 + _TENSOR.size
+#: the longest tensor name accepted; bounds the decompressed name list (zlib expands up
+#: to ~1000x, so the compressed length alone bounds nothing)
+MAX_NAME_BYTES = 1024
+
+#: what a receiver expects: name -> shape (exactly these shapes; names outside it are
+#: refused), or a rule called with (name, declared shape) that raises CodecError to refuse
+Expected = Mapping[str, tuple[int, ...]] | Callable[[str, tuple[int, ...]], None]
 
 
 @dataclass(frozen=True)
@@ -109,8 +125,10 @@ def quantize_int8(values: Tensor, block: int) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_int8(codes: Tensor, absmax: Tensor, block: int) -> Tensor:
-    """Inverse of :func:`quantize_int8` (up to absmax / 254 per entry)."""
-    scale = absmax.repeat_interleave(block)[: codes.numel()] / 127.0
+    """Inverse of :func:`quantize_int8` (up to absmax / 254 per entry). Each code's scale
+    is looked up by index, so memory follows the number of codes, not ``block`` (which a
+    received header declares: up to 2**32 - 1)."""
+    scale = absmax[torch.arange(codes.numel()) // block] / 127.0
     return codes.to(torch.float32) * scale
 
 
@@ -283,11 +301,26 @@ def _decode_values(reader: _Reader, name: str, code: int, k: int, block: int) ->
     return dequantize_int8(codes, torch.from_numpy(absmax.copy()), block)
 
 
-def _decode_tensor(reader: _Reader, name: str) -> tuple[Tensor, Tensor | None]:
+def _exact_shapes(expected: Mapping[str, tuple[int, ...]]
+                  ) -> Callable[[str, tuple[int, ...]], None]:
+    def check(name: str, shape: tuple[int, ...]) -> None:
+        if name not in expected:
+            raise CodecError(f"{name}: not a tensor the receiver expects")
+        if tuple(shape) != tuple(expected[name]):
+            raise CodecError(f"{name}: declared shape {list(shape)}, expected "
+                             f"{list(expected[name])}")
+    return check
+
+
+def _decode_tensor(reader: _Reader, name: str,
+                   check: Callable[[str, tuple[int, ...]], None] | None
+                   ) -> tuple[Tensor, Tensor | None]:
     (ndim,) = reader.unpack(struct.Struct("<B"), f"{name} ndim")
     if not 1 <= ndim <= 4:
         raise CodecError(f"{name}: declared {ndim} dimensions (allowed 1 to 4)")
     shape = struct.unpack(f"<{ndim}I", reader.take(4 * ndim, f"{name} shape"))
+    if check is not None:  # before anything of this size exists
+        check(name, shape)
     numel = math.prod(shape)
     code, codec, width, k, block = reader.unpack(_TENSOR, f"{name} header")
     if k > numel:
@@ -306,25 +339,53 @@ def _decode_tensor(reader: _Reader, name: str) -> tuple[Tensor, Tensor | None]:
     return dense.reshape(shape), mask.reshape(shape)
 
 
-def decode_state(blob: Tensor | bytes) -> Decoded:
-    """Inverse of :func:`encode_state`; every malformed field is a CodecError naming it."""
+def _names(reader: _Reader, count: int, names_len: int) -> list[str]:
+    """The tensor names, decompressed no further than ``count`` names can be long."""
+    limit = count * (MAX_NAME_BYTES + 1)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(reader.take(names_len, "tensor names"), limit + 1)
+        text = raw.decode()
+    except (zlib.error, UnicodeDecodeError) as err:
+        raise CodecError(f"tensor names are corrupt: {err}") from None
+    if len(raw) > limit or inflater.unconsumed_tail:
+        raise CodecError(f"tensor names are longer than {count} names of at most "
+                         f"{MAX_NAME_BYTES} bytes")
+    if not inflater.eof:
+        raise CodecError("tensor names are corrupt: truncated zlib stream")
+    return text.split("\n") if count else []
+
+
+def decode_state(blob: Tensor | bytes, expected: Expected | None = None) -> Decoded:
+    """Inverse of :func:`encode_state`; every malformed field is a CodecError naming it.
+
+    With ``expected`` (see :data:`Expected`), every declared shape is checked before the
+    tensor is read or allocated: a blob from an untrusted sender must be decoded with it
+    (a sparse record's header alone declares a tensor the receiver would otherwise
+    allocate in full). Without it the declared shapes are trusted: only for blobs this
+    process made or got from its own server. Which expected names are missing is the
+    caller's concern (this decodes what was sent).
+    """
     data = bytes(blob.numpy().tobytes() if isinstance(blob, Tensor) else blob)
     reader = _Reader(data)
     magic, version, count, names_len = reader.unpack(_HEAD, "payload header")
     if magic != MAGIC or version != VERSION:
         raise CodecError(f"not a fedtune packed payload (magic {magic!r}, version {version})")
-    try:
-        text = zlib.decompress(reader.take(names_len, "tensor names")).decode()
-    except (zlib.error, UnicodeDecodeError) as err:
-        raise CodecError(f"tensor names are corrupt: {err}") from None
-    names = text.split("\n") if count else []
+    check = _exact_shapes(expected) if isinstance(expected, Mapping) else expected
+    if isinstance(expected, Mapping) and count > len(expected):
+        raise CodecError(f"header says {count} tensors, more than the {len(expected)} "
+                         "expected")
+    if count * _MIN_RECORD > len(data) - reader.at:
+        raise CodecError(f"header says {count} tensors but the payload has room for at "
+                         f"most {(len(data) - reader.at) // _MIN_RECORD}")
+    names = _names(reader, count, names_len)
     if len(names) != count or len(set(names)) != count:
         raise CodecError(f"header says {count} tensors but names list {len(names)} "
                          f"({len(set(names))} distinct)")
     values: dict[str, Tensor] = {}
     masks: dict[str, Tensor | None] = {}
     for name in names:
-        values[name], masks[name] = _decode_tensor(reader, name)
+        values[name], masks[name] = _decode_tensor(reader, name, check)
     if reader.at != len(data):
         raise CodecError(f"{len(data) - reader.at} unexpected bytes after the last tensor")
     return Decoded(values, masks)

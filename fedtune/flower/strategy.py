@@ -37,6 +37,7 @@ from fedtune.core.codec import (
 )
 from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
+from fedtune.flower import replies as checks
 from fedtune.flower.identity import NameKeys
 from fedtune.privacy import GaussianNoise, PrivacyAccountant
 from fedtune.privacy.mechanism import ClientLevelDP, dense_release, factor_release
@@ -109,7 +110,9 @@ class FedtuneStrategy(Strategy):
         #: deployment with node authentication: which key owns which name
         self.name_keys: NameKeys | None = NameKeys() if scenario.server.auth_keys else None
         self.global_adapter: GlobalAdapter | None = None
-        self.expected: dict[str, tuple[int, int]] = {}  # module -> (in, out) once known
+        #: module -> (in, out) of every adapted module, from the base model's config
+        self.expected = checks.expected_modules(scenario.model.source,
+                                                 scenario.lora.target_modules)
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
         self.rng = random.Random(scenario.run.seed)
         self.upload = scenario.compression.upload()
@@ -376,7 +379,8 @@ class FedtuneStrategy(Strategy):
         return messages
 
     def _decode(self, message: Message) -> ClientUpdate:
-        """Turn one reply into a ClientUpdate or raise ValueError with the reason."""
+        """Turn one reply into a ClientUpdate or raise (ValueError with the reason, or
+        whatever a decoder ran into: the caller drops the reply either way)."""
         node = self._sender(message)
         if message.has_error():
             raise ValueError(f"client error: {short_reason(message.error.reason)}")
@@ -387,16 +391,17 @@ class FedtuneStrategy(Strategy):
         if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
             raise ValueError("reply has no adapter or no metrics")
         metrics = dict(content.metric_records[keys.METRICS])
+        checks.check_metrics(metrics)
         loss = metrics.get(keys.TRAIN_LOSS)
         if not isinstance(loss, (int, float)) or not math.isfinite(loss):
             raise ValueError(f"train-loss must be a finite number, got {loss!r}")
-        num_examples = int(metrics.get(keys.NUM_EXAMPLES, 0))
-        if num_examples <= 0:
-            raise ValueError(f"num-examples must be positive, got {num_examples}")
+        num_examples = checks.checked_examples(metrics, self.scenario.federation.max_examples)
         record = content.array_records[keys.ADAPTER]
         scale = settings.alpha / settings.rank  # a pruned reply keeps it: alpha follows r
+        pruning = self.scenario.federation.prune_gamma > 0.0
         try:
-            decoded = keys.record_to_decoded(record)
+            rule = checks.ShapeRule(self.expected, settings.rank, pruning)
+            decoded = checks.decode_adapter(record, rule)
             factors = factors_from_state_dict(decoded.values, scale)
         except CodecError as err:
             raise ValueError(f"undecodable adapter: {err}") from None
@@ -405,7 +410,7 @@ class FedtuneStrategy(Strategy):
         bad = [name for name, f in factors.items() if not f.is_finite()]
         if bad:
             raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
-        rank = self._check_shapes(factors, settings.rank)
+        rank = checks.reply_rank(factors, self.expected, settings.rank, pruning)
         packed = keys.is_packed(record)
         bound = self.scenario.federation.max_update_norm
         start = None
@@ -449,27 +454,6 @@ class FedtuneStrategy(Strategy):
         except (KeyError, RuntimeError) as err:
             raise ValueError(f"reply does not fit the payload it was sent: {err}") from None
         return sliced_like(trainable, reply)
-
-    def _check_shapes(self, factors: dict[str, LoraFactors], rank: int) -> int:
-        """Rank as assigned (or one smaller rank for every module when HetLoRA
-        self-pruning is on); module names and (in, out) as every other client's.
-        Returns the reply's rank."""
-        ranks = sorted({f.rank for f in factors.values()})
-        pruning = self.scenario.federation.prune_gamma > 0.0
-        if ranks != [rank] and not (pruning and len(ranks) == 1 and ranks[0] < rank):
-            raise ValueError(f"rank {ranks} instead of the assigned rank {rank}")
-        if self.expected:
-            if set(factors) != set(self.expected):
-                unknown = sorted(set(factors) - set(self.expected))[:3]
-                missing = sorted(set(self.expected) - set(factors))[:3]
-                raise ValueError(f"module names differ (unknown {unknown}, missing {missing})")
-            for name, f in factors.items():
-                if (f.in_features, f.out_features) != self.expected[name]:
-                    raise ValueError(
-                        f"module {name} is {f.out_features}x{f.in_features}, expected "
-                        f"{self.expected[name][1]}x{self.expected[name][0]}"
-                    )
-        return ranks[0]
 
     def _release(self, updates: list[ClientUpdate], server_round: int
                  ) -> tuple[GlobalAdapter, dict[str, float]]:
@@ -567,23 +551,23 @@ class FedtuneStrategy(Strategy):
             answered.add(node)
             try:
                 update = self._decode(message)
-            except ValueError as err:
-                self.stats.dropped.append(f"node {node}: {err}")
-                log.warning("round %d: dropped reply from node %s: %s", server_round, node, err)
+            except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
+                reason = checks.drop_reason(err)
+                self.stats.dropped.append(f"node {node}: {reason}")
+                log.warning("round %d: dropped reply from node %s: %s", server_round, node,
+                            reason)
                 continue
-            if not self.expected:
-                self.expected = {n: (f.in_features, f.out_features)
-                                 for n, f in update.factors.items()}
             up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
             self.stats.bytes_up += up
             dense = 4 * sum(f.A.numel() + f.B.numel() for f in update.factors.values())
             self.stats.bytes_up_dense += dense
             updates.append(update)
-            record = {"round": server_round, "phase": "train", "node_id": node,
+            # the server's own measurements last: a client's metric cannot overwrite them
+            record = {**{k.replace("-", "_"): v for k, v in update.metrics.items()},
+                      "round": server_round, "phase": "train", "node_id": node,
                       "client": update.client_id, "bytes_up": up,
                       "bytes_down": self.stats.down_by_node.get(node, 0),
-                      "bytes_up_dense": dense,
-                      **{k.replace("-", "_"): v for k, v in update.metrics.items()}}
+                      "bytes_up_dense": dense}
             self.stats.client_records.append(record)
             self.on_client(record)
         updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
@@ -661,12 +645,17 @@ class FedtuneStrategy(Strategy):
                 log.warning("round %d: evaluation failed on node %s: %s", server_round,
                             message.metadata.src_node_id, message.error.reason)
                 continue
-            m = message.content.metric_records[keys.METRICS]
-            loss_sum += float(m[keys.EVAL_LOSS]) * int(m[keys.EVAL_TOKENS])
-            tokens += int(m[keys.EVAL_TOKENS])
-            self.on_client({"round": server_round, "phase": "eval",
-                            "node_id": message.metadata.src_node_id,
-                            **{k.replace("-", "_"): v for k, v in m.items()}})
+            try:
+                loss, count, m = checks.eval_numbers(message.content)
+            except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
+                log.warning("round %d: ignored the evaluation of node %s: %s", server_round,
+                            message.metadata.src_node_id, checks.drop_reason(err))
+                continue
+            loss_sum += loss * count
+            tokens += count
+            self.on_client({**{k.replace("-", "_"): v for k, v in m.items()},
+                            "round": server_round, "phase": "eval",
+                            "node_id": message.metadata.src_node_id})
         if tokens == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens})
@@ -782,7 +771,12 @@ class FedtuneStrategy(Strategy):
 
         self.global_adapter = adapter_from_state(state["global"])
         self.rng.setstate(rng_from_state(state["rng"]))
-        self.expected = {n: (int(v[0]), int(v[1])) for n, v in state["expected"].items()}
+        saved = {n: (int(v[0]), int(v[1])) for n, v in state["expected"].items()}
+        if saved and saved != self.expected:  # shapes come from the base model's config
+            from fedtune.flower.checkpoint import CheckpointError
+
+            raise CheckpointError("the checkpoint's adapted modules are not the base "
+                                  "model's; it was made with another model")
         self.pruned_rank = {int(k): int(v) for k, v in state["pruned_rank"].items()}
         self.names = {str(k): int(v) for k, v in state["names"].items()}
         self.declared = {int(k): str(v) for k, v in state["declared"].items()}

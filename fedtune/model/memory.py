@@ -159,6 +159,21 @@ def _llama_modules(dims: ModelDims) -> dict[str, tuple[int, int]]:
     }
 
 
+#: where a Llama-style decoder layer keeps each LoRA target (transformers' module paths)
+_LLAMA_BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                 "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def adapted_modules(dims: ModelDims, target_modules: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) of every module LoRA adapts, every layer, from the config
+    alone: what a server checks replies against without loading the model. The paths
+    are a Llama-style decoder's (``model.layers.<i>.self_attn.q_proj``), the same family
+    this module's estimates assume."""
+    targets = check_targets(dims, target_modules)
+    return {f"model.layers.{layer}.{_LLAMA_BLOCKS[t]}.{t}": dims.modules[t]
+            for layer in range(dims.num_layers) for t in targets}
+
+
 def check_targets(dims: ModelDims, target_modules: Iterable[str]) -> tuple[str, ...]:
     """Validate LoRA target names against the model's modules (before any estimate)."""
     if isinstance(target_modules, str):

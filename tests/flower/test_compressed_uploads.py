@@ -135,12 +135,15 @@ def _delta_state(scenario, rank=4):
     return {k: torch.randn(v.shape, generator=gen) for k, v in adapter_state(model).items()}
 
 
-def _with_bad_first_tensor(state, record):
+def _with_bad_first_tensor(state, record, bad_name=None):
+    """The packed state with ``record`` in place of the first tensor (or of ``bad_name``)."""
     names = sorted(state)
+    bad_name = bad_name or names[0]
     spec = CompressionSpec(density=0.25)
     from fedtune.core.compress import encode_tensor
 
-    return pack_records(names, [record] + [encode_tensor(state[n], spec) for n in names[1:]])
+    return pack_records(names, [record if n == bad_name else encode_tensor(state[n], spec)
+                                for n in names])
 
 
 @pytest.mark.parametrize(("kind", "reason"), [
@@ -161,9 +164,10 @@ def test_a_malformed_packed_reply_is_dropped_and_the_round_goes_on(kind, reason)
     if kind == "duplicate":
         bad = _with_bad_first_tensor(good, encode_indexed(
             shape, torch.tensor([0, 3, 3]), torch.ones(3), spec))
-    elif kind == "range":  # 250 fits the index width but not the declared 4 x 60 entries
+    elif kind == "range":  # 250 fits the index width but not v_proj B's 32 x 4 entries
+        small = next(n for n in sorted(good) if good[n].numel() < 250)
         bad = _with_bad_first_tensor(good, encode_indexed(
-            (shape[0], 60), torch.tensor([0, 250]), torch.ones(2), spec))
+            tuple(good[small].shape), torch.tensor([0, 250]), torch.ones(2), spec), small)
     elif kind == "lengths":
         bad = _with_bad_first_tensor(good, encode_indexed(
             shape, torch.tensor([0, 1]), torch.ones(3), spec))

@@ -1,0 +1,213 @@
+"""Checks on one client's reply (train or evaluate), as pure functions (no Grid, no state).
+
+A client the federation admitted can still send anything, so a reply must cost the
+server at most about its own size, and no more influence than an honest client has:
+nothing it declares (tensor shapes, element counts, number of examples) is believed
+before it is compared with what the server knows itself: the base model's adapted
+modules (from its config) and the rank the server assigned. Shapes are checked before
+anything of the declared size is allocated. The strategy runs these in order and drops
+the reply, with the reason, on the first exception of any type (:func:`drop_reason`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, RecordDict
+from torch import Tensor
+
+from fedtune.core.adapters import LoraFactors
+from fedtune.core.codec import A_SUFFIX, CodecError, module_name
+from fedtune.core.compress import Decoded, decode_state
+from fedtune.flower import messages as keys
+
+#: peft's prefix of the base model's module paths in an adapter state dict
+PEFT_PREFIX = "base_model.model."
+#: the dtype of every dense adapter tensor on the wire (``messages.state_to_record``)
+WIRE_DTYPE = np.dtype("<f4")
+NUMPY_STYPE = "numpy.ndarray"
+
+
+@functools.lru_cache(maxsize=8)
+def _modules(source: str, targets: tuple[str, ...]) -> tuple[tuple[str, int, int], ...]:
+    from fedtune.model.memory import adapted_modules, model_dims
+
+    shapes = adapted_modules(model_dims(source), targets)
+    return tuple((PEFT_PREFIX + path, i, o) for path, (i, o) in sorted(shapes.items()))
+
+
+def expected_modules(source: str, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """peft module name -> (in, out) of every module the federation adapts, from the base
+    model's config alone (no weights; ``fedtune.model.memory.model_dims``). Never from a
+    reply: the first reply would otherwise set the shapes every other client is held to,
+    and a malicious first reply would get every honest one rejected."""
+    return {name: (i, o) for name, i, o in _modules(source, tuple(targets))}
+
+
+@dataclass(frozen=True)
+class ShapeRule:
+    """The tensors one client's reply may declare: a LoRA factor of an adapted module,
+    ``A`` (rank, in) and ``B`` (out, rank), at the rank the server assigned it (or a
+    smaller one when HetLoRA self-pruning is on). The decoders call it with each
+    tensor's declared shape before reading or allocating that tensor, so a reply can
+    never make the server hold more than the honest adapter (see ``decode_state``)."""
+
+    modules: Mapping[str, tuple[int, int]]
+    rank: int
+    pruning: bool = False
+
+    def __call__(self, key: str, shape: tuple[int, ...]) -> None:
+        name = module_name(key)  # CodecError for a key that is no LoRA factor
+        if name not in self.modules:
+            raise CodecError(f"module names differ from the base model's: {name!r} is not "
+                             "an adapted module")
+        if len(shape) != 2:
+            raise CodecError(f"{key}: {len(shape)} dimensions, expected 2")
+        inp, out = self.modules[name]
+        is_a = key.endswith(A_SUFFIX)
+        rank = shape[0] if is_a else shape[1]
+        if rank != self.rank and not (self.pruning and 1 <= rank < self.rank):
+            raise CodecError(f"{key}: {shape[0]}x{shape[1]}, rank {rank} instead of the "
+                             f"assigned rank {self.rank}")
+        want = (rank, inp) if is_a else (out, rank)
+        if tuple(shape) != want:
+            raise CodecError(f"module {name}: lora_{'A' if is_a else 'B'} is "
+                             f"{shape[0]}x{shape[1]}, expected {want[0]}x{want[1]}")
+
+
+def npy_header(array: Array, what: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) of a Flower Array's ``.npy`` bytes, from the
+    header alone, once the data's length is exactly what the header declares. Flower's
+    own ``Array.numpy()`` (``np.load``) allocates the declared shape before it finds the
+    data missing: 2**40 declared elements are a MemoryError on the server."""
+    if array.stype != NUMPY_STYPE:
+        raise CodecError(f"{what}: serialisation {array.stype!r}, expected {NUMPY_STYPE!r}")
+    data = array.data
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read(stream)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad header
+        raise CodecError(f"{what}: not a .npy array ({type(err).__name__}: {err})") from None
+    shape = tuple(shape)
+    if fortran_order or any(d < 0 for d in shape):
+        raise CodecError(f"{what}: unsupported layout (shape {list(shape)}, "
+                         f"fortran order {fortran_order})")
+    if shape != tuple(array.shape):
+        raise CodecError(f"{what}: the array says shape {list(array.shape)}, its data "
+                         f"{list(shape)}")
+    offset = stream.tell()
+    if len(data) - offset != math.prod(shape) * dtype.itemsize:
+        raise CodecError(f"{what}: {len(data) - offset} data bytes for a declared "
+                         f"{list(shape)} {dtype} array")
+    return shape, dtype, offset
+
+
+def dense_tensor(array: Array, key: str, rule: ShapeRule) -> Tensor:
+    """One tensor of a dense (per-tensor) reply, checked against ``rule`` first."""
+    shape, dtype, offset = npy_header(array, key)
+    rule(key, shape)
+    if dtype != WIRE_DTYPE:
+        raise CodecError(f"{key}: dtype {dtype}, expected float32")
+    flat = np.frombuffer(array.data, dtype=WIRE_DTYPE, count=math.prod(shape), offset=offset)
+    return torch.from_numpy(flat.reshape(shape).copy())
+
+
+def packed_blob(array: Array) -> bytes:
+    """The bytes of a packed reply's one uint8 array (header checked as above)."""
+    shape, dtype, offset = npy_header(array, keys.PACKED)
+    if len(shape) != 1 or dtype != np.dtype(np.uint8):
+        raise CodecError(f"{keys.PACKED}: a {list(shape)} {dtype} array, expected 1-D uint8")
+    return array.data[offset:]
+
+
+def decode_adapter(record: ArrayRecord, rule: ShapeRule) -> Decoded:
+    """A reply's adapter tensors (and, packed, the masks of entries sent), every declared
+    shape held to ``rule`` before anything of that size is allocated."""
+    if keys.is_packed(record):
+        if len(record) != 1:
+            raise CodecError(f"a packed adapter has one array, this one has {len(record)}")
+        return decode_state(packed_blob(record[keys.PACKED]), rule)
+    values = {key: dense_tensor(array, key, rule) for key, array in record.items()}
+    return Decoded(values, dict.fromkeys(values))
+
+
+def check_metrics(metrics: Mapping[str, Any]) -> None:
+    """Every metric one number (as ``messages.check_outgoing`` makes honest clients send):
+    the round's summaries call float() on them after the reply was accepted."""
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"metric {key!r} must be one number, got {type(value).__name__}")
+
+
+def checked_examples(metrics: Mapping[str, Any], cap: int) -> int:
+    """The reply's ``num-examples``: its weight in every weighted mean, and a number only
+    the client knows. Above ``cap`` (``federation.max_examples``; 0 = no bound) the reply
+    is dropped, not clamped: an honest client cannot exceed a cap set above its data, so
+    such a claim is a lie or a misconfiguration, and clamping would keep a liar's update
+    at the largest weight there is.
+
+    The default cap, 100,000 packed sequences, is far above any client of the shipped
+    scenarios (at most ~400, and ~16,000 for the whole Shakespeare corpus split between
+    two clients at 128 bytes a sequence), so no honest client there is dropped, while an
+    absurd claim (10**12) is. It bounds, it does not verify: a client can still claim
+    the cap, so a deployment that knows its clients' sizes should set it near the largest.
+    The server does not know the sizes itself even in simulation (they are counted in
+    tokenised sequences of each client's own data), so one cap serves both."""
+    value = metrics.get(keys.NUM_EXAMPLES, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"num-examples must be a number, got {value!r}")
+    count = int(value)
+    if count <= 0:
+        raise ValueError(f"num-examples must be positive, got {count}")
+    if cap and count > cap:
+        raise ValueError(f"num-examples {count} exceeds federation.max_examples = {cap}")
+    return count
+
+
+def eval_numbers(content: RecordDict) -> tuple[float, int, dict[str, Any]]:
+    """An evaluate reply's (loss, tokens, metrics): the loss finite, the token count a
+    whole number >= 0, every metric one number (the round's eval loss is their mean)."""
+    metrics = dict(content.metric_records[keys.METRICS])
+    check_metrics(metrics)
+    loss, tokens = metrics.get(keys.EVAL_LOSS), metrics.get(keys.EVAL_TOKENS)
+    if loss is None or not math.isfinite(loss):
+        raise ValueError(f"eval-loss must be a finite number, got {loss!r}")
+    if tokens is None or not math.isfinite(tokens) or tokens < 0 or tokens != int(tokens):
+        raise ValueError(f"eval-tokens must be a whole number >= 0, got {tokens!r}")
+    return float(loss), int(tokens), metrics
+
+
+def reply_rank(factors: Mapping[str, LoraFactors], expected: Mapping[str, tuple[int, int]],
+               rank: int, pruning: bool) -> int:
+    """The reply's one rank, once it holds every adapted module at its (in, out): what the
+    per-tensor :class:`ShapeRule` cannot see (a missing module, mixed ranks)."""
+    if set(factors) != set(expected):
+        unknown = sorted(set(factors) - set(expected))[:3]
+        missing = sorted(set(expected) - set(factors))[:3]
+        raise ValueError(f"module names differ (unknown {unknown}, missing {missing})")
+    ranks = sorted({f.rank for f in factors.values()})
+    if ranks != [rank] and not (pruning and len(ranks) == 1 and ranks[0] < rank):
+        raise ValueError(f"rank {ranks} instead of the assigned rank {rank}")
+    for name, f in factors.items():
+        if (f.in_features, f.out_features) != expected[name]:
+            raise ValueError(f"module {name} is {f.out_features}x{f.in_features}, expected "
+                             f"{expected[name][1]}x{expected[name][0]}")
+    return ranks[0]
+
+
+def drop_reason(err: BaseException) -> str:
+    """Why a reply was dropped: a ValueError's message as it is (the checks above say
+    what was wrong), any other exception with its type (it escaped a decoder)."""
+    if isinstance(err, ValueError):
+        return str(err)
+    return f"{type(err).__name__} while reading the reply: {err}"
