@@ -12,7 +12,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedtune simulate
 
-# The suite in two halves at once (scripts/test.sh): real-process tests and the rest.
+# The suite in three parts at once (scripts/test.sh): real-process tests, attacks on a
+# deployment, and the rest.
 test: $(STAMP)
 	bash scripts/test.sh
 
