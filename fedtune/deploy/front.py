@@ -42,6 +42,11 @@ FLEET_ROUTES = frozenset(f"/v1/fleet/{name}" for name in (
     "push-object", "pull-object", "confirm-message-received"))
 HEALTH_ROUTE = "/health"
 
+#: The largest request body forwarded. Flower sends arrays in chunks of 5 MB
+#: (``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``) and FABs of at most 10 MB, so honest requests
+#: stay far below; the SuperLink itself reads a whole body before it checks who sent it.
+MAX_BODY_BYTES = 64 << 20
+
 #: hop-by-hop headers (RFC 9110 7.6.1) and those httpx / uvicorn set for themselves
 _NOT_FORWARDED = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                             "transfer-encoding", "upgrade", "host", "content-length"})
@@ -79,11 +84,16 @@ def make_app(upstream: Upstream) -> Starlette:
             log.warning("front: refused %s %s from %s", request.method, path[:200],
                         request.client.host if request.client else "?")
             return PlainTextResponse("not served on the clients' port\n", status_code=404)
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY_BYTES:
+            return _too_large(request)
         upstream_request = client.build_request(
             request.method, path, headers=_headers(request.headers.items()),
             content=_body(request))
         try:
             reply = await client.send(upstream_request, stream=True)
+        except BodyTooLarge:
+            return _too_large(request)
         except httpx.HTTPError as err:
             return PlainTextResponse(f"SuperLink unavailable: {type(err).__name__}\n",
                                      status_code=503)
@@ -101,18 +111,34 @@ def make_app(upstream: Upstream) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+class BodyTooLarge(Exception):
+    """A request body past MAX_BODY_BYTES (one sent chunked, without a length)."""
+
+
+def _too_large(request: Request) -> Response:
+    log.warning("front: refused a body over %d bytes on %s", MAX_BODY_BYTES,
+                request.url.path[:200])
+    return PlainTextResponse("request body too large\n", status_code=413)
+
+
 async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The body as it arrives, cut off past MAX_BODY_BYTES."""
+    seen = 0
     async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > MAX_BODY_BYTES:
+            raise BodyTooLarge
         yield chunk
 
 
 class Front:
-    """The front served by uvicorn in a daemon thread of ``fedtune server``."""
+    """An ASGI app (``make_app``'s) served by uvicorn in a daemon thread of ``fedtune
+    server``, with TLS when given a certificate."""
 
-    def __init__(self, listen: str, upstream: Upstream, certfile: str | None = None,
+    def __init__(self, listen: str, app: Starlette, certfile: str | None = None,
                  keyfile: str | None = None) -> None:
         host, _, port = listen.rpartition(":")
-        config = uvicorn.Config(make_app(upstream), host=host.strip("[]"), port=int(port),
+        config = uvicorn.Config(app, host=host.strip("[]"), port=int(port),
                                 ssl_certfile=certfile, ssl_keyfile=keyfile,
                                 log_level="warning", access_log=False, lifespan="on",
                                 timeout_keep_alive=75)

@@ -37,7 +37,7 @@ import tomli_w
 
 from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
 from fedtune.deploy.certs import Certificates, make_certificates
-from fedtune.deploy.front import Front, Upstream
+from fedtune.deploy.front import Front, Upstream, make_app
 from fedtune.deploy.seal import seal_config
 from fedtune.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
 
@@ -166,7 +166,7 @@ def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | No
 
 def start_front(server: ServerSpec, endpoint: Endpoint) -> Front:
     """Serve the Fleet API, and only it, where clients connect."""
-    front = Front(server.address, Upstream(endpoint.address, endpoint.ca_cert),
+    front = Front(server.address, make_app(Upstream(endpoint.address, endpoint.ca_cert)),
                   certfile=server.cert or None, keyfile=server.key or None)
     try:
         front.start()
