@@ -54,5 +54,10 @@ class NameKeys:
         log.warning("refused: %s", reason)
         self.refused.append(reason)
 
+    def take_refused(self) -> list[str]:
+        """The refusals since the last call (each round's record lists its own)."""
+        refused, self.refused = self.refused, []
+        return refused
+
     def state(self) -> dict[str, str]:
         return dict(self.owners)

@@ -710,6 +710,7 @@ class FedtuneStrategy(Strategy):
                 "clients_sampled": self.stats.sampled,
                 "clients_replied": int(train_metrics["num-clients"]),
                 "dropped": list(self.stats.dropped),
+                "refused_names": self.name_keys.take_refused() if self.name_keys else [],
                 "stragglers": self.stats.stragglers,
                 "dropouts": self.stats.dropouts,
                 "sampled_partitions": self.stats.partitions,

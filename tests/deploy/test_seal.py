@@ -125,6 +125,7 @@ def test_a_name_stays_with_the_first_key_that_claimed_it():
     assert "belongs to key " + key_fingerprint(alice) in names.refused[-1]
     assert names.admit({7: ("alice", "")}, {7: alice}) == {7: ("alice", "")}
     assert names.admit({8: ("bob", "")}, {}) == {}  # a node without a key
+    assert len(names.take_refused()) == 2 and names.take_refused() == []
     # the binding survives a checkpoint
     again = NameKeys(names.state())
     assert again.admit({9: ("alice", "")}, {9: mallory}) == {}
