@@ -82,10 +82,14 @@ def simulate(
         console.print(f"[red]configuration error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     rounds = chosen.run.rounds
+    from fedtune.cluster import resolve_address
+
+    address = resolve_address(chosen.simulation.ray_address)
     console.print(
         f"fedtune: [bold]{escape(chosen.run.name)}[/] — model {escape(chosen.model.source)} "
         f"({chosen.model.quantization}), {chosen.data.num_clients} clients "
         f"({chosen.data.source}), {rounds} rounds, aggregator {chosen.federation.aggregator}"
+        + ("" if address is None else f", on the Ray cluster at {escape(address)}")
     )
     with console.status("starting the simulation engine and loading the model...") as status:
         def progress(record: dict[str, Any]) -> None:
@@ -238,36 +242,40 @@ app.add_typer(keys_app, name="keys")
 RUN_OPTION = typer.Option(..., "--run", help="The run directory the server prints.")
 
 
-def _control(run_dir: Path):  # -> fedtune.deploy.server.Endpoint
+@contextlib.contextmanager
+def _running_server(run_dir: Path) -> Iterator[Any]:
+    """The Control API endpoint of the server running ``run_dir`` (exit 1 if none), with
+    its refusals as error exits."""
+    from fedtune.deploy.control import ControlError
     from fedtune.deploy.server import operator_endpoint
 
     try:
-        return operator_endpoint(run_dir)
+        endpoint = operator_endpoint(run_dir)
     except ConfigError as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
+    with _exits_on(ControlError, OSError):
+        yield endpoint
 
 
 @keys_app.command("add")
 def keys_add(public_keys: Path = typer.Argument(..., help="OpenSSH public key file(s)."),
              run: Path = RUN_OPTION) -> None:
     """Allow the clients holding these keys to join (one key per line)."""
-    from fedtune.deploy.control import ControlError, add_keys_file
+    from fedtune.deploy.control import add_keys_file
 
-    endpoint = _control(run)
-    with _exits_on(ControlError, OSError):
-        added = add_keys_file(endpoint.address, public_keys, endpoint.ca_cert)
+    with _running_server(run) as server:
+        added = add_keys_file(server.address, public_keys, server.ca_cert)
     console.print(f"registered {len(added)} new key(s): node ids {added}")
 
 
 @keys_app.command("list")
 def keys_list(run: Path = RUN_OPTION) -> None:
     """The client keys the server knows, with their node ids and status."""
-    from fedtune.deploy.control import ControlError, list_node_keys
+    from fedtune.deploy.control import list_node_keys
 
-    endpoint = _control(run)
-    with _exits_on(ControlError, OSError):
-        for node in list_node_keys(endpoint.address, endpoint.ca_cert):
+    with _running_server(run) as server:
+        for node in list_node_keys(server.address, server.ca_cert):
             print(f"{node.node_id}\t{node.status}\t{node.public_key}")
 
 
@@ -275,11 +283,10 @@ def keys_list(run: Path = RUN_OPTION) -> None:
 def keys_remove(which: str = typer.Argument(..., help="A node id, or a public key file."),
                 run: Path = RUN_OPTION) -> None:
     """Take a client's key away: it can no longer join or send."""
-    from fedtune.deploy.control import ControlError, remove_keys
+    from fedtune.deploy.control import remove_keys
 
-    endpoint = _control(run)
-    with _exits_on(ControlError, OSError):
-        removed = remove_keys(endpoint.address, which, endpoint.ca_cert)
+    with _running_server(run) as server:
+        removed = remove_keys(server.address, which, server.ca_cert)
     console.print(f"removed node(s) {removed}")
 
 

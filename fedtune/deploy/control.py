@@ -138,6 +138,7 @@ class NodeKey:
 
 
 def list_node_keys(address: str, ca_cert: str | None) -> list[NodeKey]:
+    """The keys that may join now (Flower keeps removed ones, marked unregistered)."""
     from cryptography.hazmat.primitives import serialization
     from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
@@ -148,6 +149,8 @@ def list_node_keys(address: str, ca_cert: str | None) -> list[NodeKey]:
         client.close()
     found = []
     for node in nodes:
+        if node.status == "unregistered":
+            continue
         try:
             key = bytes_to_public_key(node.public_key).public_bytes(
                 serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()

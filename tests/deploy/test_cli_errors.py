@@ -84,6 +84,12 @@ def test_resume_of_a_folder_that_is_no_run(tmp_path):
     assert "is not a fedtune run directory" in done.stderr
 
 
+def test_keys_without_a_running_server_say_so(tmp_path):
+    done = _run("keys", "list", "--run", str(tmp_path))
+    assert done.returncode == 1
+    assert "no running fedtune server" in done.stderr
+
+
 def _empty(folder):
     path = folder / "empty.txt"
     path.write_text("\n\n")

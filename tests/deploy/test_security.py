@@ -31,12 +31,13 @@ MARKER = "OUTSIDER_CODE_RAN"
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    """CA, server certificate and five client keys: three clients, one key the operator
-    adds during the run (the impostor's), one never registered (the outsider's)."""
+    """CA, server certificate and six client keys: three clients, one key the operator
+    adds during the run (the impostor's), one never registered (the outsider's), one the
+    operator adds and removes again."""
     from fedtune.deploy.certs import make_certificates
 
     folder = tmp_path_factory.mktemp("certs")
-    made = make_certificates(folder, nodes=5)
+    made = make_certificates(folder, nodes=6)
     allowed = folder / "allowed.pub"
     allowed.write_text("".join(p.read_text() for p in made.node_public_keys[:3]))
     return made, allowed
@@ -152,6 +153,10 @@ def attacked(tmp_path_factory, keys):
         h.wait_for_round(run_dir, 1, 240)
         added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
         listed = _keys_cli("list", "--run", str(run_dir))
+        extra = str(made.node_public_keys[5])
+        churn = [_keys_cli("add", extra, "--run", str(run_dir)),
+                 _keys_cli("remove", extra, "--run", str(run_dir)),
+                 _keys_cli("list", "--run", str(run_dir))]
         impostor = h.client(tmp, port, files[1], [
             "--root-certificates", str(made.ca_cert), "--auth-key", str(made.node_keys[3]),
             "--name", files[0].stem], name="impostor")
@@ -162,7 +167,7 @@ def attacked(tmp_path_factory, keys):
             c.stop()
     return dict(tmp=tmp, run_dir=run_dir, server=server, outsider=outsider,
                 stranger=stranger, clients=clients, impostor=impostor, rogue=rogue,
-                added=added, listed=listed)
+                added=added, listed=listed, churn=churn)
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +223,10 @@ def test_the_operator_adds_a_key_while_the_server_runs(attacked):
     assert added.returncode == 0, added.stdout + added.stderr
     assert "registered 1 new key" in added.stdout + added.stderr
     assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 4
+    add, remove, relisted = attacked["churn"]
+    assert add.returncode == remove.returncode == relisted.returncode == 0, remove.stderr
+    assert "removed node(s) [" in remove.stderr
+    assert relisted.stdout.splitlines() == listed.stdout.splitlines()
 
 
 def test_another_key_claiming_a_clients_name_is_refused_and_the_owner_keeps_its_place(
