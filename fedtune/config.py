@@ -350,9 +350,18 @@ class SimulationSpec:
     round_deadline: float = 0.0
     reference_tokens_per_s: float = 1000.0
     time_jitter: float = 0.25  # sigma of the lognormal jitter of device time
+    #: the Ray cluster the engine runs on: "" = a private Ray instance on this machine
+    #: (unless RAY_ADDRESS is set), "auto" = the cluster this machine is a node of (or
+    #: RAY_ADDRESS), "HOST:PORT" = that cluster's head, "local" = private, whatever
+    #: RAY_ADDRESS says. See docs/cluster.md and fedtune.cluster.
+    ray_address: str = ""
 
     def __post_init__(self) -> None:
         _require(self.backend == "ray", "backend", self.backend, "'ray'")
+        _require(_is_ray_address(self.ray_address), "ray_address", self.ray_address,
+                 "'' (a private Ray instance, or RAY_ADDRESS), 'auto' (the cluster this "
+                 "machine belongs to), 'local', or the head's HOST:PORT (ray://HOST:PORT "
+                 "for Ray Client)")
         _require(self.cpus_per_client > 0, "cpus_per_client", self.cpus_per_client, "> 0")
         _require(self.gpus_per_client >= 0, "gpus_per_client", self.gpus_per_client, ">= 0")
         _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
@@ -361,6 +370,15 @@ class SimulationSpec:
         _require(self.reference_tokens_per_s > 0, "reference_tokens_per_s",
                  self.reference_tokens_per_s, "a number > 0")
         _require(self.time_jitter >= 0, "time_jitter", self.time_jitter, "a number >= 0")
+
+
+def _is_ray_address(text: str) -> bool:
+    """"", "auto", "local", HOST:PORT or ray://HOST:PORT (what ``ray.init`` accepts)."""
+    if text in ("", "auto", "local"):
+        return True
+    host, _, port = text.removeprefix("ray://").rpartition(":")
+    return (bool(host) and not any(c.isspace() or c in "/@" for c in host)
+            and port.isdigit() and 0 < int(port) < 65536)
 
 
 @dataclass(frozen=True)

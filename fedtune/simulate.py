@@ -1,4 +1,5 @@
-"""Single-machine simulation on Flower's simulation engine (Ray backend).
+"""Simulation on Flower's simulation engine (Ray backend): a private Ray instance on this
+machine, or an existing Ray cluster (``simulation.ray_address``, see ``fedtune.cluster``).
 
 Everything that can fail cheaply (scenario values, data, model location) is checked
 before the run directory is created or the engine starts, so a bad start leaves
@@ -7,6 +8,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,10 +53,24 @@ def preflight(scenario: Scenario) -> None:
     check_ranks_fit_model(scenario, settings)
 
 
-def backend_config(scenario: Scenario, verbose: bool = False) -> dict[str, Any]:
+def backend_config(scenario: Scenario, verbose: bool = False,
+                   nodes: list[Any] | None = None, address: str = "") -> dict[str, Any]:
     """Ray resources per virtual client; workers' own output only with ``verbose``
-    (a client's failure still reaches the server as an error reply and is reported)."""
+    (a client's failure still reaches the server as an error reply and is reported).
+
+    With ``nodes`` (the live nodes of the cluster at ``address`` this process has joined,
+    see ``fedtune.cluster.joined``) the request is checked against each node's size and Ray
+    is left as it is; without, against this machine, for a private Ray instance
+    (``address="local"``: neither ``RAY_ADDRESS`` nor a cluster ``ray start`` left here
+    is joined by accident)."""
     sim = scenario.simulation
+    resources = {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}
+    if nodes is not None:
+        from fedtune.cluster import check_fits
+
+        check_fits(sim, nodes, address or sim.ray_address)
+        return {"client_resources": resources,
+                "init_args": {"logging_level": "error", "log_to_driver": verbose}}
     cpus = os.cpu_count() or 1
     if sim.cpus_per_client > cpus:
         raise SimulationError(
@@ -73,9 +89,9 @@ def backend_config(scenario: Scenario, verbose: bool = False) -> dict[str, Any]:
                 f"{torch.cuda.device_count()} GPU(s) here (fractions share one: 0.25 = four "
                 "clients per GPU)")
     return {
-        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                      "log_to_driver": verbose},
+        "client_resources": resources,
+        "init_args": {"address": "local", "num_cpus": cpus, "include_dashboard": False,
+                      "logging_level": "error", "log_to_driver": verbose},
     }
 
 
@@ -90,31 +106,36 @@ def simulate(
     (a run directory with a checkpoint), go on from its last completed round."""
     from flwr.simulation import run_simulation
 
-    from fedtune.flower import simulated_nodes
+    from fedtune.cluster import joined, resolve_address
+    from fedtune.flower import ray_backend, simulated_nodes
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
 
-    config = backend_config(scenario, verbose)
-    preflight(scenario)
-    run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
-    if not verbose:
-        flwr_log = logging.getLogger("flwr")
-        flwr_log.setLevel(logging.WARNING)
-        if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
-            flwr_log.addFilter(_HideRunSimulationDeprecation())
-    try:
-        with simulated_nodes.recording():
-            run_simulation(
-                server_app=make_server_app(scenario, run_dir, progress,
-                                           resume=resume is not None),
-                client_app=make_client_app(scenario),
-                num_supernodes=scenario.data.num_clients,
-                backend_name=scenario.simulation.backend,
-                backend_config=config,
-                verbose_logging=verbose,
-            )
-    except Exception as err:
-        raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})") from err
+    address = resolve_address(scenario.simulation.ray_address)
+    with contextlib.ExitStack() as cluster:
+        nodes = None if address is None else cluster.enter_context(joined(address, verbose))
+        config = backend_config(scenario, verbose, nodes, address or "")
+        preflight(scenario)
+        run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+        if not verbose:
+            flwr_log = logging.getLogger("flwr")
+            flwr_log.setLevel(logging.WARNING)
+            if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_log.filters):
+                flwr_log.addFilter(_HideRunSimulationDeprecation())
+        try:
+            with simulated_nodes.recording(), ray_backend.installed():
+                run_simulation(
+                    server_app=make_server_app(scenario, run_dir, progress,
+                                               resume=resume is not None),
+                    client_app=make_client_app(scenario),
+                    num_supernodes=scenario.data.num_clients,
+                    backend_name=scenario.simulation.backend,
+                    backend_config=config,
+                    verbose_logging=verbose,
+                )
+        except Exception as err:
+            raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})"
+                                  ) from err
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     if summary.get("status") != "completed":
         raise SimulationError(f"simulation ended with status {summary.get('status')!r}; "

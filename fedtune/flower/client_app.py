@@ -28,6 +28,7 @@ from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
 from fedtune.data import ClientData, PackedData, clients_of, pack, pack_texts
 from fedtune.flower import messages as keys
+from fedtune.flower import ray_nodes
 from fedtune.model.cache import get_peft_model
 from fedtune.model.device import peak_memory_mb, pick_device
 from fedtune.model.loading import ModelSpec, load_tokenizer
@@ -350,6 +351,7 @@ def train_message(scenario: Scenario, message: Message, context: Context,
         keys.SECONDS_TRAIN: float(result.seconds),
         keys.SECONDS_CODEC: codec_s,
         keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
+        **ray_nodes.node_metrics(),  # which Ray node ran it (nothing when deployed)
         **extra,
     }
     outgoing = keys.reply(message, metrics, adapter)

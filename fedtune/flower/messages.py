@@ -75,6 +75,8 @@ PEAK_MEMORY_MB = "peak-memory-mb"
 RESIDUAL_NORM_IN = "residual-norm-in"  # error feedback carried into this round's upload
 DP_UPDATE_NORM = "dp-update-norm"  # distributed DP: the update's norm before clipping
 SAMPLE_EPSILON = "sample-epsilon"  # DP-SGD: this client's epsilon so far
+RAY_NODE = "ray-node"  # simulation: the Ray node that trained (fedtune.flower.ray_nodes)
+RAY_NODE_IP = "ray-node-ip"  # ... and its IPv4 address, as an integer
 
 # deployment: what a `fedtune client` tells the server about itself (query reply)
 FINAL = "final"  # query config: the run is over; its adapter is the final global adapter

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.assignments import check_ranks_fit_model, client_settings
 from fedtune.config import Scenario, scenario_from_flat
+from fedtune.flower import ray_nodes
 from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
@@ -66,7 +67,10 @@ def run_federation(
             save_global_adapter(strategy, scenario, run_dir)  # the latest, for any reader
         report(record)
 
-    strategy.on_client, strategy.on_round = recorder.log_client, on_round
+    def on_client(record: dict[str, Any]) -> None:
+        recorder.log_client(ray_nodes.describe(record))  # Ray node numbers as text
+
+    strategy.on_client, strategy.on_round = on_client, on_round
     recorder.privacy = privacy_report(strategy)
     try:
         strategy.run(grid, first_round=first_round)
