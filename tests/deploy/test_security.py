@@ -4,8 +4,8 @@ One TLS + node-authentication federation is attacked while it runs: an outsider 
 can reach the clients' port (it has the CA certificate, no registered key) tries to
 submit its own Flower app and to register its own key, then to join; a rogue run is
 submitted on the server machine itself (through the loopback Control API) with the real
-run's seal over another config; after round 1 the operator registers a fourth key with
-``fedtune keys add`` and its holder claims an existing client's name. The same
+run's seal over another config; once every client has its name, the operator registers a
+fourth key with ``fedtune keys add`` and its holder claims an existing client's name. The same
 federation run again without any attacker must end with the bit-identical adapter.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -129,6 +130,18 @@ def _rogue_run(tmp: Path, run_dir: Path) -> int:
     return submit_run(endpoint.address, folder, {}, endpoint.ca_cert)
 
 
+def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if h.summary(run_dir).get("initial"):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no initial evaluation within {timeout} s")
+
+
 def _keys_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*h.FEDTUNE, "keys", *args], capture_output=True, text=True,
                           cwd=h.REPO, timeout=60)
@@ -150,7 +163,7 @@ def attacked(tmp_path_factory, keys):
     impostor = None
     try:
         rogue = _rogue_run(tmp, run_dir)
-        h.wait_for_round(run_dir, 1, 240)
+        _wait_for_initial_evaluation(run_dir, 240)  # every client has its name by then
         added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
         listed = _keys_cli("list", "--run", str(run_dir))
         extra = str(made.node_public_keys[5])
@@ -232,6 +245,7 @@ def test_the_operator_adds_a_key_while_the_server_runs(attacked):
 def test_another_key_claiming_a_clients_name_is_refused_and_the_owner_keeps_its_place(
         attacked):
     rounds = h.summary(attacked["run_dir"])["rounds"]
+    assert "message 1 done" in attacked["impostor"].output()  # it was asked its name
     refused = " ".join(" ".join(r["refused_names"]) for r in rounds)
     assert "claims the name 'client0'" in refused and "belongs to key" in refused, refused
     assert [r["clients_replied"] for r in rounds] == [3, 3, 3]
