@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 FEDTUNE = r'''
 import json, sys
 from fedtune.config import load_scenario
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 scenario = load_scenario("tiny", json.loads(sys.argv[1]))
 run_dir = simulate(scenario, out_dir=sys.argv[2])
 rounds = json.loads((run_dir / "summary.json").read_text())["rounds"][1:]  # as the baseline

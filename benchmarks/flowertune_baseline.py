@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
 def run() -> None:
     from flwr.simulation import run_simulation
 
-    from fedtune.simulate import backend_config
+    from fedtune.runs.simulate import backend_config
 
     run_simulation(server_app=server, client_app=client,
                    num_supernodes=SCENARIO.data.num_clients,

@@ -73,8 +73,8 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's own logs."),
 ) -> None:
     """Run a federated fine-tuning simulation with virtual clients on this machine."""
-    from fedtune.simulate import SimulationError
-    from fedtune.simulate import simulate as run
+    from fedtune.runs.simulate import SimulationError
+    from fedtune.runs.simulate import simulate as run
 
     try:
         chosen = load_scenario(scenario, overrides)
@@ -82,7 +82,7 @@ def simulate(
         console.print(f"[red]configuration error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
     rounds = chosen.run.rounds
-    from fedtune.cluster import resolve_address
+    from fedtune.runs.cluster import resolve_address
 
     address = resolve_address(chosen.simulation.ray_address)
     console.print(
@@ -127,8 +127,14 @@ def compare(
     import shlex
 
     from fedtune.aggregation import available
-    from fedtune.compare import BASELINES, COMPARISON_MD, describe_event, failed, run_comparison
-    from fedtune.simulate import SimulationError
+    from fedtune.runs.compare import (
+        BASELINES,
+        COMPARISON_MD,
+        describe_event,
+        failed,
+        run_comparison,
+    )
+    from fedtune.runs.simulate import SimulationError
 
     names = [a.strip() for a in (aggregators or ",".join(available())).split(",") if a.strip()]
     with _exits_on(SimulationError, FileNotFoundError, ValueError):

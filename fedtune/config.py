@@ -353,7 +353,7 @@ class SimulationSpec:
     #: the Ray cluster the engine runs on: "" = a private Ray instance on this machine
     #: (unless RAY_ADDRESS is set), "auto" = the cluster this machine is a node of (or
     #: RAY_ADDRESS), "HOST:PORT" = that cluster's head, "local" = private, whatever
-    #: RAY_ADDRESS says. See docs/cluster.md and fedtune.cluster.
+    #: RAY_ADDRESS says. See docs/cluster.md and fedtune.runs.cluster.
     ray_address: str = ""
 
     def __post_init__(self) -> None:

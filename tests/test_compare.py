@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fedtune.compare import (
+from fedtune.config import ConfigError, load_scenario
+from fedtune.runs.compare import (
     COMPARISON_JSON,
     COMPARISON_MD,
     COMPARISON_PNG,
     render_markdown,
     run_comparison,
 )
-from fedtune.config import ConfigError, load_scenario
 
 # the tiny-model overrides of tests/flower/test_hetero.py
 TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",
@@ -72,7 +72,7 @@ def test_baselines_start_where_the_federation_starts_and_improve(comparison):
         assert [r["round"] for r in rounds] == [0, 1, 2]
         # same base models and held-out data; on AVX512-BF16 CPUs the federation's workers
         # score 4-bit layers with bitsandbytes' packed inference kernel and the baselines
-        # cannot (see fedtune.compare.keep_4bit_trainable): ~1e-5 apart, else identical
+        # cannot (see fedtune.runs.compare.keep_4bit_trainable): ~1e-5 apart, else identical
         assert rounds[0]["eval_loss"] == pytest.approx(initial, abs=1e-4)
         assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
         assert report["methods"][name]["bytes_up_total"] == 0

@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.model import ModelNotFoundError
 from fedtune.model.memory import LORA_TARGETS, MemoryBudgetError, ModelDims, model_dims
-from fedtune.profiles import (
+from fedtune.planning.profiles import (
     DeviceProfile,
     ProfileError,
     assign_profiles,

@@ -6,7 +6,7 @@ import base64
 import re
 
 from fedtune.config import load_scenario
-from fedtune.report import render_report, write_report
+from fedtune.runs.report import render_report, write_report
 
 
 def _summary(with_dp: bool) -> dict:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from fedtune.config import ConfigError, load_scenario
-from fedtune.simulate import SimulationError, backend_config, preflight
+from fedtune.runs.simulate import SimulationError, backend_config, preflight
 
 
 @pytest.mark.parametrize(("sets", "match"), [

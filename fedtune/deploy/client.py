@@ -92,7 +92,7 @@ def check_local(options: ClientOptions) -> int:
         except (ModelNotFoundError, ValueError) as err:
             raise ClientError(str(err)) from None
     if options.profile:
-        from fedtune.profiles import ProfileError, load_profile
+        from fedtune.planning.profiles import ProfileError, load_profile
 
         try:
             load_profile(options.profile)

@@ -39,7 +39,7 @@ from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
 from fedtune.deploy.certs import Certificates, make_certificates
 from fedtune.deploy.front import Front, Upstream, make_app
 from fedtune.deploy.seal import seal_config
-from fedtune.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
+from fedtune.runs.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
 
 FLOWER_DIR = "flower"
 LOG_FILE = "superlink.log"
@@ -280,8 +280,8 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
           announce: Callable[[str], None] | None = None) -> Path:
     """Start the SuperLink, run every round (or the rest, with ``resume``), stop it;
     returns the run directory. Raises DeploymentError when the run does not complete."""
-    from fedtune.assignments import check_ranks_fit_model, client_settings
     from fedtune.deploy.control import register_node_keys, submit_run, wait_for_run
+    from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 
     say = announce or (lambda text: None)
     if resume is not None:

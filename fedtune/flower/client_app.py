@@ -22,7 +22,6 @@ from peft import PeftModel
 
 from fedtune.aggregation.hetlora import self_prune_rank
 from fedtune.aggregation.start import client_start, sliced_like
-from fedtune.assignments import ClientSettings, client_seed
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
@@ -42,6 +41,7 @@ from fedtune.model.lora import (
     load_frozen_global,
     reset_lora,
 )
+from fedtune.planning.client_settings import ClientSettings, client_seed
 from fedtune.privacy import GaussianNoise, epsilon_after
 from fedtune.privacy.mechanism import local_release
 from fedtune.train import EvalResult, TrainResult, evaluate, train_local
@@ -414,7 +414,7 @@ def query_message(message: Message, context: Context) -> Message:
     profile = str(context.node_config.get(PROFILE, ""))
     text = ""
     if profile:
-        from fedtune.profiles import profile_path
+        from fedtune.planning.profiles import profile_path
 
         text = profile_path(profile).read_text()
     return keys.reply(message, {keys.PARTITION: -1},

@@ -10,12 +10,12 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.assignments import check_ranks_fit_model, client_settings
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.flower import ray_nodes
 from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.flower.strategy import FedtuneStrategy
-from fedtune.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
+from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
+from fedtune.runs.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
 
 log = logging.getLogger("fedtune")
 

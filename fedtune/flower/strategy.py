@@ -24,7 +24,6 @@ from torch import Tensor
 
 from fedtune.aggregation import get_aggregator
 from fedtune.aggregation.start import client_start, sliced_like
-from fedtune.assignments import ClientSettings, client_settings, round_seed
 from fedtune.config import DP_FORMS, ConfigError, Scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask
 from fedtune.core.codec import (
@@ -39,6 +38,7 @@ from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.identity import NameKeys
+from fedtune.planning.client_settings import ClientSettings, client_settings, round_seed
 from fedtune.privacy import GaussianNoise, PrivacyAccountant
 from fedtune.privacy.mechanism import ClientLevelDP, dense_release, factor_release
 
@@ -63,7 +63,7 @@ class RoundStats:
     nodes: list[int] = field(default_factory=list)  # the nodes sampled this round
     dropped: list[str] = field(default_factory=list)
     stragglers: int = 0  # sampled nodes with no reply before the round deadline
-    dropouts: int = 0  # sampled clients a simulated fault took out (fedtune.faults)
+    dropouts: int = 0  # sampled clients a simulated fault took out (fedtune.planning.faults)
     #: partitions sampled this round, and those a simulated fault took out
     partitions: list[int] = field(default_factory=list)
     dropped_out: list[int] = field(default_factory=list)
@@ -259,8 +259,8 @@ class FedtuneStrategy(Strategy):
         """Settings from the profiles deployed clients declared (see ``_register_named``)."""
         import tomllib
 
-        from fedtune.assignments import check_ranks, settings_from_profiles
-        from fedtune.profiles import DeviceProfile
+        from fedtune.planning.client_settings import check_ranks, settings_from_profiles
+        from fedtune.planning.profiles import DeviceProfile
 
         profiles = [None] * self.scenario.data.num_clients
         for partition, text in self.declared.items():
@@ -517,8 +517,8 @@ class FedtuneStrategy(Strategy):
 
     def _without_simulated_faults(self, nodes: list[int], server_round: int) -> list[int]:
         """The sampled nodes that neither drop out nor miss the deadline in this round's
-        seeded draw (``fedtune.faults``); the others are counted and not sent work."""
-        from fedtune.faults import draw_faults, faults_active
+        seeded draw (``fedtune.planning.faults``); the others are counted and not sent work."""
+        from fedtune.planning.faults import draw_faults, faults_active
 
         spec = self.scenario.simulation
         by_partition = {self.node_partition[n]: n for n in nodes}

@@ -12,7 +12,7 @@ from fedtune.config import ConfigError
 from fedtune.data.types import DataError
 from fedtune.model.compat import IncompatibleModelError
 from fedtune.model.loading import ModelNotFoundError
-from fedtune.profiles import DeviceProfile, ProfileError
+from fedtune.planning.profiles import DeviceProfile, ProfileError
 from fedtune.sdk.client import (
     Client,
     FederationError,

@@ -19,7 +19,7 @@ import tomli_w
 from fedtune.data.jsonl import RECORD_SHAPES, format_record
 from fedtune.data.local import read_local_texts
 from fedtune.data.types import DataError
-from fedtune.profiles import DeviceProfile, ProfileError, load_profile
+from fedtune.planning.profiles import DeviceProfile, ProfileError, load_profile
 
 #: what ``data=`` may be, for messages
 DATA_SHAPES = ("a list of strings, an iterable of dicts shaped " + RECORD_SHAPES

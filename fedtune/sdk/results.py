@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fedtune.rundir import ADAPTER_DIR, SCENARIO_FILE
+from fedtune.runs.rundir import ADAPTER_DIR, SCENARIO_FILE
 
 
 class AdapterNotFoundError(FileNotFoundError):

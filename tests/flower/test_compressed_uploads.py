@@ -6,7 +6,6 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedtune.assignments import ClientSettings
 from fedtune.config import ConfigError, load_scenario
 from fedtune.core.compress import CompressionSpec, encode_indexed, encode_state, pack_records
 from fedtune.core.init import seeded_lora_state
@@ -15,6 +14,7 @@ from fedtune.flower.client_app import _prepare_for_training, compressed_upload
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.model import cache
 from fedtune.model.lora import LoraSpec, adapter_state, reset_lora
+from fedtune.planning.client_settings import ClientSettings
 
 
 @pytest.fixture(autouse=True)

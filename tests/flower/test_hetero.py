@@ -9,11 +9,11 @@ import pytest
 from peft import PeftModel
 
 from fedtune.aggregation import available
-from fedtune.assignments import client_settings
 from fedtune.config import ConfigError, load_scenario
 from fedtune.flower.client_app import evaluate_client
 from fedtune.model.loading import load_base_model
-from fedtune.simulate import simulate
+from fedtune.planning.client_settings import client_settings
+from fedtune.runs.simulate import simulate
 from fedtune.train import combine
 
 TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",

@@ -4,7 +4,7 @@ and a declared device profile sets that client's settings."""
 
 from fedtune.config import load_scenario
 from fedtune.flower.strategy import FedtuneStrategy
-from fedtune.profiles import profile_path
+from fedtune.planning.profiles import profile_path
 
 SCENARIO = load_scenario("tiny", ["data.num_clients=3", "federation.aggregator='zeropad'"])
 

@@ -4,7 +4,6 @@ model carries exactly the global update (scale conventions of every client mode)
 import pytest
 import torch
 
-from fedtune.assignments import ClientSettings
 from fedtune.config import load_scenario
 from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.flower import messages as keys
@@ -12,6 +11,7 @@ from fedtune.flower.client_app import _prepare_for_training
 from fedtune.flower.strategy import FedtuneStrategy, RoundFailedError
 from fedtune.model import cache
 from fedtune.model.lora import LoraSpec, adapter_state
+from fedtune.planning.client_settings import ClientSettings
 
 
 @pytest.fixture(autouse=True)

@@ -20,10 +20,10 @@ import torch
 from ray_harness import LocalRayCluster, free_port
 from safetensors.torch import load_file
 
-from fedtune.cluster import ClusterError, NodeSize, check_fits, joined, resolve_address
 from fedtune.config import ConfigError, load_scenario
 from fedtune.flower.ray_nodes import describe
-from fedtune.simulate import simulate
+from fedtune.runs.cluster import ClusterError, NodeSize, check_fits, joined, resolve_address
+from fedtune.runs.simulate import simulate
 
 ACTOR_RUNNING = "ray::ClientAppActor.run"  # a worker's process title while it runs a client
 

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fedtune.config import load_scenario
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from fedtune.flower.checkpoint import (
     adapter_from_state,
     load_checkpoint,
 )
-from fedtune.simulate import SimulationError, simulate
+from fedtune.runs.simulate import SimulationError, simulate
 
 # clients_per_round < num_clients: the sampler's state must survive the restart too
 SETS = ["run.rounds=3", "federation.clients_per_round=3", "federation.min_clients=2"]

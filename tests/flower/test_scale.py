@@ -15,7 +15,7 @@ import pytest
 
 from fedtune.config import load_scenario
 from fedtune.flower.client_app import client_batch
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 
 PROFILE = """name = "{name}"
 memory_budget_mb = 4000
@@ -85,7 +85,7 @@ def _expected_faults(scenario, partitions: list[int], server_round: int
     """The seeded draw, recomputed here from its definition: per client in partition
     order, u < dropout drops it; else tokens / (1000 x speed) x lognormal(0, 0.25) past
     the 2 s deadline makes it a straggler. Speed: the client's profile's."""
-    from fedtune.assignments import client_settings
+    from fedtune.planning.client_settings import client_settings
 
     settings = client_settings(scenario)
     rng = random.Random(f"{scenario.run.seed}:{server_round}:faults")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from fedtune.config import load_scenario
 from fedtune.flower.client_app import evaluate_client
 from fedtune.model.loading import load_base_model
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 from fedtune.train import combine
 
 

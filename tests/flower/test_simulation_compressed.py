@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 
 OVERRIDES = ["run.rounds=2", "compression.upload_density=0.1",
              "compression.upload_values='int8'", "compression.download_values='int8'"]

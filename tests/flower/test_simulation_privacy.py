@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from fedtune.config import load_scenario
 from fedtune.flower.client_app import client_batch
 from fedtune.privacy.accountant import epsilon_after
-from fedtune.simulate import simulate
+from fedtune.runs.simulate import simulate
 
 Z, DELTA = 1.2, 1e-4
 

@@ -17,7 +17,7 @@ from fedtune.config import load_scenario
 from fedtune.data.local import read_local_texts
 from fedtune.model.compat import check_compatible, describe_base
 from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
-from fedtune.profiles import DeviceProfile, load_profile
+from fedtune.planning.profiles import DeviceProfile, load_profile
 from fedtune.sdk.inputs import auto_profile, texts_from
 
 TINY = load_scenario("tiny")

@@ -162,7 +162,7 @@ class RunRecorder:
         os.replace(tmp, self.path / PLOT_FILE)
 
     def close(self, status: str) -> None:
-        from fedtune.report import write_report
+        from fedtune.runs.report import write_report
 
         self.status = status
         self.write_summary()

@@ -21,7 +21,7 @@ from fedtune.model.lora import LoraSpec
 from fedtune.train.local import TrainConfig
 
 if TYPE_CHECKING:
-    from fedtune.profiles import DeviceProfile
+    from fedtune.planning.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _uniform(scenario: Scenario, partition: int) -> ClientSettings:
 
 
 def _from_profiles(scenario: Scenario) -> list[ClientSettings]:
-    from fedtune.profiles import assign_profiles, load_profile
+    from fedtune.planning.profiles import assign_profiles, load_profile
 
     spec = scenario.clients
     names = assign_profiles(scenario.data.num_clients, spec.mix or list(spec.profiles),
@@ -93,7 +93,7 @@ def settings_from_profiles(scenario: Scenario, profiles: Sequence[DeviceProfile 
     """One client per entry (index = partition): its profile resolved against the model,
     or the scenario's own values where the entry is None (a client without a profile)."""
     from fedtune.model.memory import model_dims
-    from fedtune.profiles import resolve_profile
+    from fedtune.planning.profiles import resolve_profile
 
     dims = model_dims(scenario.model.source)
     resolved = {

@@ -172,7 +172,7 @@ def render_report(summary: dict[str, Any]) -> str:
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
-    from fedtune.rundir import atomic_write_text
+    from fedtune.runs.rundir import atomic_write_text
 
     path = Path(run_dir) / REPORT_FILE
     atomic_write_text(path, render_report(summary))

@@ -30,7 +30,7 @@ from fedtune.model.memory import (
     plan,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (bundled clients/profiles)
 PROFILE_DIR = REPO_ROOT / "clients" / "profiles"
 AUTO = "auto"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from fedtune.assignments import ClientSettings, client_seed
-from fedtune.assignments import round_seed as federation_round_seed
+from fedtune.planning.client_settings import ClientSettings, client_seed
+from fedtune.planning.client_settings import round_seed as federation_round_seed
 from fedtune.config import ConfigError, Scenario
-from fedtune.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
+from fedtune.runs.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
 
 BASELINES = ("centralised", "local")
@@ -103,7 +103,7 @@ def with_aggregator(scenario: Scenario, name: str) -> Scenario:
 
 def skip_reason(scenario: Scenario) -> str | None:
     """Why this scenario cannot run (a configuration error), or None; other errors raise."""
-    from fedtune.simulate import preflight
+    from fedtune.runs.simulate import preflight
 
     try:
         preflight(scenario)
@@ -127,7 +127,7 @@ def run_federated(scenario: Scenario, name: str, runs_dir: Path, progress: Progr
                   skip: str | None = None) -> MethodResult:
     """Simulate under one aggregator; a configuration it cannot serve is skipped, not fatal,
     and a run that fails is recorded so the other methods still get compared."""
-    from fedtune.simulate import SimulationError, simulate
+    from fedtune.runs.simulate import SimulationError, simulate
 
     if skip is not None:
         return MethodResult(name, "federated", status="skipped", reason=skip)
@@ -260,7 +260,7 @@ def baseline_result(name: str, history: Sequence[EvalResult], seconds: float) ->
 
 def run_baseline(name: str, scenario: Scenario, progress: Progress) -> MethodResult:
     """One baseline, or skipped when the scenario's client settings are invalid."""
-    from fedtune.assignments import client_settings
+    from fedtune.planning.client_settings import client_settings
 
     try:
         settings = client_settings(scenario)

@@ -1,5 +1,5 @@
 """Simulation on Flower's simulation engine (Ray backend): a private Ray instance on this
-machine, or an existing Ray cluster (``simulation.ray_address``, see ``fedtune.cluster``).
+machine, or an existing Ray cluster (``simulation.ray_address``, see ``fedtune.runs.cluster``).
 
 Everything that can fail cheaply (scenario values, data, model location) is checked
 before the run directory is created or the engine starts, so a bad start leaves
@@ -17,7 +17,7 @@ from typing import Any
 
 from fedtune.config import Scenario
 from fedtune.flower.server_app import Progress
-from fedtune.rundir import SUMMARY_FILE, new_run_dir
+from fedtune.runs.rundir import SUMMARY_FILE, new_run_dir
 
 log = logging.getLogger("fedtune")
 
@@ -36,7 +36,7 @@ class SimulationError(RuntimeError):
 
 def preflight(scenario: Scenario) -> None:
     """Fail before any work starts if data or model cannot be found."""
-    from fedtune.assignments import check_ranks_fit_model, client_settings
+    from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
     from fedtune.data import clients_of
     from fedtune.model.loading import bundled_model_dir, check_model_source
 
@@ -59,14 +59,14 @@ def backend_config(scenario: Scenario, verbose: bool = False,
     (a client's failure still reaches the server as an error reply and is reported).
 
     With ``nodes`` (the live nodes of the cluster at ``address`` this process has joined,
-    see ``fedtune.cluster.joined``) the request is checked against each node's size and Ray
+    see ``fedtune.runs.cluster.joined``) the request is checked against each node's size and Ray
     is left as it is; without, against this machine, for a private Ray instance
     (``address="local"``: neither ``RAY_ADDRESS`` nor a cluster ``ray start`` left here
     is joined by accident)."""
     sim = scenario.simulation
     resources = {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client}
     if nodes is not None:
-        from fedtune.cluster import check_fits
+        from fedtune.runs.cluster import check_fits
 
         check_fits(sim, nodes, address or sim.ray_address)
         return {"client_resources": resources,
@@ -106,7 +106,7 @@ def simulate(
     (a run directory with a checkpoint), go on from its last completed round."""
     from flwr.simulation import run_simulation
 
-    from fedtune.cluster import joined, resolve_address
+    from fedtune.runs.cluster import joined, resolve_address
     from fedtune.flower import ray_backend, simulated_nodes
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
