@@ -8,7 +8,6 @@ holding a model (it needs them to turn a sparse upload's deltas back into factor
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 
@@ -16,17 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, module_name
-
-
-def module_seed(seed: int, name: str) -> int:
-    """Per-module seed so a module's A depends only on (seed, name), not on other targets."""
-    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+from fedtune.core.seeds import lora_init_seed
 
 
 def seeded_lora_A(seed: int, module: str, shape: tuple[int, ...]) -> Tensor:
     """The fresh A of ``module`` ([rank, in], float32), as every client draws it."""
-    generator = torch.Generator(device="cpu").manual_seed(module_seed(seed, module))
+    generator = torch.Generator(device="cpu").manual_seed(lora_init_seed(seed, module))
     fresh = torch.empty(shape, dtype=torch.float32)
     nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
     return fresh

@@ -25,6 +25,7 @@ from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.config import DataSpec, Scenario, scenario_from_flat
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
+from fedtune.core.seeds import client_noise_seed, client_seed
 from fedtune.data import ClientData, PackedData, clients_of, pack, pack_texts
 from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes
@@ -41,7 +42,7 @@ from fedtune.model.lora import (
     load_frozen_global,
     reset_lora,
 )
-from fedtune.planning.client_settings import ClientSettings, client_seed
+from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy import GaussianNoise, epsilon_after
 from fedtune.privacy.mechanism import local_release
 from fedtune.train import EvalResult, TrainResult, evaluate, train_local
@@ -274,7 +275,7 @@ def privatize(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], co
     begun = sliced_like(start, state)
     delta = {k: state[k] - begun[k] for k in state if k.endswith(suffixes)}
     secure = bool(config.get(keys.DP_SECURE, False))
-    noise = GaussianNoise(None if secure else seed * 31 + 17)
+    noise = GaussianNoise(None if secure else client_noise_seed(seed))
     noisy, norm = local_release(delta, float(config[keys.DP_CLIP]),
                                 float(config[keys.DP_NOISE_STD]), noise)
     out = {k: begun[k] + noisy[k] if k in noisy else v for k, v in state.items()}

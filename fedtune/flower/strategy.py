@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -35,10 +34,11 @@ from fedtune.core.codec import (
     state_dict_from_factors,
 )
 from fedtune.core.init import seeded_lora_state
+from fedtune.core.seeds import round_seed, sampler, server_noise_seed, stream
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.identity import NameKeys
-from fedtune.planning.client_settings import ClientSettings, client_settings, round_seed
+from fedtune.planning.client_settings import ClientSettings, client_settings
 from fedtune.privacy import GaussianNoise, PrivacyAccountant
 from fedtune.privacy.mechanism import ClientLevelDP, dense_release, factor_release
 
@@ -114,7 +114,7 @@ class FedtuneStrategy(Strategy):
         self.expected = checks.expected_modules(scenario.model.source,
                                                  scenario.lora.target_modules)
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
-        self.rng = random.Random(scenario.run.seed)
+        self.rng = sampler(scenario.run.seed)
         self.upload = scenario.compression.upload()
         self.download = scenario.compression.download()
         #: this round's train payload per (rank, alpha), before download compression: the
@@ -465,7 +465,7 @@ class FedtuneStrategy(Strategy):
         central = p.mode == "central"
         dp = ClientLevelDP(p.clip_norm, self.plan.noise_multiplier, self.stats.sampled,
                            clip=central, add_noise=central)
-        seed = None if p.secure_noise else noise_seed(self._round_seed(server_round))
+        seed = None if p.secure_noise else server_noise_seed(self._round_seed(server_round))
         noise = GaussianNoise(seed)
         previous = None if self.global_adapter is None else self.global_adapter.factors
         if DP_FORMS[self.aggregator.name] == "factor":
@@ -634,7 +634,7 @@ class FedtuneStrategy(Strategy):
         if not count:
             return None
         population = range(self.scenario.data.num_clients)
-        return set(random.Random(f"{self.scenario.run.seed}:eval").sample(population, count))
+        return set(stream(self.scenario.run.seed, "eval").sample(population, count))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -800,11 +800,6 @@ def update_norm(factors: dict[str, LoraFactors], start: dict[str, LoraFactors]) 
         s = start[name]
         total += float((f.A - s.A[: f.rank]).pow(2).sum() + (f.B - s.B[:, : f.rank]).pow(2).sum())
     return math.sqrt(total)
-
-
-def noise_seed(round_seed: int) -> int:
-    """The seed of a round's server-side DP noise (apart from every training seed)."""
-    return round_seed * 7919 + 104_729
 
 
 def _sample_epsilon(updates: list[ClientUpdate]) -> dict[str, float]:

@@ -60,16 +60,6 @@ class ClientSettings:
             raise ValueError(f"message carries incomplete client settings: {err}") from None
 
 
-def round_seed(run_seed: int, server_round: int) -> int:
-    """The seed the server sends with a round's messages."""
-    return run_seed * 1000 + server_round
-
-
-def client_seed(round_seed: int, partition: int) -> int:
-    """A client's training seed in a round: reproducible whichever worker runs it."""
-    return round_seed * 100_003 + partition
-
-
 def _uniform(scenario: Scenario, partition: int) -> ClientSettings:
     return ClientSettings(
         partition=partition, profile="", rank=scenario.lora.rank, alpha=scenario.lora.alpha,

@@ -11,10 +11,11 @@ a draw costs nothing and the counts are exactly what the seed says.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from fedtune.core.seeds import stream
 
 
 class FaultSpec(Protocol):
@@ -47,7 +48,7 @@ def draw_faults(partitions: Iterable[int], work_tokens: Mapping[int, float],
                 ) -> RoundFaults:
     """The round's seeded draw: two numbers per client in partition order (so a client's
     fate does not depend on which others were sampled beyond the order)."""
-    rng = random.Random(f"{seed}:{server_round}:faults")
+    rng = stream(seed, "faults", server_round)
     dropped, stragglers, seconds = [], [], {}
     for partition in sorted(partitions):
         leaves = rng.random() < spec.dropout

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
-from fedtune.planning.client_settings import ClientSettings, client_seed
-from fedtune.planning.client_settings import round_seed as federation_round_seed
+from fedtune.core.seeds import client_seed
+from fedtune.core.seeds import round_seed as federation_round_seed
+from fedtune.planning.client_settings import ClientSettings
 from fedtune.config import ConfigError, Scenario
 from fedtune.runs.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
