@@ -6,7 +6,8 @@ import base64
 import re
 
 from fedtune.config import load_scenario
-from fedtune.runs.report import render_report, write_report
+from fedtune.runs.report import render_report
+from fedtune.runs.rundir import write_report
 
 
 def _summary(with_dp: bool) -> dict:
@@ -40,3 +41,24 @@ def test_report_embeds_png_plots_and_the_scenario(tmp_path) -> None:
 def test_report_without_dp_has_no_epsilon_plot() -> None:
     page = render_report(_summary(with_dp=False))
     assert page.count("<img") == 3 and "epsilon) per round" not in page
+
+
+def test_round_axes_tick_whole_rounds_only():
+    """Three rounds on matplotlib's default locator get ticks at 0.5, 1.5, ...; a round
+    axis must not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedtune.runs.report import round_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1, 2, 3], [4.0, 3.0, 2.5, 2.4])
+    fig.canvas.draw()
+    assert any(t != int(t) for t in ax.get_xticks())  # the default this guards against
+    round_axis(ax)
+    fig.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if 0 <= t <= 3]
+    plt.close(fig)
+    assert ticks and all(t == int(t) for t in ticks)

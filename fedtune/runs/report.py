@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-from pathlib import Path
 from typing import Any
 
 REPORT_FILE = "report.html"
@@ -27,12 +26,20 @@ def _figure() -> tuple[Any, Any]:
     return plt.subplots(figsize=(6.4, 3.6))
 
 
+def round_axis(ax: Any) -> None:
+    """Rounds are whole numbers: no tick at round 1.5."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _embed(fig: Any, title: str, ylabel: str) -> str:
     import matplotlib.pyplot as plt
 
     ax = fig.axes[0]
     ax.set_title(title)
-    ax.set_xlabel("round")
+    round_axis(ax)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -170,10 +177,3 @@ def render_report(summary: dict[str, Any]) -> str:
             f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario), quote=False)}</pre>"
             f"</body></html>")
 
-
-def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
-    from fedtune.runs.rundir import atomic_write_text
-
-    path = Path(run_dir) / REPORT_FILE
-    atomic_write_text(path, render_report(summary))
-    return path

@@ -17,11 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.runs.report import REPORT_FILE, render_report, round_axis
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SCENARIO_FILE = "scenario.json"
 PLOT_FILE = "loss.png"
 ADAPTER_DIR = "adapter"
+
+
+def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
+    """The run's report.html (see ``fedtune.runs.report``), replaced atomically."""
+    path = Path(run_dir) / REPORT_FILE
+    atomic_write_text(path, render_report(summary))
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -150,7 +159,7 @@ class RunRecorder:
         if train_points:
             ax.plot(*zip(*train_points, strict=True), marker="s", linestyle="--",
                     label="train loss")
-        ax.set_xlabel("round")
+        round_axis(ax)
         ax.set_ylabel("loss (nats / token)")
         ax.set_title(str(self.scenario.get("run", {}).get("name", "fedtune")))
         ax.grid(alpha=0.3)
@@ -162,8 +171,6 @@ class RunRecorder:
         os.replace(tmp, self.path / PLOT_FILE)
 
     def close(self, status: str) -> None:
-        from fedtune.runs.report import write_report
-
         self.status = status
         self.write_summary()
         self._metrics.close()
