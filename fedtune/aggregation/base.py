@@ -116,9 +116,3 @@ def with_scale(
     if scale is None:
         return dict(factors)
     return {name: rescaled(f, scale) for name, f in factors.items()}
-
-
-def shared_scale(parts: Sequence[LoraFactors]) -> float:
-    """The clients' common scale, or 1.0 when they differ (scales then fold into B)."""
-    scales = {p.scale for p in parts}
-    return scales.pop() if len(scales) == 1 else 1.0

@@ -17,10 +17,9 @@ from fedtune.aggregation.base import (
     example_weights,
     module_parts,
     next_round,
-    shared_scale,
 )
 from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
-from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, shared_scale
 
 
 def _max_difference(a: Tensor, b: Tensor) -> float:

@@ -21,23 +21,11 @@ from fedtune.aggregation.base import (
     example_weights,
     module_parts,
     next_round,
-    shared_scale,
     with_scale,
 )
 from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
-from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask
-
-
-def pad_rows(t: Tensor, rows: int) -> Tensor:
-    """Append zero rows up to ``rows``."""
-    extra = rows - t.shape[0]
-    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, t.shape[1])])
-
-
-def pad_cols(t: Tensor, cols: int) -> Tensor:
-    """Append zero columns up to ``cols``."""
-    return pad_rows(t.T, cols).T
-
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask, shared_scale
+from fedtune.core.lowrank import pad_cols, pad_rows
 
 PADDINGS = ("zeros", "skip")
 

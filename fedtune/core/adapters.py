@@ -6,7 +6,7 @@ reused anywhere. The effective weight update of a module is ``scale * B @ A``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -127,3 +127,9 @@ class GlobalAdapter:
     def __repr__(self) -> str:
         ranks = sorted({f.rank for f in self.factors.values()})
         return f"GlobalAdapter(round={self.round}, modules={len(self.factors)}, ranks={ranks})"
+
+
+def shared_scale(parts: Sequence[LoraFactors]) -> float:
+    """The clients' common scale, or 1.0 when they differ (scales then fold into B)."""
+    scales = {p.scale for p in parts}
+    return scales.pop() if len(scales) == 1 else 1.0

@@ -27,6 +27,17 @@ Split = Literal["balanced", "left"]
 SPLITS: tuple[str, ...] = ("balanced", "left")
 
 
+def pad_rows(t: Tensor, rows: int) -> Tensor:
+    """Append zero rows up to ``rows`` (a lower-rank A in a higher-rank frame)."""
+    extra = rows - t.shape[0]
+    return t if extra == 0 else torch.cat([t, t.new_zeros(extra, t.shape[1])])
+
+
+def pad_cols(t: Tensor, cols: int) -> Tensor:
+    """Append zero columns up to ``cols`` (a lower-rank B in a higher-rank frame)."""
+    return pad_rows(t.T, cols).T
+
+
 class Truncation(NamedTuple):
     """Best rank-r factors of ``B @ A`` and the relative error they leave behind."""
 

@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedtune.aggregation.base import AggregationError, shared_scale
-from fedtune.aggregation.zeropad import pad_cols, pad_rows
-from fedtune.core.adapters import ClientUpdate, LoraFactors
-from fedtune.core.lowrank import truncate
+from fedtune.core.adapters import ClientUpdate, LoraFactors, shared_scale
+from fedtune.core.lowrank import pad_cols, pad_rows, truncate
 from fedtune.privacy.clip import clip_factor, clip_to_norm, product_norm
 from fedtune.privacy.noise import GaussianNoise
 
 FORMS = ("factor", "dense")
+
+
+class PrivacyError(ValueError):
+    """The updates of a round cannot be released by the mechanism."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class Release:
 
 def _start(update: ClientUpdate, module: str) -> LoraFactors:
     if update.start is None or module not in update.start:
-        raise AggregationError(
+        raise PrivacyError(
             f"client {update.client_id or '?'}: differential privacy needs the start the "
             f"server sent for module {module!r} (the update is taken against it)")
     return update.start[module]

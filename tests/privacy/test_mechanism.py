@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from fedtune.aggregation.zeropad import pad_cols, pad_rows
 from fedtune.core.adapters import ClientUpdate, LoraFactors
-from fedtune.core.lowrank import truncate
+from fedtune.core.lowrank import pad_cols, pad_rows, truncate
 from fedtune.privacy.clip import clip_to_norm, product_norm, total_norm
 from fedtune.privacy.mechanism import (
     ClientLevelDP,
