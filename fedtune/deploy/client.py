@@ -29,7 +29,7 @@ from fedtune.data.local import MEMORY_PREFIX, read_local_texts
 from fedtune.data.types import DataError
 from fedtune.deploy.seal import RunPin
 from fedtune.deploy.server import flower_bin, flower_env, free_port, stop_process, tail
-from fedtune.deploy.task import TOKEN_VARIABLE
+from fedtune.deploy.task import TOKEN_VARIABLE, load_app
 from fedtune.deploy.task import command as task_command
 
 log = logging.getLogger("fedtune")
@@ -180,13 +180,6 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
     if options.auth_key:
         command += ["--auth-supernode-private-key", options.auth_key]
     return command
-
-
-def load_app(reference: str) -> object:
-    import importlib
-
-    module, _, attribute = reference.partition(":")
-    return getattr(importlib.import_module(module), attribute or "app")
 
 
 def run_pin(options: ClientOptions, state: Path) -> RunPin | None:

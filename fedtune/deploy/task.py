@@ -10,6 +10,7 @@ environment (not on the command line, where other users could read it).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -23,6 +24,12 @@ def command(address: str, app: str, ca_file: str = "", host: str = "",
             "--ca", ca_file, "--host", host, "--pin-file", pin_file]
 
 
+def load_app(reference: str) -> object:
+    """The installed ClientApp named ``module:attribute`` (attribute defaults to ``app``)."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute or "app")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedtune.deploy.task")
     parser.add_argument("address")
@@ -31,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="")
     parser.add_argument("--pin-file", default="")
     args = parser.parse_args(argv)
-    from fedtune.deploy.client import load_app
     from fedtune.deploy.seal import RunPin
     from fedtune.deploy.worker import handle_task
 

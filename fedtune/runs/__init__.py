@@ -1,2 +1,6 @@
 """Running and reporting runs: the simulation launcher (locally or on a Ray cluster),
 the run directory and its report, and the comparison of aggregators against baselines."""
+
+
+class SimulationError(RuntimeError):
+    """The simulation did not complete (locally or on a Ray cluster)."""

@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from fedtune.config import SimulationSpec
-from fedtune.runs.simulate import SimulationError
+from fedtune.runs import SimulationError
 
 log = logging.getLogger("fedtune")
 
