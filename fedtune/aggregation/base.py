@@ -2,36 +2,111 @@
 
 An aggregator is a pure function of the replies of one round (and the previous
 global adapter): randomness only through an explicit generator, no I/O, no Flower.
-Class attributes tell the client side how to use what it downloads.
+Each aggregator class owns its facts: ``capabilities`` (what it can serve: mixed
+ranks, secure aggregation, DP, merging, padding, how clients use their download) and
+``Options`` (the ``federation.<key>`` scenario keys it reads, validated there), so
+config, strategy, DP and compare ask the class instead of keeping tables of names.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, Literal
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Literal
 
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 
 ClientMode = Literal["continue", "residual"]
+CLIENT_MODES = ("continue", "residual")
+#: Where client-level DP noise goes (see fedtune.privacy.mechanism): on B with A frozen
+#: and shared ("factor"), or on the dense sum of weight updates ("dense").
+DP_FORMS = ("factor", "dense")
 
 
 class AggregationError(ValueError):
     """The updates of a round cannot be combined by this aggregator."""
 
 
-class Aggregator(ABC):
-    """Base class: subclasses implement :meth:`aggregate`."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What an aggregator can serve; read by config, strategy, DP and compare."""
 
-    name: ClassVar[str] = ""
-    #: True when clients must all train the same rank (e.g. plain FedAvg on A and B).
-    requires_equal_ranks: ClassVar[bool] = False
+    #: clients may train different ranks
+    mixed_ranks: bool = False
+    #: the aggregate is a weighted sum of client updates, entry by entry (what secure
+    #: aggregation could serve)
+    additive: bool = False
+    #: takes federation.merge ("mean" or "ties") and ties_density
+    merges: bool = False
+    #: takes federation.padding ("zeros" or "skip")
+    pads: bool = False
+    #: takes HetLoRA's federation.prune_gamma (clients self-prune their rank)
+    prunes: bool = False
+    #: client-level DP form: "factor", "dense", or None (its weights depend on the
+    #: updates, so one client's influence is not bounded by the clip norm)
+    dp_form: str | None = None
     #: "continue": the client loads its payload into its trainable LoRA and keeps training.
     #: "residual": the client applies the payload frozen (on top of the base weights) and
     #: trains a fresh LoRA of its own rank, sending back only that fresh LoRA.
-    client_mode: ClassVar[ClientMode] = "continue"
-    #: True when clients must keep A at its shared seeded initialisation (train B only).
-    freeze_A: ClassVar[bool] = False
+    client_mode: str = "continue"
+    #: clients keep A at its shared seeded initialisation (train B only)
+    freeze_A: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.dp_form is None or self.dp_form in DP_FORMS, "dp_form", self.dp_form,
+                f"None or one of {', '.join(DP_FORMS)}")
+        require(self.client_mode in CLIENT_MODES, "client_mode", self.client_mode,
+                f"one of {', '.join(CLIENT_MODES)}")
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of an aggregator that reads no ``federation`` key."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """The one form of an option error: it names the key, the value and what is allowed."""
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def option_names(options_class: type) -> tuple[str, ...]:
+    """The ``federation`` keys an Options dataclass reads (its field names)."""
+    return tuple(f.name for f in fields(options_class))
+
+
+class Aggregator(ABC):
+    """Base class: subclasses declare ``name``, ``capabilities`` and ``Options`` and
+    implement :meth:`aggregate`. Options can be given as an ``Options`` instance or as
+    keywords (``ZeroPad(padding="skip")``); either way they are validated by ``Options``."""
+
+    name: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: frozen dataclass whose field names are the ``federation.<key>`` keys this reads
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None, /, **values: Any) -> None:
+        if options is None:
+            options = self.Options(**values)
+        elif values or not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} takes one {self.Options.__name__} or "
+                            f"keyword options, got {options!r} and {sorted(values)}")
+        self.options = options
+
+    # what the client side reads (kept as attributes: new code uses ``capabilities``)
+    @property
+    def requires_equal_ranks(self) -> bool:
+        """True when clients must all train the same rank (e.g. plain FedAvg on A and B)."""
+        return not self.capabilities.mixed_ranks
+
+    @property
+    def client_mode(self) -> ClientMode:
+        return self.capabilities.client_mode  # type: ignore[return-value]
+
+    @property
+    def freeze_A(self) -> bool:
+        return self.capabilities.freeze_A
 
     @abstractmethod
     def aggregate(
@@ -48,6 +123,11 @@ class Aggregator(ABC):
         ``scale * B @ A`` is unchanged and can be loaded into the client's LoRA as is.
         """
         return with_scale(adapter.factors, scale)
+
+    def dp_release_rank(self, ranks: Sequence[int]) -> int:
+        """The rank a dense DP release is truncated to: the largest client rank (an
+        aggregator that keeps a rank budget of its own says so)."""
+        return max(ranks)
 
     def validate_ranks(self, ranks: Sequence[int]) -> None:
         """Reject a rank configuration this aggregator cannot serve (before round 1)."""

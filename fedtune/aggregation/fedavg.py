@@ -10,17 +10,28 @@ from __future__ import annotations
 from fedtune.aggregation.base import (
     AggregationError,
     Aggregator,
+    Capabilities,
     common_modules,
     example_weights,
     next_round,
 )
-from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
+from fedtune.aggregation.registry import register
+from fedtune.aggregation.sparse import (
+    EntryMerge,
+    MergeOptions,
+    field_of,
+    module_masks,
+    module_starts,
+)
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 
 
+@register
 class FedAvg(EntryMerge, Aggregator):
     name = "fedavg"
-    requires_equal_ranks = True
+    capabilities = Capabilities(additive=True, merges=True, dp_form="factor")
+    Options = MergeOptions
+    options: MergeOptions
 
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None

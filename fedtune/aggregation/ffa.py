@@ -13,12 +13,20 @@ from torch import Tensor
 from fedtune.aggregation.base import (
     AggregationError,
     Aggregator,
+    Capabilities,
     common_modules,
     example_weights,
     module_parts,
     next_round,
 )
-from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
+from fedtune.aggregation.registry import register
+from fedtune.aggregation.sparse import (
+    EntryMerge,
+    MergeOptions,
+    field_of,
+    module_masks,
+    module_starts,
+)
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, shared_scale
 
 
@@ -26,17 +34,19 @@ def _max_difference(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
 
 
+@register
 class FFA(EntryMerge, Aggregator):
     """Average B with example weights (mask-aware for sparse uploads, or TIES); A must be
     identical everywhere."""
 
     name = "ffa"
-    requires_equal_ranks = True
-    freeze_A = True
+    capabilities = Capabilities(additive=True, merges=True, dp_form="factor", freeze_A=True)
+    Options = MergeOptions
+    options: MergeOptions
 
-    def __init__(self, atol: float = 1e-6, rtol: float = 1e-5, merge: str = "mean",
-                 ties_density: float = 0.2) -> None:
-        super().__init__(merge, ties_density)
+    def __init__(self, options: MergeOptions | None = None, /, atol: float = 1e-6,
+                 rtol: float = 1e-5, **values: object) -> None:
+        super().__init__(options, **values)
         self.atol = atol
         self.rtol = rtol
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from fedtune.aggregation.base import (
     Aggregator,
+    Capabilities,
+    NoOptions,
     common_modules,
     example_weights,
     module_parts,
@@ -17,6 +19,7 @@ from fedtune.aggregation.base import (
     with_scale,
 )
 from fedtune.aggregation.recompress import TruncationReport, stack_and_truncate
+from fedtune.aggregation.registry import register
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.lowrank import Split, check_split, truncate
 
@@ -27,13 +30,18 @@ def best_rank(factors: LoraFactors, rank: int, split: Split = "balanced") -> Lor
     return LoraFactors(A=result.A, B=result.B, scale=1.0)
 
 
+@register
 class FlexLoRA(TruncationReport, Aggregator):
-    """Weighted average of full updates, truncated SVD per client rank."""
+    """Weighted average of full updates, truncated SVD per client rank. Client-level DP
+    noise goes on the dense average (before its SVD); its weights are example weights."""
 
     name = "flexlora"
-    requires_equal_ranks = False
+    capabilities = Capabilities(mixed_ranks=True, dp_form="dense")
+    Options = NoOptions
 
-    def __init__(self, max_rank: int | None = None, split: Split = "balanced") -> None:
+    def __init__(self, options: NoOptions | None = None, /, max_rank: int | None = None,
+                 split: Split = "balanced") -> None:
+        super().__init__(options)
         if max_rank is not None and max_rank < 1:
             raise ValueError(f"max_rank must be at least 1, got {max_rank}")
         #: Rank the global adapter keeps; None: the largest client rank of the round.

@@ -18,14 +18,20 @@ This relies on the global factors being in SVD order, which ``truncate`` guarant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from fedtune.aggregation.base import (
     Aggregator,
+    Capabilities,
     common_modules,
     example_weights,
     module_parts,
     next_round,
+    require,
 )
 from fedtune.aggregation.recompress import TruncationReport, stack_and_truncate
+from fedtune.aggregation.registry import register
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.lowrank import Split, check_split
 
@@ -38,21 +44,32 @@ def split_top(factors: LoraFactors, rank: int) -> tuple[LoraFactors, LoraFactors
     return top, rest
 
 
+@dataclass(frozen=True)
+class FLoRAOptions:
+    """``federation.rank_budget`` and ``federation.flora_init``."""
+
+    rank_budget: int = 64  # rank the global adapter is recompressed to each round
+    flora_init: str = "fresh"  # clients' LoRA starts "fresh" or from the "global" top
+
+    def __post_init__(self) -> None:
+        require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
+        require(self.flora_init in ("fresh", "global"), "flora_init", self.flora_init,
+                "'fresh' (a new LoRA on top of the frozen global adapter each round) or "
+                "'global' (start from the global adapter's top components)")
+
+
+@register
 class FLoRA(TruncationReport, Aggregator):
     """Exact stacking plus recompression of the accumulated update to a rank budget."""
 
     name = "flora"
-    requires_equal_ranks = False
-    client_mode = "residual"
+    capabilities = Capabilities(mixed_ranks=True, dp_form="dense", client_mode="residual")
+    Options = FLoRAOptions
+    options: FLoRAOptions
 
-    def __init__(self, rank_budget: int = 64, split: Split = "balanced",
-                 init: str = "fresh") -> None:
-        if rank_budget < 1:
-            raise ValueError(f"rank_budget must be at least 1, got {rank_budget}")
-        if init not in ("fresh", "global"):
-            raise ValueError(f"init must be 'fresh' or 'global', got {init!r}")
-        self.rank_budget = rank_budget
-        self.init = init
+    def __init__(self, options: FLoRAOptions | None = None, /, split: Split = "balanced",
+                 **values: object) -> None:
+        super().__init__(options, **values)
         self.split: Split = check_split(split)
         #: Per module, ||exact - recompressed||_F / ||exact||_F of the last aggregate, where
         #: "exact" is previous (as stored) + this round: the error this round's step added.
@@ -67,6 +84,18 @@ class FLoRA(TruncationReport, Aggregator):
             members = [*members, *(split_top(carried, p.rank)[0] for p in parts)]
             member_weights = [*member_weights, *(-w for w in weights)]
         return stack_and_truncate(members, member_weights, self.rank_budget, self.split)
+
+    @property
+    def rank_budget(self) -> int:
+        return self.options.rank_budget
+
+    @property
+    def init(self) -> str:
+        return self.options.flora_init
+
+    def dp_release_rank(self, ranks: Sequence[int]) -> int:
+        """A dense DP release keeps the rank budget, as every aggregate does."""
+        return self.rank_budget
 
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None

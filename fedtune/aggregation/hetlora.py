@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-from fedtune.aggregation.base import example_weights, module_parts
-from fedtune.aggregation.zeropad import ZeroPad
+from fedtune.aggregation.base import Capabilities, example_weights, module_parts, require
+from fedtune.aggregation.registry import register
+from fedtune.aggregation.zeropad import PaddingOptions, ZeroPad
 from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.core.lowrank import frobenius_norm
 
@@ -25,11 +27,27 @@ def norm_weights(parts: list[LoraFactors]) -> list[float] | None:
     return [n / total for n in norms]
 
 
+@dataclass(frozen=True)
+class HetLoRAOptions(PaddingOptions):
+    """Zero-padding's options plus the clients' rank self-pruning decay factor."""
+
+    prune_gamma: float = 0.0  # in (0, 1); 0 = off (see self_prune_rank)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0.0 <= self.prune_gamma < 1.0, "prune_gamma", self.prune_gamma,
+                "a number in [0, 1) (0 = no rank self-pruning)")
+
+
+@register
 class HetLoRA(ZeroPad):
-    """Zero-padding with norm-proportional weights (falls back to p_k if all are zero)."""
+    """Zero-padding with norm-proportional weights (falls back to p_k if all are zero).
+    Not additive and no client-level DP: the weights depend on the updates themselves."""
 
     name = "hetlora"
-    requires_equal_ranks = False
+    capabilities = Capabilities(mixed_ranks=True, merges=True, pads=True, prunes=True)
+    Options = HetLoRAOptions
+    options: HetLoRAOptions
 
     def client_weights(self, updates: list[ClientUpdate], module: str) -> list[float]:
         weights = norm_weights(module_parts(updates, module))

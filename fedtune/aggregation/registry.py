@@ -1,45 +1,88 @@
-"""Name -> aggregator class; ``get_aggregator`` is the one entry point."""
+"""Name -> aggregator class: the one place config, strategy, DP and compare ask about one.
+
+An aggregator registers itself with ``@register`` in its own file; this module imports
+the built-in files (at the end, once ``register`` exists) so that they are all
+available. Adding an aggregator touches its own file and its test only.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from collections.abc import Mapping
 from typing import Any
 
-from fedtune.aggregation.base import Aggregator
-from fedtune.aggregation.fedavg import FedAvg
-from fedtune.aggregation.ffa import FFA
-from fedtune.aggregation.flexlora import FlexLoRA
-from fedtune.aggregation.flora import FLoRA
-from fedtune.aggregation.hetlora import HetLoRA
-from fedtune.aggregation.zeropad import ZeroPad
+from fedtune.aggregation.base import Aggregator, Capabilities, option_names
 
 _REGISTRY: dict[str, type[Aggregator]] = {}
+
+#: The option keys each capability stands for: a class must declare both or neither.
+_CAPABILITY_KEYS = {"merges": ("merge", "ties_density"), "pads": ("padding",),
+                    "prunes": ("prune_gamma",)}
 
 
 def register(cls: type[Aggregator]) -> type[Aggregator]:
     """Class decorator / call that makes an aggregator available by its name."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    _check_declarations(cls)
     _REGISTRY[cls.name] = cls
     return cls
+
+
+def _check_declarations(cls: type[Aggregator]) -> None:
+    """Capabilities and Options must tell the same story (e.g. merges <=> a merge key)."""
+    if not isinstance(cls.capabilities, Capabilities):
+        raise TypeError(f"{cls.__name__}.capabilities must be a Capabilities, "
+                        f"got {cls.capabilities!r}")
+    keys = set(option_names(cls.Options))  # raises TypeError for a non-dataclass
+    for capability, needed in _CAPABILITY_KEYS.items():
+        declared = getattr(cls.capabilities, capability)
+        if declared != set(needed).issubset(keys):
+            raise TypeError(
+                f"{cls.__name__}: capabilities.{capability} = {declared} but its Options "
+                f"{'lack' if declared else 'have'} {', '.join(needed)}")
 
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_aggregator(name: str, **options: Any) -> Aggregator:
-    """Build the aggregator registered under ``name`` with its options."""
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The class registered under ``name``; the error lists the available ones."""
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown aggregator {name!r}; available: {', '.join(available())}"
         ) from None
+
+
+def capabilities_of(name: str) -> Capabilities:
+    return aggregator_class(name).capabilities
+
+
+def options_for(name: str, keys: Mapping[str, Any]) -> Any:
+    """The aggregator's Options built from the ``federation`` keys it reads in ``keys``
+    (others are ignored; a missing one takes its default)."""
+    cls = aggregator_class(name)
+    return cls.Options(**{k: keys[k] for k in option_names(cls.Options) if k in keys})
+
+
+def get_aggregator(name: str, **options: Any) -> Aggregator:
+    """Build the aggregator registered under ``name`` with its options."""
+    cls = aggregator_class(name)
     try:
         return cls(**options)
     except TypeError as err:
         raise ValueError(f"bad options for aggregator {name!r}: {err}") from None
 
 
-for _cls in (FedAvg, ZeroPad, HetLoRA, FLoRA, FlexLoRA, FFA):
-    register(_cls)
+def _import_builtin_aggregators() -> None:
+    """Import every module of this package, so each ``@register`` runs (no list to edit)."""
+    package = importlib.import_module("fedtune.aggregation")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"fedtune.aggregation.{module.name}")
+
+
+_import_builtin_aggregators()

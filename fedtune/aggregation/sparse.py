@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fedtune.aggregation.base import AggregationError
+from fedtune.aggregation.base import AggregationError, require
 from fedtune.core.adapters import ClientUpdate, LoraFactors, LoraMask
 
 Merge = Literal["mean", "ties"]
@@ -97,22 +98,35 @@ def merge_tensors(values: Sequence[Tensor], weights: Sequence[float],
     return ties_merge(values, weights, masks, [s for s in starts if s is not None], density)
 
 
-def check_merge(method: str, density: float) -> None:
-    """Reject a merge option an aggregator cannot use (at construction)."""
-    if method not in MERGES:
-        raise ValueError(f"merge must be one of {', '.join(MERGES)}, got {method!r}")
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"ties_density must be in (0, 1], got {density}")
+@dataclass(frozen=True)
+class MergeOptions:
+    """``federation.merge`` and ``ties_density``: the options of every aggregator that
+    combines clients entry by entry."""
+
+    merge: str = "mean"
+    ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
+
+    def __post_init__(self) -> None:
+        require(self.merge in MERGES, "merge", self.merge,
+                "'mean' (each entry averaged over the clients that sent it) or 'ties' "
+                "(trim, elect a sign, average the entries that agree)")
+        require(0.0 < self.ties_density <= 1.0, "ties_density", self.ties_density,
+                "a number in (0, 1]")
 
 
 class EntryMerge:
     """Mixin for aggregators that combine clients entry by entry (fedavg, zeropad,
     hetlora, ffa): the ``merge`` option picks the mask-aware mean or TIES."""
 
-    def __init__(self, merge: str = "mean", ties_density: float = 0.2) -> None:
-        check_merge(merge, ties_density)
-        self.merge: Merge = merge  # type: ignore[assignment]
-        self.ties_density = ties_density
+    options: MergeOptions
+
+    @property
+    def merge(self) -> Merge:
+        return self.options.merge  # type: ignore[return-value]
+
+    @property
+    def ties_density(self) -> float:
+        return self.options.ties_density
 
     def merge_entries(self, values: Sequence[Tensor], weights: Sequence[float],
                       masks: Sequence[Tensor | None],

@@ -11,19 +11,30 @@ high-rank client's extra components are not shrunk by everyone else's zeros.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fedtune.aggregation.base import (
     Aggregator,
+    Capabilities,
     common_modules,
     example_weights,
     module_parts,
     next_round,
+    require,
     with_scale,
 )
-from fedtune.aggregation.sparse import EntryMerge, field_of, module_masks, module_starts
+from fedtune.aggregation.registry import register
+from fedtune.aggregation.sparse import (
+    EntryMerge,
+    MergeOptions,
+    field_of,
+    merge_tensors,
+    module_masks,
+    module_starts,
+)
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors, LoraMask, shared_scale
 from fedtune.core.lowrank import pad_cols, pad_rows
 
@@ -61,7 +72,7 @@ def padded_average(parts: Sequence[LoraFactors], weights: Sequence[float],
     Clients that share a scale keep it; with mixed scales (peft's alpha / r differs
     with r) each B_k is first multiplied by s_k, so the result has scale 1.0.
     """
-    merge = merge or EntryMerge()
+    merge_entries = merge.merge_entries if merge is not None else merge_tensors
     masks = masks or [None] * len(parts)
     starts = starts or [None] * len(parts)
     r_max = max(p.rank for p in parts)
@@ -71,10 +82,10 @@ def padded_average(parts: Sequence[LoraFactors], weights: Sequence[float],
     mask_bt = padded_masks([p.B.T for p in parts],
                            [None if m is None else m.T for m in field_of(masks, "B")],
                            r_max, padding)
-    A = merge.merge_entries(
+    A = merge_entries(
         [pad_rows(p.A, r_max) for p in parts], weights, mask_a,
         [None if s is None else pad_rows(s.A, r_max) for s in starts])
-    B = merge.merge_entries(
+    B = merge_entries(
         [f * pad_cols(p.B, r_max) for f, p in zip(fold, parts, strict=True)], weights,
         [None if m is None else m.T for m in mask_bt],
         [None if s is None else f * pad_cols(s.B, r_max)
@@ -87,19 +98,33 @@ def slice_rank(factors: LoraFactors, rank: int) -> LoraFactors:
     return LoraFactors(A=factors.A[:rank], B=factors.B[:, :rank], scale=factors.scale)
 
 
+@dataclass(frozen=True)
+class PaddingOptions(MergeOptions):
+    """The entry merge options plus ``federation.padding``."""
+
+    padding: str = "zeros"  # "zeros" (classic) or "skip" (see ZeroPad)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.padding in PADDINGS, "padding", self.padding,
+                "'zeros' (padding counts as zeros) or 'skip' (each rank component averaged "
+                "over the clients that have it)")
+
+
+@register
 class ZeroPad(EntryMerge, Aggregator):
     """Zero-padded weighted average with example weights p_k (``padding = "skip"``:
     each rank component averaged over the clients that have it)."""
 
     name = "zeropad"
-    requires_equal_ranks = False
+    capabilities = Capabilities(mixed_ranks=True, additive=True, merges=True, pads=True,
+                                dp_form="factor")
+    Options = PaddingOptions
+    options: PaddingOptions
 
-    def __init__(self, merge: str = "mean", ties_density: float = 0.2,
-                 padding: str = "zeros") -> None:
-        super().__init__(merge, ties_density)
-        if padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got {padding!r}")
-        self.padding = padding
+    @property
+    def padding(self) -> str:
+        return self.options.padding
 
     def client_weights(self, updates: list[ClientUpdate], module: str) -> list[float]:
         """Weights of the average for one module: p_k here, overridden by hetlora."""

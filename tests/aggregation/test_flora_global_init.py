@@ -1,4 +1,4 @@
-"""FLoRA with clients starting from the global adapter's top components (init="global"):
+"""FLoRA with clients starting from the global adapter's top components (flora_init="global"):
 the server subtracts what each client started from, so the update stays exact."""
 
 import torch
@@ -20,7 +20,7 @@ def test_split_top_parts_add_up_and_clip_at_the_available_rank(gen):
 
 
 def test_global_init_update_is_exact(gen, updates_factory):
-    flora = get_aggregator("flora", rank_budget=64, init="global")
+    flora = get_aggregator("flora", rank_budget=64, flora_init="global")
     first = updates_factory([2, 4], [10, 30], scales=[2.0, 0.5])
     previous = flora.aggregate(first, None)  # no previous: plain stacking
     assert rel(dense(previous.factors["q"]), exact_average(first, "q")) < 1e-5
@@ -38,8 +38,8 @@ def test_global_init_update_is_exact(gen, updates_factory):
 def test_fresh_init_differs_from_global_init(gen, updates_factory):
     first = updates_factory([4, 4], [1, 1])
     second = updates_factory([4, 4], [1, 1])
-    fresh = get_aggregator("flora", init="fresh")
-    glob = get_aggregator("flora", init="global")
+    fresh = get_aggregator("flora", flora_init="fresh")
+    glob = get_aggregator("flora", flora_init="global")
     a = fresh.aggregate(second, fresh.aggregate(first, None))
     b = glob.aggregate(second, glob.aggregate(first, None))
     assert rel(dense(a.factors["q"]), dense(b.factors["q"])) > 1e-2
