@@ -1,14 +1,12 @@
 """Name -> aggregator class: the one place config, strategy, DP and compare ask about one.
 
-An aggregator registers itself with ``@register`` in its own file; this module imports
-the built-in files (at the end, once ``register`` exists) so that they are all
-available. Adding an aggregator touches its own file and its test only.
+An aggregator registers itself with ``@register`` in its own file; the package's
+``__init__`` imports every file of the package, so the built-in ones are all available.
+Adding an aggregator touches its own file and its test only.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,13 +74,3 @@ def get_aggregator(name: str, **options: Any) -> Aggregator:
         return cls(**options)
     except TypeError as err:
         raise ValueError(f"bad options for aggregator {name!r}: {err}") from None
-
-
-def _import_builtin_aggregators() -> None:
-    """Import every module of this package, so each ``@register`` runs (no list to edit)."""
-    package = importlib.import_module("fedtune.aggregation")
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"fedtune.aggregation.{module.name}")
-
-
-_import_builtin_aggregators()
