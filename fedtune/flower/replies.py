@@ -7,6 +7,7 @@ before it is compared with what the server knows itself: the base model's adapte
 modules (from its config) and the rank the server assigned. Shapes are checked before
 anything of the declared size is allocated. The strategy runs these in order and drops
 the reply, with the reason, on the first exception of any type (:func:`drop_reason`).
+:func:`train_update` is the whole path from one train reply to a ClientUpdate.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,13 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import Tensor
 
-from fedtune.core.adapters import LoraFactors
-from fedtune.core.codec import A_SUFFIX, CodecError, module_name
+from fedtune.aggregation.start import client_start, sliced_like
+from fedtune.core.adapters import ClientUpdate, LoraFactors, LoraMask
+from fedtune.core.codec import A_SUFFIX, B_SUFFIX, CodecError, factors_from_state_dict, module_name
 from fedtune.core.compress import Decoded, decode_state
+from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
+from fedtune.planning.client_settings import ClientSettings
 
 #: peft's prefix of the base model's module paths in an adapter state dict
 PEFT_PREFIX = "base_model.model."
@@ -211,3 +215,142 @@ def drop_reason(err: BaseException) -> str:
     if isinstance(err, ValueError):
         return str(err)
     return f"{type(err).__name__} while reading the reply: {err}"
+
+
+def short_reason(reason: str | None, limit: int = 300) -> str:
+    """The client's own exception message out of an engine's wrapped traceback."""
+    text = reason or "unknown error"
+    marker = "Message: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    text = text.strip().splitlines()[0] if text.strip() else text
+    return text[:limit].rstrip("'>")
+
+
+def update_norm(factors: Mapping[str, LoraFactors], start: Mapping[str, LoraFactors]) -> float:
+    """L2 norm of a reply's move from where it started, over every factor it sent."""
+    total = 0.0
+    for name, f in factors.items():
+        s = start[name]
+        total += float((f.A - s.A[: f.rank]).pow(2).sum() + (f.B - s.B[:, : f.rank]).pow(2).sum())
+    return math.sqrt(total)
+
+
+def sent_masks(masks: Mapping[str, Tensor | None], factors: Mapping[str, LoraFactors]
+               ) -> dict[str, LoraMask] | None:
+    """Per module, which entries of A and B a packed reply actually carried; None when
+    every tensor was sent dense (then it merges exactly like an uncompressed reply)."""
+    out = {}
+    for name, f in factors.items():
+        a, b = masks.get(name + A_SUFFIX), masks.get(name + B_SUFFIX)
+        if a is None and b is None:
+            continue
+        full = LoraMask.full(f)
+        out[name] = LoraMask(A=full.A if a is None else a, B=full.B if b is None else b)
+    return out or None
+
+
+@dataclass(frozen=True)
+class TrainRules:
+    """What the server holds one round's train replies to, and what it needs to rebuild
+    the start each client trained from (see :func:`client_start_state`)."""
+
+    expected: Mapping[str, tuple[int, int]]  # module -> (in, out), from the base model
+    run_seed: int
+    client_mode: str  # the aggregator's: "continue" | "residual"
+    flora_init: str
+    max_examples: int = 0  # federation.max_examples (0 = no bound)
+    max_update_norm: float = 0.0  # federation.max_update_norm (0 = no bound)
+    pruning: bool = False  # HetLoRA self-pruning: a reply may have a smaller rank
+    #: DP or TIES merging work on the update against its start: keep it on every reply
+    keep_start: bool = False
+    #: this round's train payload per (rank, alpha), before download compression
+    sent: Mapping[tuple[int, float], Mapping[str, Tensor]] = field(default_factory=dict)
+
+
+def client_start_state(settings: ClientSettings, reply: Mapping[str, Tensor],
+                       rules: TrainRules) -> dict[str, Tensor]:
+    """The LoRA this client started training from, rebuilt exactly as the client built
+    it (seeded init at its assigned rank, this round's payload), cut to the reply's
+    rank. The payload is taken before download compression, so a compressed update
+    lands on the server's full-precision global, not on the client's rounded copy."""
+    shapes = {k: ((settings.rank, v.shape[1]) if k.endswith(A_SUFFIX)
+                  else (v.shape[0], settings.rank)) for k, v in reply.items()}
+    fresh = seeded_lora_state(rules.run_seed, shapes)
+    payload = dict(rules.sent.get((settings.rank, settings.alpha), {}))
+    try:
+        trainable, _ = client_start(rules.client_mode, rules.flora_init, payload, fresh,
+                                    settings.alpha / settings.rank, settings.rank)
+    except (KeyError, RuntimeError) as err:
+        raise ValueError(f"reply does not fit the payload it was sent: {err}") from None
+    return sliced_like(trainable, reply)
+
+
+def train_metrics(content: RecordDict, max_examples: int) -> tuple[dict[str, Any], int]:
+    """A train reply's metrics (every one a number, the loss finite) and its checked
+    number of examples."""
+    if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
+        raise ValueError("reply has no adapter or no metrics")
+    metrics = dict(content.metric_records[keys.METRICS])
+    check_metrics(metrics)
+    loss = metrics.get(keys.TRAIN_LOSS)
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        raise ValueError(f"train-loss must be a finite number, got {loss!r}")
+    return metrics, checked_examples(metrics, max_examples)
+
+
+def decoded_factors(record: ArrayRecord, settings: ClientSettings, rules: TrainRules
+                    ) -> tuple[Decoded, dict[str, LoraFactors], int]:
+    """The reply's adapter, shapes checked before allocation, finite, at one rank."""
+    scale = settings.alpha / settings.rank  # a pruned reply keeps it: alpha follows r
+    try:
+        decoded = decode_adapter(record, ShapeRule(rules.expected, settings.rank, rules.pruning))
+        factors = factors_from_state_dict(decoded.values, scale)
+    except CodecError as err:
+        raise ValueError(f"undecodable adapter: {err}") from None
+    if not factors:
+        raise ValueError("empty adapter")
+    bad = [name for name, f in factors.items() if not f.is_finite()]
+    if bad:
+        raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
+    rank = reply_rank(factors, rules.expected, settings.rank, rules.pruning)
+    return decoded, factors, rank
+
+
+def train_update(content: RecordDict, settings: ClientSettings, rules: TrainRules
+                 ) -> ClientUpdate:
+    """One train reply as a ClientUpdate, or ValueError with the reason (or whatever a
+    decoder ran into: the caller drops the reply either way). A packed reply is an
+    update: it is added to the start the server rebuilt. The update's ``rank`` metric
+    is the rank it came back with (smaller than assigned after HetLoRA pruning)."""
+    metrics, num_examples = train_metrics(content, rules.max_examples)
+    record = content.array_records[keys.ADAPTER]
+    decoded, factors, rank = decoded_factors(record, settings, rules)
+    packed = keys.is_packed(record)
+    bound = rules.max_update_norm
+    start = None
+    if packed or rules.keep_start or bound > 0:
+        scale = settings.alpha / settings.rank
+        start = factors_from_state_dict(client_start_state(settings, decoded.values, rules),
+                                        scale)
+    if packed:
+        assert start is not None
+        factors = {n: LoraFactors(A=start[n].A + f.A, B=start[n].B + f.B, scale=f.scale)
+                   for n, f in factors.items()}
+    if bound > 0:
+        assert start is not None
+        norm = update_norm(factors, start)
+        if norm > bound:
+            raise ValueError(f"update norm {norm:.4g} exceeds federation.max_update_norm "
+                             f"= {bound:g}")
+    return ClientUpdate(factors=factors, num_examples=num_examples,
+                        client_id=str(settings.partition), metrics={**metrics, "rank": rank},
+                        masks=sent_masks(decoded.masks, factors) if packed else None,
+                        start=start)
+
+
+def sample_epsilon_max(updates: list[ClientUpdate]) -> dict[str, float]:
+    """DP-SGD: the largest per-client epsilon reported this round (as a round metric)."""
+    values = [float(u.metrics[keys.SAMPLE_EPSILON]) for u in updates
+              if keys.SAMPLE_EPSILON in u.metrics]
+    return {"sample-epsilon-max": max(values)} if values else {}

@@ -1,4 +1,5 @@
-"""The fedtune ServerApp: runs the rounds and keeps the run directory current."""
+"""The fedtune ServerApp: runs the rounds (``fedtune.flower.rounds``) and keeps the run
+directory current (a record and a checkpoint after every round)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.flower import ray_nodes
 from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 from fedtune.runs.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
@@ -38,11 +40,12 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
 
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None,
-    resume: bool = False,
+    resume: bool = False, on_replies: OnReplies | None = None,
 ) -> RunRecorder:
     """Run every round of ``scenario`` on ``grid``, recording into ``run_dir`` and saving
     a checkpoint after each completed round; with ``resume``, go on from the run
-    directory's checkpoint (see ``fedtune.flower.checkpoint``).
+    directory's checkpoint (see ``fedtune.flower.checkpoint``). ``progress`` hears of
+    each round as it ends, ``on_replies`` of each client's reply within a round.
 
     On a failure the last global adapter (if any round completed) is still exported."""
     strategy = FedtuneStrategy(scenario)  # validates client settings before any file
@@ -70,10 +73,10 @@ def run_federation(
     def on_client(record: dict[str, Any]) -> None:
         recorder.log_client(ray_nodes.describe(record))  # Ray node numbers as text
 
-    strategy.on_client, strategy.on_round = on_client, on_round
+    strategy.on_client = on_client
     recorder.privacy = privacy_report(strategy)
     try:
-        strategy.run(grid, first_round=first_round)
+        run_rounds(strategy, grid, on_round, first_round, on_replies)
         save_global_adapter(strategy, scenario, run_dir)
         _announce_end(strategy, grid, recorder)
     except BaseException:
@@ -91,7 +94,7 @@ def _announce_end(strategy: FedtuneStrategy, grid: Grid, recorder: RunRecorder) 
     so a client that cannot be told is only logged."""
     last = recorder.rounds[-1]["round"] if recorder.rounds else 0
     try:
-        strategy.announce_end(grid, last)
+        announce_end(strategy, grid, last)
     except Exception as err:  # noqa: BLE001 - the run itself completed
         log.warning("fedtune: could not tell the clients that the run ended: %s", err)
 
@@ -112,18 +115,13 @@ def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
 
 def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
     """The summary's privacy section: the plan, what was spent, and any early stop."""
-    p = strategy.privacy
+    p = strategy.scenario.privacy
     if not (p.client_level or p.sample_level):
         return None
     report: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
                               "secure_noise": p.secure_noise}
-    if strategy.plan is not None and strategy.accountant is not None:
-        report.update(clip_norm=p.clip_norm, noise_multiplier=strategy.plan.noise_multiplier,
-                      sample_rate=strategy.plan.sample_rate,
-                      planned_epsilon=strategy.plan.planned_epsilon,
-                      epsilon=strategy.accountant.epsilon(),
-                      rounds_released=strategy.accountant.releases,
-                      budget=p.budget, stopped=strategy.stopped)
+    if strategy.dp is not None:
+        report.update(strategy.dp.report())
     if p.sample_level:
         report.update(sample_noise_multiplier=p.sample_noise_multiplier,
                       sample_clip_norm=p.sample_clip_norm)
@@ -135,6 +133,7 @@ def make_server_app(
     run_dir: Path | None = None,
     progress: Progress | None = None,
     resume: bool = False,
+    on_replies: OnReplies | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a scenario and run directory, or reading both from the run
     config (``scenario`` file + ``section.key`` overrides, ``out`` folder or ``run-dir``,
@@ -154,7 +153,7 @@ def make_server_app(
             target = new_run_dir(out, chosen.run.name)
         log.info("fedtune: writing run directory %s", target)
         resume_run = resume or bool(config.get("resume", False))
-        run_federation(grid, chosen, target, progress, resume=resume_run)
+        run_federation(grid, chosen, target, progress, resume=resume_run, on_replies=on_replies)
 
     return app
 
