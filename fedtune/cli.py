@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -45,6 +47,29 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         f"{record['clients_sampled']}{dropped}  up {_fmt_bytes(record['bytes_up'])}  "
         f"down {_fmt_bytes(record['bytes_down'])}  {record['seconds']:.1f} s"
     )
+
+
+def reply_line(progress: Any, rounds: int) -> str:
+    """One line on a round in progress (a ``fedtune.flower.rounds.ReplyProgress``)."""
+    doing = "training" if progress.phase == "train" else "evaluating"
+    return (f"round {progress.round}/{rounds}: {progress.finished}/{progress.sampled} "
+            f"clients finished {doing}")
+
+
+def throttled(show: Callable[[Any], None], every: float = 1.0,
+              clock: Callable[[], float] = time.monotonic) -> Callable[[Any], None]:
+    """``show`` a ReplyProgress at most once per ``every`` seconds, except that the last
+    reply of a phase is always shown (a round of many clients stays readable)."""
+    last = -math.inf
+
+    def maybe(progress: Any) -> None:
+        nonlocal last
+        now = clock()
+        if progress.finished == progress.sampled or now - last >= every:
+            last = now
+            show(progress)
+
+    return maybe
 
 
 @contextlib.contextmanager
@@ -96,8 +121,9 @@ def simulate(
             console.print(round_line(record, rounds))
             status.update(f"round {record['round'] + 1}/{rounds} in progress...")
 
+        replies = throttled(lambda p: console.print(reply_line(p, rounds)))
         try:
-            run_dir = run(chosen, out, progress=progress, verbose=verbose)
+            run_dir = run(chosen, out, progress=progress, verbose=verbose, on_replies=replies)
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config import Scenario
+from fedtune.flower.rounds import OnReplies
 from fedtune.flower.server_app import Progress
+from fedtune.runs import SimulationError
 from fedtune.runs.rundir import SUMMARY_FILE, new_run_dir
 
 log = logging.getLogger("fedtune")
@@ -30,15 +32,11 @@ class _HideRunSimulationDeprecation(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
-class SimulationError(RuntimeError):
-    """The simulation did not complete."""
-
-
 def preflight(scenario: Scenario) -> None:
     """Fail before any work starts if data or model cannot be found."""
-    from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
     from fedtune.data import clients_of
     from fedtune.model.loading import bundled_model_dir, check_model_source
+    from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 
     data = scenario.data
     clients = clients_of(data, scenario.run.seed)
@@ -101,15 +99,18 @@ def simulate(
     progress: Progress | None = None,
     verbose: bool = False,
     resume: Path | None = None,
+    on_replies: OnReplies | None = None,
 ) -> Path:
     """Run ``scenario`` with virtual clients; return the run directory. With ``resume``
-    (a run directory with a checkpoint), go on from its last completed round."""
+    (a run directory with a checkpoint), go on from its last completed round.
+    ``progress`` hears of each round as it ends, ``on_replies`` of the clients finished
+    so far within a round (``fedtune.flower.rounds.ReplyProgress``)."""
     from flwr.simulation import run_simulation
 
-    from fedtune.runs.cluster import joined, resolve_address
     from fedtune.flower import ray_backend, simulated_nodes
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
+    from fedtune.runs.cluster import joined, resolve_address
 
     address = resolve_address(scenario.simulation.ray_address)
     with contextlib.ExitStack() as cluster:
@@ -126,7 +127,8 @@ def simulate(
             with simulated_nodes.recording(), ray_backend.installed():
                 run_simulation(
                     server_app=make_server_app(scenario, run_dir, progress,
-                                               resume=resume is not None),
+                                               resume=resume is not None,
+                                               on_replies=on_replies),
                     client_app=make_client_app(scenario),
                     num_supernodes=scenario.data.num_clients,
                     backend_name=scenario.simulation.backend,
