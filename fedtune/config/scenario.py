@@ -1,11 +1,9 @@
-"""Scenario files: TOML validated into typed, frozen config objects.
+"""A whole scenario: the sections together, the checks across them (sampling, privacy),
+TOML loading, ``section.key=value`` overrides and the flat run config Flower carries.
 
-A scenario has one table per section (``[run]``, ``[model]``, ``[lora]``, ``[data]``,
-``[train]``, ``[federation]``, ``[simulation]``). Each section is a dataclass; the
-section's own ``__post_init__`` checks values, this module checks keys and types, so
-every error names the key, the value and what is allowed before any work starts.
-The same keys can be overridden as ``section.key=value`` strings (``--set``) and
-travel to Flower apps as a flat run config.
+Each section's own ``__post_init__`` checks its values (``fedtune.config.sections``);
+this module checks keys and types, so every error names the key, the value and what is
+allowed before any work starts.
 """
 
 from __future__ import annotations
@@ -21,404 +19,32 @@ from typing import Any
 
 import tomllib
 
-from fedtune.aggregation.sparse import MERGES
-from fedtune.aggregation.zeropad import PADDINGS
-from fedtune.core.compress import SELECTIONS, VALUE_CODECS, CompressionSpec
-from fedtune.model.loading import ModelSpec
-from fedtune.model.lora import LoraSpec
+from fedtune.aggregation import available, capabilities_of
+from fedtune.config.sections import (
+    ClientsSpec,
+    CompressionConfig,
+    ConfigError,
+    DataSpec,
+    FederationSpec,
+    LoraSpec,
+    ModelSpec,
+    PrivacyConfig,
+    PrivacyPlan,
+    RunSpec,
+    ServerSpec,
+    SimulationSpec,
+    TrainConfig,
+)
 from fedtune.privacy.accountant import (
-    ACCOUNTANTS,
     BudgetError,
     affordable_releases,
     epsilon_after,
     noise_multiplier_for,
 )
-from fedtune.train.local import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCENARIO_DIR = REPO_ROOT / "simulations"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.toml"
-
-
-class ConfigError(ValueError):
-    """A scenario key or value is wrong; the message says which and what is allowed."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    name: str = "fedtune"
-    seed: int = 0
-    rounds: int = 3
-    out_dir: str = "runs"
-
-    def __post_init__(self) -> None:
-        _require(self.rounds >= 1, "rounds", self.rounds, "an integer >= 1")
-        _require(bool(self.name.strip()), "name", self.name, "a non-empty string")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    source: str = "shakespeare"
-    path: str = ""
-    num_clients: int = 8
-    min_lines: int = 64
-    eval_fraction: float = 0.1
-    seq_len: int = 128
-    max_samples_per_client: int = 0  # 0 = no cap
-    max_eval_sequences: int = 0  # 0 = all held-out sequences
-    #: "natural" (roles, users, JSONL clients), "iid", or "dirichlet" (label skew)
-    partition: str = "natural"
-    dirichlet_alpha: float = 0.5  # partition = "dirichlet": concentration; small = skewed
-    group_by: str = ""  # the labels of the skew: genre|play|character, sender, client
-
-    def __post_init__(self) -> None:
-        _require(self.source in ("shakespeare", "chitchat", "jsonl"), "source", self.source,
-                 "one of 'shakespeare', 'chitchat', 'jsonl'")
-        _require(self.partition in ("natural", "iid", "dirichlet"), "partition",
-                 self.partition, "one of 'natural', 'iid', 'dirichlet'")
-        _require(self.dirichlet_alpha > 0, "dirichlet_alpha", self.dirichlet_alpha,
-                 "a number > 0 (small = each client holds few groups)")
-        allowed = {"shakespeare": ("", "genre", "play", "character"),
-                   "chitchat": ("", "sender"), "jsonl": ("", "client")}[self.source]
-        _require(self.group_by in allowed, "group_by", self.group_by,
-                 f"one of {', '.join(repr(a) for a in allowed if a)} for source "
-                 f"{self.source!r} (or \"\" for its default)")
-        _require(self.source != "jsonl" or bool(self.path), "path", self.path,
-                 "a file or directory of JSONL records when source = 'jsonl'")
-        _require(self.num_clients >= 1, "num_clients", self.num_clients, "an integer >= 1")
-        _require(self.min_lines >= 1, "min_lines", self.min_lines, "an integer >= 1")
-        _require(0.0 < self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction,
-                 "a number in (0, 1)")
-        _require(self.seq_len >= 8, "seq_len", self.seq_len, "an integer >= 8")
-        _require(self.max_samples_per_client >= 0, "max_samples_per_client",
-                 self.max_samples_per_client, "an integer >= 0 (0 = no cap)")
-        _require(self.max_eval_sequences >= 0, "max_eval_sequences", self.max_eval_sequences,
-                 "an integer >= 0 (0 = all)")
-
-
-#: Aggregators that add up client updates entry by entry, so entries can be merged
-#: sparsity-aware (mask-aware mean) or by TIES.
-MERGING_AGGREGATORS = ("fedavg", "zeropad", "hetlora", "ffa")
-#: Aggregators that zero-pad mixed ranks, and so take the ``padding`` option.
-PADDING_AGGREGATORS = ("zeropad", "hetlora")
-
-
-@dataclass(frozen=True)
-class FederationSpec:
-    aggregator: str = "fedavg"
-    clients_per_round: int = 0  # 0 = every client, every round
-    min_clients: int = 1
-    round_timeout: float = 3600.0
-    eval_every: int = 1
-    rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
-    prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
-    flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
-    merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
-    ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
-    padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
-    # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
-    max_update_norm: float = 0.0
-    # drop a reply claiming more training examples (its weight in every weighted mean);
-    # 0 = no bound. Why 100,000 and why dropped: fedtune.flower.replies.checked_examples
-    max_examples: int = 100_000
-    # clients that evaluate the global adapter (a fixed seeded subset); 0 = every client
-    eval_clients: int = 0
-
-    def __post_init__(self) -> None:
-        from fedtune.aggregation import available
-
-        _require(self.aggregator in available(), "aggregator", self.aggregator,
-                 f"one of {', '.join(available())}")
-        _require(self.clients_per_round >= 0, "clients_per_round", self.clients_per_round,
-                 "an integer >= 0 (0 = all clients)")
-        _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
-        _require(self.round_timeout > 0, "round_timeout", self.round_timeout, "seconds > 0")
-        _require(self.eval_every >= 1, "eval_every", self.eval_every, "an integer >= 1")
-        _require(self.eval_clients >= 0, "eval_clients", self.eval_clients,
-                 "an integer >= 0 (0 = every client)")
-        _require(self.rank_budget >= 1, "rank_budget", self.rank_budget, "an integer >= 1")
-        _require(self.flora_init in ("fresh", "global"), "flora_init", self.flora_init,
-                 "'fresh' (a new LoRA on top of the frozen global adapter each round) or "
-                 "'global' (start from the global adapter's top components)")
-        _require(0.0 <= self.prune_gamma < 1.0, "prune_gamma", self.prune_gamma,
-                 "a number in [0, 1) (0 = no rank self-pruning)")
-        _require(self.prune_gamma == 0.0 or self.aggregator == "hetlora", "prune_gamma",
-                 self.prune_gamma, "0 unless aggregator = 'hetlora' (HetLoRA's rank "
-                 "self-pruning)")
-        _require(self.merge in MERGES, "merge", self.merge,
-                 "'mean' (each entry averaged over the clients that sent it) or 'ties' "
-                 "(trim, elect a sign, average the entries that agree)")
-        _require(self.merge == "mean" or self.aggregator in MERGING_AGGREGATORS, "merge",
-                 self.merge, f"'mean' unless aggregator is one of "
-                 f"{', '.join(MERGING_AGGREGATORS)} (TIES merges additive updates; "
-                 f"{self.aggregator} combines factors another way)")
-        _require(0.0 < self.ties_density <= 1.0, "ties_density", self.ties_density,
-                 "a number in (0, 1]")
-        _require(self.padding in PADDINGS, "padding", self.padding,
-                 "'zeros' (padding counts as zeros) or 'skip' (each rank component averaged "
-                 "over the clients that have it)")
-        _require(self.padding == "zeros" or self.aggregator in PADDING_AGGREGATORS,
-                 "padding", self.padding, "'zeros' unless aggregator is zeropad or hetlora")
-        _require(self.max_update_norm >= 0, "max_update_norm", self.max_update_norm,
-                 "a number >= 0 (0 = no bound)")
-        _require(self.max_examples >= 0, "max_examples", self.max_examples,
-                 "an integer >= 0 (0 = no bound on the num-examples a reply may claim)")
-
-    def aggregator_options(self) -> dict[str, Any]:
-        """Options of the chosen aggregator that come from scenario keys."""
-        if self.aggregator == "flora":
-            return {"rank_budget": self.rank_budget, "init": self.flora_init}
-        options: dict[str, Any] = {}
-        if self.aggregator in MERGING_AGGREGATORS:
-            options.update(merge=self.merge, ties_density=self.ties_density)
-        if self.aggregator in PADDING_AGGREGATORS:
-            options.update(padding=self.padding)
-        return options
-
-
-@dataclass(frozen=True)
-class ClientsSpec:
-    """Device profiles per client: a list cycled over clients, or a mix by proportion.
-
-    Empty (the default): every client uses ``[lora]``, ``[model]`` and ``[train]`` as
-    given. With profiles, each client's rank, alpha, quantization, batch size and sequence
-    length come from its profile (``rank = "auto"`` asks the memory estimator).
-    """
-
-    profiles: tuple[str, ...] = ()
-    mix: dict[str, float] = field(default_factory=dict)
-    # "profile": each client trains its profile's rank; "min": every client trains the
-    # smallest of them; "auto": "min" for aggregators that need equal ranks (fedavg, ffa),
-    # else "profile".
-    rank_policy: str = "auto"
-
-    def __post_init__(self) -> None:
-        _require(not (self.profiles and self.mix), "profiles", list(self.profiles),
-                 "either clients.profiles or clients.mix, not both")
-        _require(self.rank_policy in ("auto", "profile", "min"), "rank_policy",
-                 self.rank_policy, "one of 'auto', 'profile', 'min'")
-
-    def __hash__(self) -> int:
-        return hash((self.profiles, tuple(sorted(self.mix.items())), self.rank_policy))
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.profiles or self.mix)
-
-
-@dataclass(frozen=True)
-class CompressionConfig:
-    """What travels: sparse uploads with error feedback, fp16 / int8 values each way.
-
-    ``upload_density`` keeps that fraction of each tensor's update entries (largest
-    magnitudes; 1 = dense); what is left out stays in the client's residual and is added
-    to its next update when ``error_feedback`` is on. ``upload_values`` and
-    ``download_values`` are fp32, fp16 or int8 (blockwise absmax, ``block_size`` values
-    per block). Evaluation payloads always travel in fp32: they are the exported adapter.
-    ``selection`` = "tensor" keeps the top entries of each tensor; "product" keeps, per
-    module, the entries of A and B that move B @ A most (same count in all).
-    """
-
-    upload_density: float = 1.0
-    upload_values: str = "fp32"
-    download_values: str = "fp32"
-    error_feedback: bool = True
-    block_size: int = 256
-    selection: str = "tensor"
-
-    def __post_init__(self) -> None:
-        codecs = f"one of {', '.join(VALUE_CODECS)}"
-        _require(0.0 < self.upload_density <= 1.0, "upload_density", self.upload_density,
-                 "a number in (0, 1] (1 = dense)")
-        _require(self.upload_values in VALUE_CODECS, "upload_values", self.upload_values,
-                 codecs)
-        _require(self.download_values in VALUE_CODECS, "download_values",
-                 self.download_values, codecs)
-        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
-        _require(self.selection in SELECTIONS, "selection", self.selection,
-                 "'tensor' (top-k of each tensor) or 'product' (per module, the entries of "
-                 "A and B with the largest effect on B @ A)")
-
-    def upload(self) -> CompressionSpec:
-        return CompressionSpec(self.upload_density, self.upload_values, self.block_size)
-
-    def download(self) -> CompressionSpec:
-        return CompressionSpec(1.0, self.download_values, self.block_size)
-
-
-#: Client-level DP: where the Gaussian noise is added.
-DP_MODES = ("none", "central", "distributed")
-#: Aggregators with a client-level DP mechanism, and its form (see fedtune.privacy.mechanism).
-DP_FORMS = {"fedavg": "factor", "zeropad": "factor", "ffa": "factor", "flora": "dense",
-            "flexlora": "dense"}
-#: Aggregators that only add up client updates: the ones secure aggregation could serve.
-ADDITIVE_AGGREGATORS = ("fedavg", "zeropad", "ffa")
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    """Differential privacy: client-level (clip C, noise z * C / m) and sample-level DP-SGD.
-
-    ``mode``: "none", "central" (the server clips and adds the noise) or "distributed"
-    (each client clips its update and adds its share of the noise; the shares of at least
-    ``min_clients`` clients add up to the full noise). Give either ``noise_multiplier``
-    or ``target_epsilon`` (then z is computed for the planned rounds). ``max_epsilon``
-    (default: the target) is the budget; ``on_budget`` = "refuse" rejects a plan that
-    would exceed it, "stop" runs until the next round would. ``secure_noise`` draws noise
-    from OS entropy instead of the run seed. ``sample_noise_multiplier`` > 0 turns on
-    DP-SGD on every client with per-sequence clip norm ``sample_clip_norm``.
-    """
-
-    mode: str = "none"
-    clip_norm: float = 1.0
-    noise_multiplier: float = 0.0
-    target_epsilon: float = 0.0
-    delta: float = 1e-5
-    max_epsilon: float = 0.0
-    on_budget: str = "refuse"
-    accountant: str = "rdp"
-    min_clients: int = 2
-    secure_noise: bool = False
-    secure_aggregation: bool = False
-    sample_noise_multiplier: float = 0.0
-    sample_clip_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        _require(self.mode in DP_MODES, "mode", self.mode, f"one of {', '.join(DP_MODES)}")
-        _require(self.clip_norm > 0, "clip_norm", self.clip_norm,
-                 "a number > 0 (the L2 bound on one client's update)")
-        _require(0.0 < self.delta < 1.0, "delta", self.delta,
-                 "a number in (0, 1), well below 1 / (number of clients)")
-        _require(self.noise_multiplier >= 0, "noise_multiplier", self.noise_multiplier,
-                 "a number >= 0")
-        _require(self.target_epsilon >= 0, "target_epsilon", self.target_epsilon,
-                 "a number > 0, or 0 to give noise_multiplier instead")
-        _require(self.max_epsilon >= 0, "max_epsilon", self.max_epsilon,
-                 "a number > 0, or 0 for no budget (the target when target_epsilon is set)")
-        _require(self.on_budget in ("refuse", "stop"), "on_budget", self.on_budget,
-                 "'refuse' (do not start a run that would exceed the budget) or 'stop' "
-                 "(stop before the round that would)")
-        _require(self.accountant in ACCOUNTANTS, "accountant", self.accountant,
-                 f"one of {', '.join(ACCOUNTANTS)}")
-        _require(self.min_clients >= 1, "min_clients", self.min_clients, "an integer >= 1")
-        _require(self.sample_noise_multiplier >= 0, "sample_noise_multiplier",
-                 self.sample_noise_multiplier, "a number >= 0 (0 = no DP-SGD)")
-        _require(self.sample_clip_norm > 0, "sample_clip_norm", self.sample_clip_norm,
-                 "a number > 0")
-        if self.mode != "none":
-            _require(not (self.noise_multiplier and self.target_epsilon), "target_epsilon",
-                     self.target_epsilon, "0 when noise_multiplier is given (one or the other)")
-            _require(bool(self.noise_multiplier or self.target_epsilon), "noise_multiplier",
-                     self.noise_multiplier, "a number > 0, or a target_epsilon, when mode = "
-                     f"{self.mode!r} (clipping without noise is not differential privacy)")
-
-    @property
-    def client_level(self) -> bool:
-        return self.mode != "none"
-
-    @property
-    def sample_level(self) -> bool:
-        return self.sample_noise_multiplier > 0
-
-    @property
-    def budget(self) -> float:
-        """The epsilon the run may spend (inf when unbounded)."""
-        return self.max_epsilon or self.target_epsilon or float("inf")
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """Client-level DP for a whole run: z, the client sampling rate q and epsilon after
-    the planned rounds (from the accountant, at the configured delta)."""
-
-    noise_multiplier: float
-    sample_rate: float
-    rounds: int
-    planned_epsilon: float
-
-
-@dataclass(frozen=True)
-class SimulationSpec:
-    backend: str = "ray"
-    cpus_per_client: float = 1.0
-    gpus_per_client: float = 0.0
-    #: probability that a sampled client drops out of a round (seeded per round)
-    dropout: float = 0.0
-    #: seconds of simulated device time a round allows; a slower client is a straggler
-    #: and its update is not used (0 = no deadline). Device time = the client's tokens of
-    #: work / (reference_tokens_per_s x its profile's speed_factor) x seeded jitter
-    round_deadline: float = 0.0
-    reference_tokens_per_s: float = 1000.0
-    time_jitter: float = 0.25  # sigma of the lognormal jitter of device time
-    #: the Ray cluster the engine runs on: "" = a private Ray instance on this machine
-    #: (unless RAY_ADDRESS is set), "auto" = the cluster this machine is a node of (or
-    #: RAY_ADDRESS), "HOST:PORT" = that cluster's head, "local" = private, whatever
-    #: RAY_ADDRESS says. See docs/cluster.md and fedtune.runs.cluster.
-    ray_address: str = ""
-
-    def __post_init__(self) -> None:
-        _require(self.backend == "ray", "backend", self.backend, "'ray'")
-        _require(_is_ray_address(self.ray_address), "ray_address", self.ray_address,
-                 "'' (a private Ray instance, or RAY_ADDRESS), 'auto' (the cluster this "
-                 "machine belongs to), 'local', or the head's HOST:PORT (ray://HOST:PORT "
-                 "for Ray Client)")
-        _require(self.cpus_per_client > 0, "cpus_per_client", self.cpus_per_client, "> 0")
-        _require(self.gpus_per_client >= 0, "gpus_per_client", self.gpus_per_client, ">= 0")
-        _require(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a probability in [0, 1)")
-        _require(self.round_deadline >= 0, "round_deadline", self.round_deadline,
-                 "seconds >= 0 (0 = no deadline)")
-        _require(self.reference_tokens_per_s > 0, "reference_tokens_per_s",
-                 self.reference_tokens_per_s, "a number > 0")
-        _require(self.time_jitter >= 0, "time_jitter", self.time_jitter, "a number >= 0")
-
-
-def _is_ray_address(text: str) -> bool:
-    """"", "auto", "local", HOST:PORT or ray://HOST:PORT (what ``ray.init`` accepts)."""
-    if text in ("", "auto", "local"):
-        return True
-    host, _, port = text.removeprefix("ray://").rpartition(":")
-    return (bool(host) and not any(c.isspace() or c in "/@" for c in host)
-            and port.isdigit() and 0 < int(port) < 65536)
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """Where ``fedtune server`` listens and how it is secured (ignored by simulations).
-
-    TLS needs all three certificate files; ``insecure = true`` is the only way to run
-    without them. ``auth_keys`` (a file of OpenSSH ECDSA public keys, one per line) turns on
-    Flower's node authentication: only clients holding one of those keys may join, and a
-    client's name is bound to its key. A TLS server without it refuses to start unless
-    ``allow_unauthenticated_clients = true`` says that anyone who reaches ``address`` may
-    join (and claim any unused name).
-    """
-
-    address: str = "0.0.0.0:9092"  # the clients' port: Flower's Fleet API and nothing else
-    insecure: bool = False
-    ca_cert: str = ""
-    cert: str = ""
-    key: str = ""
-    auth_keys: str = ""
-    allow_unauthenticated_clients: bool = False
-    wait_for_clients: float = 600.0  # seconds to wait for data.num_clients to connect
-
-    def __post_init__(self) -> None:
-        host, _, port = self.address.rpartition(":")
-        _require(bool(host) and port.isdigit() and 0 < int(port) < 65536, "address",
-                 self.address, "HOST:PORT with a port in 1..65535")
-        files = [self.ca_cert, self.cert, self.key]
-        _require(all(files) or not any(files), "ca_cert", self.ca_cert,
-                 "all three of ca_cert, cert, key (TLS) or none of them")
-        _require(not (self.insecure and any(files)), "insecure", self.insecure,
-                 "false when certificate files are given")
-        _require(not (self.insecure and self.auth_keys), "auth_keys", self.auth_keys,
-                 "empty with insecure = true (Flower's node authentication needs TLS)")
-        _require(self.wait_for_clients > 0, "wait_for_clients", self.wait_for_clients,
-                 "seconds > 0")
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.cert)
 
 
 @dataclass(frozen=True)
@@ -457,11 +83,11 @@ class Scenario:
         """Refuse DP configurations that look private but are not, before any work."""
         p, fed = self.privacy, self.federation
         if p.secure_aggregation:
-            if fed.aggregator not in ADDITIVE_AGGREGATORS:
+            if not capabilities_of(fed.aggregator).additive:
                 raise ConfigError(
                     f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
                     "stacking and SVD-based aggregators need each client's own factors, so "
-                    "the server sees every update; use ffa, fedavg or zeropad")
+                    f"the server sees every update; use {_aggregators_with('additive')}")
             raise ConfigError(
                 "privacy.secure_aggregation is not available yet: flwr 1.41 runs SecAgg+ "
                 "only inside its legacy workflow (SecAggPlusWorkflow needs a LegacyContext "
@@ -470,13 +96,13 @@ class Scenario:
                 "trusted server for the noise")
         if not p.client_level:
             return
-        form = DP_FORMS.get(fed.aggregator)
+        form = capabilities_of(fed.aggregator).dp_form
         if form is None:
             raise ConfigError(
                 f"privacy.mode = {p.mode!r} cannot be used with aggregator = "
                 f"{fed.aggregator!r}: its weights depend on the updates themselves, so one "
-                "client's influence is not bounded by the clip norm; use ffa (exact and "
-                "linear), fedavg or zeropad")
+                "client's influence is not bounded by the clip norm; use "
+                f"{_aggregators_with('dp_form', 'factor')} (ffa is exact and linear)")
         if fed.merge != "mean" or fed.padding != "zeros":
             raise ConfigError(
                 "privacy.mode needs federation.merge = 'mean' and federation.padding = "
@@ -486,7 +112,8 @@ class Scenario:
             raise ConfigError(
                 f"privacy.mode = 'distributed' cannot be used with aggregator = "
                 f"{fed.aggregator!r}: its noise belongs on the dense sum of weight updates, "
-                "which only the server forms; use mode = 'central', or aggregator = ffa")
+                "which only the server forms; use mode = 'central', or an aggregator with "
+                f"noise on the factors: {_aggregators_with('dp_form', 'factor')}")
         if p.min_clients > self.sampled_per_round:
             raise ConfigError(
                 f"privacy.min_clients = {p.min_clients} exceeds the {self.sampled_per_round} "
@@ -540,17 +167,18 @@ class Scenario:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+def _aggregators_with(capability: str, value: Any = True) -> str:
+    """The registered aggregators whose ``capability`` is ``value``, for advice in errors."""
+    names = [n for n in available() if getattr(capabilities_of(n), capability) == value]
+    return ", ".join(names) or "none registered"
+
+
 _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
     "clients": ClientsSpec, "compression": CompressionConfig, "privacy": PrivacyConfig,
     "server": ServerSpec,
 }
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{key} = {value!r} is not allowed; expected {allowed}")
 
 
 def _plain(value: Any) -> Any:

@@ -15,8 +15,9 @@ from typing import Any, NamedTuple
 
 from peft import PeftModel
 
-from fedtune.model.loading import ModelSpec, load_base_model
-from fedtune.model.lora import LoraSpec, activate, adapter_name, attach_lora, ensure_adapter
+from fedtune.config import LoraSpec, ModelSpec
+from fedtune.model.loading import load_base_model
+from fedtune.model.lora import activate, adapter_name, attach_lora, ensure_adapter
 
 _Key = tuple[ModelSpec, int]
 

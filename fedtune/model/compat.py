@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from fedtune.model.loading import bundled_model_dir, lent_model, parse_tiny_seed
+from fedtune.config import parse_tiny_seed
+from fedtune.model.loading import bundled_model_dir, lent_model
 
 Shapes = dict[str, tuple[int, int]]
 

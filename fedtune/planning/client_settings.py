@@ -14,11 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from fedtune.aggregation import AggregationError, get_aggregator
-from fedtune.config import ConfigError, Scenario
-from fedtune.model.loading import ModelSpec
-from fedtune.model.lora import LoraSpec
-from fedtune.train.local import TrainConfig
+from fedtune.aggregation import AggregationError, capabilities_of, get_aggregator
+from fedtune.config import ConfigError, LoraSpec, ModelSpec, Scenario, TrainConfig
 
 if TYPE_CHECKING:
     from fedtune.planning.profiles import DeviceProfile
@@ -114,9 +111,7 @@ def _equal_ranks(scenario: Scenario) -> bool:
     """Whether the rank policy asks every client to train the smallest profile rank."""
     policy = scenario.clients.rank_policy
     if policy == "auto":
-        aggregator = get_aggregator(scenario.federation.aggregator,
-                                    **scenario.federation.aggregator_options())
-        return aggregator.requires_equal_ranks
+        return not capabilities_of(scenario.federation.aggregator).mixed_ranks
     return policy == "min"
 
 

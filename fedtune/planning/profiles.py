@@ -20,7 +20,7 @@ from typing import Any
 
 import tomllib
 
-from fedtune.model.lora import LoraSpec
+from fedtune.config import REPO_ROOT, LoraSpec
 from fedtune.model.memory import (
     DEVICES,
     QUANTIZATIONS,
@@ -30,7 +30,6 @@ from fedtune.model.memory import (
     plan,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout (bundled clients/profiles)
 PROFILE_DIR = REPO_ROOT / "clients" / "profiles"
 AUTO = "auto"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")

@@ -87,18 +87,12 @@ def check_methods(aggregators: Sequence[str], baselines: Sequence[str]) -> None:
 
 def with_aggregator(scenario: Scenario, name: str) -> Scenario:
     """The scenario under another aggregator; the run is named after it for a readable folder.
-    HetLoRA's rank self-pruning (``prune_gamma``) only applies to hetlora, TIES merging
-    only to the aggregators that merge entry by entry, ``padding`` to zero-padding ones."""
-    from fedtune.config import MERGING_AGGREGATORS, PADDING_AGGREGATORS
-
-    prune = scenario.federation.prune_gamma if name == "hetlora" else 0.0
-    merge = scenario.federation.merge if name in MERGING_AGGREGATORS else "mean"
-    padding = scenario.federation.padding if name in PADDING_AGGREGATORS else "zeros"
+    Keys the aggregator does not read (e.g. HetLoRA's ``prune_gamma``, TIES ``merge`` for
+    one that does not merge entry by entry) go back to their defaults."""
     return replace(
         scenario,
         run=replace(scenario.run, name=f"{scenario.run.name}-{name}"),
-        federation=replace(scenario.federation, aggregator=name, prune_gamma=prune,
-                           merge=merge, padding=padding),
+        federation=scenario.federation.for_aggregator(name),
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from fedtune.config import SCHEDULES, TrainConfig
 from fedtune.train.evaluate import EvalResult, combine, evaluate
-from fedtune.train.local import SCHEDULES, TrainConfig, TrainResult, lr_at, train_local
+from fedtune.train.local import TrainResult, lr_at, train_local
 
 __all__ = [
     "SCHEDULES",

@@ -15,49 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fedtune.config import TrainConfig
 from fedtune.data.tokenize import IGNORE_INDEX
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local optimisation settings; a step is one optimizer update of grad_accum micro-batches."""
-
-    steps: int = 10
-    batch_size: int = 4
-    lr: float = 3e-4
-    grad_accum: int = 1
-    schedule: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            _require(name, getattr(self, name), _is_int(getattr(self, name), 1), "an int >= 1")
-        _require("warmup_steps", self.warmup_steps, _is_int(self.warmup_steps, 0), "an int >= 0")
-        _require("lr", self.lr, _is_number(self.lr) and self.lr > 0, "a number > 0")
-        _require("schedule", self.schedule, self.schedule in SCHEDULES, f"one of {SCHEDULES}")
-        ok_wd = _is_number(self.weight_decay) and self.weight_decay >= 0
-        _require("weight_decay", self.weight_decay, ok_wd, "a number >= 0")
-        norm = self.max_grad_norm
-        ok_norm = norm is None or (_is_number(norm) and norm > 0)
-        _require("max_grad_norm", norm, ok_norm, "None or a number > 0")
-
-
-def _is_int(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_number(value: object) -> bool:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return ok and math.isfinite(value)
-
-
-def _require(name: str, value: object, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"TrainConfig.{name} = {value!r} is invalid; allowed: {allowed}")
 
 
 @dataclass
