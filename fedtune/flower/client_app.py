@@ -1,8 +1,10 @@
-"""The fedtune ClientApp: local LoRA training and held-out evaluation.
+"""The fedtune ClientApp: Flower's side of a client.
 
-The base model and the client's tokenised partition are cached per process, so a
-simulation worker (or a long-lived SuperNode process) loads them once and serves
-every round and every virtual client it runs. Only adapter tensors and scalar
+Each handler decodes a Message into plain inputs, calls what does the work
+(``fedtune.train.session`` trains, ``fedtune.train.held_out`` evaluates) and encodes the
+result into the reply. The base model and the client's tokenised partition are cached
+per process, so a simulation worker (or a long-lived SuperNode process) loads them once
+and serves every round and every virtual client it runs. Only adapter tensors and scalar
 metrics leave the client.
 """
 
@@ -12,97 +14,33 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from peft import PeftModel
 
-from fedtune.aggregation.hetlora import self_prune_rank
-from fedtune.aggregation.start import client_start, sliced_like
-from fedtune.config import DataSpec, Scenario, scenario_from_flat
-from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
-from fedtune.core.compress import CompressionSpec, compress_with_feedback, product_positions
-from fedtune.core.seeds import client_noise_seed, client_seed
-from fedtune.data import ClientData, PackedData, clients_of, pack, pack_texts
+from fedtune.config import Scenario, scenario_from_flat
+from fedtune.core.compress import CompressionSpec
+from fedtune.core.seeds import client_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes
-from fedtune.model.cache import get_peft_model
-from fedtune.model.device import peak_memory_mb, pick_device
-from fedtune.model.loading import ModelSpec, load_tokenizer
-from fedtune.model.lora import (
-    GLOBAL_ADAPTER,
-    LoraSpec,
-    activate,
-    adapter_name,
-    adapter_state,
-    load_adapter_state,
-    load_frozen_global,
-    reset_lora,
-)
+from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
-from fedtune.privacy import GaussianNoise, epsilon_after
-from fedtune.privacy.mechanism import local_release
-from fedtune.train import EvalResult, TrainResult, evaluate, train_local
-
-
-@dataclass(frozen=True)
-class ClientBatch:
-    """One client's tokenised partition: packed training and held-out sequences."""
-
-    client_id: str
-    train: torch.Tensor  # [n, seq_len] full packed blocks
-    eval: PackedData  # held-out blocks, the last one padded (labels mask the padding)
-
-
-@functools.lru_cache(maxsize=4)
-def _all_clients(data: DataSpec, seed: int) -> tuple[ClientData, ...]:
-    return tuple(clients_of(data, seed))
-
-
-@functools.lru_cache(maxsize=1024)
-def _tokenised(data: DataSpec, seed: int, source: str, partition_id: int, seq_len: int
-               ) -> ClientBatch:
-    """Keyed on what the data depends on only, so other scenario keys never re-tokenise."""
-    clients = _all_clients(data, seed)
-    if not 0 <= partition_id < len(clients):
-        raise ValueError(
-            f"partition-id {partition_id} is out of range: the scenario has {len(clients)} clients"
-        )
-    return _pack_client(clients[partition_id], source, seq_len, data.max_eval_sequences)
-
-
-def _pack_client(client: ClientData, source: str, seq_len: int, max_eval: int) -> ClientBatch:
-    tokenizer = _tokenizer(source)
-    train = pack_texts(client.train, tokenizer, seq_len)
-    held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
-    cap = max_eval or None
-    held_out = PackedData(held_out.input_ids[:cap], held_out.labels[:cap])
-    if train.shape[0] == 0:
-        raise ValueError(
-            f"client {client.client_id} has no full training sequence of {seq_len} tokens; "
-            "lower data.seq_len or raise data.min_lines"
-        )
-    return ClientBatch(client.client_id, train, held_out)
-
-
-def client_batch(scenario: Scenario, partition_id: int, seq_len: int | None = None
-                 ) -> ClientBatch:
-    """The packed data of one client (public so tests and evaluators use the same data)."""
-    return _tokenised(scenario.data, scenario.run.seed, scenario.model.source, partition_id,
-                      seq_len or scenario.data.seq_len)
-
-
-@functools.lru_cache(maxsize=8)
-def _local_tokenised(path: str, name: str, data: DataSpec, seed: int, source: str,
-                     seq_len: int) -> ClientBatch:
-    """A deployed client's own file, tokenised once per process (see ``load_local``)."""
-    from fedtune.data.local import load_local
-
-    client = load_local(path, name, data.eval_fraction, seed, data.max_samples_per_client or None)
-    return _pack_client(client, source, seq_len, data.max_eval_sequences)
+from fedtune.train.batches import ClientBatch, client_batch, local_batch
+from fedtune.train.dpsgd import SampleLevelDP
+from fedtune.train.held_out import evaluate_global
+from fedtune.train.session import (
+    DpSgd,
+    DpSgdRound,
+    Kept,
+    Orders,
+    SessionResult,
+    Trainee,
+    TrainingSession,
+    Upload,
+)
+from fedtune.train.upload import ClientDP
 
 
 def _node_batch(scenario: Scenario, context: Context, partition_id: int,
@@ -110,16 +48,9 @@ def _node_batch(scenario: Scenario, context: Context, partition_id: int,
     """This node's data: its own file when deployed, else its simulated partition."""
     config = context.node_config
     if DATA_PATH in config:
-        return _local_tokenised(str(config[DATA_PATH]), str(config.get(NAME, "client")),
-                                scenario.data, scenario.run.seed, scenario.model.source,
-                                seq_len or scenario.data.seq_len)
+        return local_batch(scenario, str(config[DATA_PATH]), str(config.get(NAME, "client")),
+                           seq_len)
     return client_batch(scenario, partition_id, seq_len)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(source: str) -> Any:
-    """One tokenizer per process (quantization does not change it)."""
-    return load_tokenizer(source)
 
 
 def _scenario(bound: Scenario | None, context: Context) -> Scenario:
@@ -175,38 +106,12 @@ def _settings(message: Message, context: Context) -> ClientSettings:
     return settings
 
 
-def _model(scenario: Scenario, settings: ClientSettings) -> tuple[PeftModel, LoraSpec]:
-    """The cached base (this client's quantization) with this client's LoRA active."""
-    lora = settings.lora_spec(scenario.lora)
-    model, _ = get_peft_model(settings.model_spec(scenario.model), lora, scenario.run.seed)
-    return model, lora
-
-
 def _payload(message: Message) -> dict[str, torch.Tensor]:
     return keys.record_to_state(message.content.array_records[keys.ADAPTER])
 
 
-def _prepare_for_training(scenario: Scenario, settings: ClientSettings, message: Message
-                          ) -> tuple[PeftModel, dict[str, torch.Tensor], float]:
-    """Cached model set up as the server asked (see ``client_start``); returns it, the
-    trainable LoRA's starting state and the set-up seconds."""
-    start = time.perf_counter()
-    config = message.content.config_records[keys.CONFIG]
-    model, lora = _model(scenario, settings)
-    reset_lora(model, scenario.run.seed)
-    trainable, frozen = client_start(
-        config.get(keys.MODE, "continue"), config.get(keys.INIT, "fresh"), _payload(message),
-        adapter_state(model), lora.scale, lora.rank)
-    load_adapter_state(model, trainable)
-    if frozen:
-        load_frozen_global(model, frozen, lora)
-    activate(model, adapter_name(lora), with_global=bool(frozen),
-             freeze_A=bool(config.get(keys.FREEZE_A, False)))
-    return model, trainable, time.perf_counter() - start
-
-
-def _device(model_spec: ModelSpec) -> torch.device:
-    return pick_device(model_spec.device)
+def _round(message: Message) -> int:
+    return int(message.content.config_records[keys.CONFIG].get(keys.ROUND, 0))
 
 
 def _use_cpu_share(scenario: Scenario, context: Context | None = None) -> None:
@@ -217,28 +122,6 @@ def _use_cpu_share(scenario: Scenario, context: Context | None = None) -> None:
     torch.set_num_threads(max(1, int(scenario.simulation.cpus_per_client)))
 
 
-def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: int,
-                    seq_len: int | None = None, batch_size: int | None = None,
-                    context: Context | None = None) -> EvalResult:
-    """Held-out loss of ``model`` on one client's data (the number the server reports)."""
-    held_out = (client_batch(scenario, partition_id, seq_len) if context is None
-                else _node_batch(scenario, context, partition_id, seq_len)).eval
-    return evaluate(model, held_out.input_ids, batch_size or scenario.train.batch_size,
-                    _device(scenario.model), labels=held_out.labels)
-
-
-def prune_rank(state: dict[str, torch.Tensor], scale: float, gamma: float
-               ) -> dict[str, torch.Tensor]:
-    """HetLoRA rank self-pruning: keep the first r' components when the rest carry too
-    little of the update (criterion in ``fedtune.aggregation.hetlora.self_prune_rank``)."""
-    factors = factors_from_state_dict(state, scale)
-    keep = self_prune_rank(factors, gamma)
-    rank = next(iter(factors.values())).rank
-    if keep >= rank:
-        return state
-    return {k: (v[:keep] if k.endswith(A_SUFFIX) else v[:, :keep]) for k, v in state.items()}
-
-
 def upload_spec(config: Any) -> CompressionSpec:
     """How the server asked this round's update to travel (dense fp32 when unsaid)."""
     return CompressionSpec(density=float(config.get(keys.UPLOAD_DENSITY, 1.0)),
@@ -246,135 +129,108 @@ def upload_spec(config: Any) -> CompressionSpec:
                            block_size=int(config.get(keys.BLOCK_SIZE, 256)))
 
 
-def compressed_upload(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                      config: Any, context: Context) -> tuple[Any, dict[str, float]]:
-    """The update (final LoRA minus its start) compressed as the server asked, with the
-    error-feedback residual kept in the node's own state between rounds (never sent)."""
-    spec = upload_spec(config)
-    delta = {k: state[k] - begun for k, begun in sliced_like(start, state).items()}
-    feedback = bool(config.get(keys.ERROR_FEEDBACK, True))
-    kept = context.state.array_records.get(keys.RESIDUAL)
-    residual = {} if kept is None else dict(kept.to_torch_state_dict())
-    carried = sum(float(r.pow(2).sum()) for k, r in residual.items()
-                  if k in delta and r.shape == delta[k].shape) ** 0.5
-    select = None
-    if config.get(keys.SELECTION, "tensor") == "product":
-        select = functools.partial(product_positions, factors=state, density=spec.density)
-    blob, residual = compress_with_feedback(delta, residual, spec, feedback, select)
-    if feedback:
-        context.state[keys.RESIDUAL] = ArrayRecord(residual)
-    return keys.blob_to_record(blob), {keys.RESIDUAL_NORM_IN: carried}
+def _client_dp(config: Any) -> ClientDP | None:
+    """Distributed client-level DP, when the server asks each client for its noise share."""
+    if keys.DP_NOISE_STD not in config:
+        return None
+    return ClientDP(float(config[keys.DP_CLIP]), float(config[keys.DP_NOISE_STD]),
+                    tuple(str(config[keys.DP_FIELDS]).split(",")),
+                    bool(config.get(keys.DP_SECURE, False)))
 
 
-def privatize(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], config: Any,
-              seed: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Distributed client-level DP: the LoRA moved to start + clipped update + this
-    client's share of the noise, on the factors the server's mechanism releases."""
-    fields = str(config[keys.DP_FIELDS]).split(",")
-    suffixes = tuple(A_SUFFIX if f == "A" else B_SUFFIX for f in fields)
-    begun = sliced_like(start, state)
-    delta = {k: state[k] - begun[k] for k in state if k.endswith(suffixes)}
-    secure = bool(config.get(keys.DP_SECURE, False))
-    noise = GaussianNoise(None if secure else client_noise_seed(seed))
-    noisy, norm = local_release(delta, float(config[keys.DP_CLIP]),
-                                float(config[keys.DP_NOISE_STD]), noise)
-    out = {k: begun[k] + noisy[k] if k in noisy else v for k, v in state.items()}
-    return out, {keys.DP_UPDATE_NORM: norm}
+def _dpsgd(config: Any) -> DpSgd | None:
+    if float(config.get(keys.DPSGD_NOISE, 0.0)) <= 0:
+        return None
+    return DpSgd(SampleLevelDP(float(config[keys.DPSGD_CLIP]), float(config[keys.DPSGD_NOISE])),
+                 float(config[keys.DPSGD_DELTA]), str(config[keys.DPSGD_ACCOUNTANT]))
 
 
-def train_with_dpsgd(model: PeftModel, data: torch.Tensor, scenario: Scenario,
-                     settings: ClientSettings, config: Any, seed: int, context: Context
-                     ) -> tuple[TrainResult, dict[str, float]]:
-    """DP-SGD training; the client's own accountant history lives in its node state and
-    its epsilon so far is reported (only the number leaves the client)."""
-    from fedtune.privacy.dpsgd import SampleLevelDP, sample_rate, train_local_dpsgd
+def orders_of(config: Any, payload: ArrayRecord) -> Orders:
+    """What a train message's config asks of the session (defaults where unsaid)."""
+    return Orders(
+        mode=str(config.get(keys.MODE, "continue")), init=str(config.get(keys.INIT, "fresh")),
+        freeze_A=bool(config.get(keys.FREEZE_A, False)),
+        prune_gamma=float(config.get(keys.PRUNE_GAMMA, 0.0)), upload=upload_spec(config),
+        error_feedback=bool(config.get(keys.ERROR_FEEDBACK, True)),
+        product_selection=config.get(keys.SELECTION, "tensor") == "product",
+        rounded_start=keys.is_packed(payload), client_dp=_client_dp(config),
+        dpsgd=_dpsgd(config), secure_noise=bool(config.get(keys.DP_SECURE, False)))
 
-    dp = SampleLevelDP(float(config[keys.DPSGD_CLIP]), float(config[keys.DPSGD_NOISE]))
-    train_config = settings.train_config(scenario.train)
-    result = train_local_dpsgd(model, data, train_config, dp, seed, _device(scenario.model),
-                               secure=bool(config.get(keys.DP_SECURE, False)))
-    kept = context.state.config_records.get(keys.DPSGD_HISTORY)
-    history = [] if kept is None else list(zip(kept["z"], kept["q"], kept["n"], strict=True))
-    rate = sample_rate(train_config.batch_size * train_config.grad_accum, data.shape[0])
-    history.append((dp.noise_multiplier, rate, train_config.steps))
-    context.state[keys.DPSGD_HISTORY] = ConfigRecord(
-        {"z": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
-         "n": [int(h[2]) for h in history]})
-    epsilon = epsilon_after(history, float(config[keys.DPSGD_DELTA]),
-                            str(config[keys.DPSGD_ACCOUNTANT]))
-    return result, {keys.SAMPLE_EPSILON: epsilon}
+
+def _kept(context: Context) -> Kept:
+    """What this node kept from earlier rounds: error-feedback residual, DP-SGD history."""
+    residual = context.state.array_records.get(keys.RESIDUAL)
+    history = context.state.config_records.get(keys.DPSGD_HISTORY)
+    return Kept({} if residual is None else dict(residual.to_torch_state_dict()),
+                [] if history is None
+                else list(zip(history["z"], history["q"], history["n"], strict=True)))
+
+
+def _keep(context: Context, upload: Upload, history: list[DpSgdRound] | None = None) -> None:
+    """Store in the node's state what the session says to keep (it never leaves)."""
+    if upload.residual is not None:
+        context.state[keys.RESIDUAL] = ArrayRecord(upload.residual)
+    if history is not None:
+        context.state[keys.DPSGD_HISTORY] = ConfigRecord(
+            {"z": [float(h[0]) for h in history], "q": [float(h[1]) for h in history],
+             "n": [int(h[2]) for h in history]})
+
+
+def train_session(scenario: Scenario, settings: ClientSettings, message: Message,
+                  context: Context | None = None) -> TrainingSession:
+    """The session a train message asks for; without ``context``, a node that kept
+    nothing from earlier rounds."""
+    config = message.content.config_records[keys.CONFIG]
+    record = message.content.array_records[keys.ADAPTER]
+    return TrainingSession(Trainee.of(scenario, settings),
+                           client_seed(int(config[keys.SEED]), settings.partition),
+                           keys.record_to_state(record), orders_of(config, record),
+                           None if context is None else _kept(context))
+
+
+def adapter_record(upload: Upload) -> ArrayRecord:
+    """The upload as the reply carries it: the LoRA, or its compressed update."""
+    if upload.state is not None:
+        return keys.state_to_record(upload.state)
+    return keys.blob_to_record(upload.blob)
+
+
+def _train_metrics(settings: ClientSettings, trainee: Trainee, result: SessionResult
+                   ) -> dict[str, float]:
+    named = {keys.SAMPLE_EPSILON: result.sample_epsilon,
+             keys.DP_UPDATE_NORM: result.upload.update_norm,
+             keys.RESIDUAL_NORM_IN: result.upload.residual_norm_in}
+    return {
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.TRAIN_LOSS: float(result.train.loss),
+        keys.PARTITION: settings.partition,
+        keys.SECONDS_LOAD: result.seconds_load,
+        keys.SECONDS_TRAIN: float(result.train.seconds),
+        keys.SECONDS_CODEC: result.seconds_codec,
+        keys.PEAK_MEMORY_MB: peak_memory_mb(trainee.device),
+        **ray_nodes.node_metrics(),  # which Ray node ran it (nothing when deployed)
+        **{key: float(value) for key, value in named.items() if value is not None},
+    }
 
 
 def train_message(scenario: Scenario, message: Message, context: Context,
                   listener: Listener = _quiet) -> Message:
-    """Handle one train message: set up the payload, train locally, reply with the LoRA
-    (or, when the server asks for compression, with its compressed update)."""
+    """Handle one train message: decode it, run the training session, encode the reply
+    (the LoRA or, when the server asks for compression, its compressed update)."""
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
-    model, start, setup_s = _prepare_for_training(scenario, settings, message)
-    data = _node_batch(scenario, context, settings.partition, settings.seq_len)
-    config = message.content.config_records[keys.CONFIG]
-    seed = client_seed(int(config[keys.SEED]), settings.partition)
-    server_round = int(config.get(keys.ROUND, 0))
-    steps = settings.train_config(scenario.train).steps
+    session = train_session(scenario, settings, message, context)
+    data = _node_batch(scenario, context, settings.partition, settings.seq_len).train
+    server_round, steps = _round(message), session.trainee.train.steps
 
     def on_step(done: int, loss: float) -> None:
         listener("step", server_round, {"step": done, "steps": steps, "loss": loss})
-    extra: dict[str, float] = {}
-    if float(config.get(keys.DPSGD_NOISE, 0.0)) > 0:
-        result, extra = train_with_dpsgd(model, data.train, scenario, settings, config, seed,
-                                         context)
-    else:
-        result = train_local(model, data.train, settings.train_config(scenario.train), seed,
-                             _device(scenario.model), on_step=on_step)
-    codec_start = time.perf_counter()
-    state = adapter_state(model)
-    gamma = float(config.get(keys.PRUNE_GAMMA, 0.0))
-    if gamma > 0.0:
-        state = prune_rank(state, settings.alpha / settings.rank, gamma)
-    if keys.DP_NOISE_STD in config:
-        state, dp_metrics = privatize(state, start, config, seed)
-        extra.update(dp_metrics)
-    # after a compressed download the client holds a rounded copy of the global: send the
-    # update, which the server adds to its full-precision copy (dense fp32 if so asked)
-    rounded_start = keys.is_packed(message.content.array_records[keys.ADAPTER])
-    if upload_spec(config).is_identity and not rounded_start:
-        adapter = keys.state_to_record(state)
-    else:
-        adapter, compression_metrics = compressed_upload(state, start, config, context)
-        extra.update(compression_metrics)
-    codec_s = time.perf_counter() - codec_start
-    metrics = {
-        keys.NUM_EXAMPLES: int(data.train.shape[0]),
-        keys.TRAIN_LOSS: float(result.loss),
-        keys.PARTITION: settings.partition,
-        keys.SECONDS_LOAD: setup_s,
-        keys.SECONDS_TRAIN: float(result.seconds),
-        keys.SECONDS_CODEC: codec_s,
-        keys.PEAK_MEMORY_MB: peak_memory_mb(_device(scenario.model)),
-        **ray_nodes.node_metrics(),  # which Ray node ran it (nothing when deployed)
-        **extra,
-    }
-    outgoing = keys.reply(message, metrics, adapter)
+    result = session.run(data, on_step)
+    _keep(context, result.upload, result.dpsgd_history)
+    metrics = _train_metrics(settings, session.trainee, result)
+    outgoing = keys.reply(message, metrics, adapter_record(result.upload))
     listener("train", server_round, metrics)
     return outgoing
-
-
-def evaluate_global(scenario: Scenario, settings: ClientSettings,
-                    state: dict[str, torch.Tensor], context: Context | None = None
-                    ) -> EvalResult:
-    """Held-out loss of one client under a global adapter (scale 1, applied frozen on the
-    client's own base) or, with an empty state, of the bare base model. The one place that
-    defines what "the federation's held-out loss" means."""
-    model, lora = _model(scenario, settings)
-    if not state:
-        with model.disable_adapter():
-            return evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                                   settings.batch_size, context)
-    load_frozen_global(model, state, lora)
-    model.base_model.set_adapter([GLOBAL_ADAPTER])
-    return evaluate_client(model, scenario, settings.partition, settings.seq_len,
-                           settings.batch_size, context)
 
 
 def evaluate_message(scenario: Scenario, message: Message, context: Context,
@@ -382,18 +238,17 @@ def evaluate_message(scenario: Scenario, message: Message, context: Context,
     """Handle one evaluate message: held-out loss of exactly the global adapter."""
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
-    start = time.perf_counter()
-    result = evaluate_global(scenario, settings, _payload(message), context)
+    began = time.perf_counter()
     held_out = _node_batch(scenario, context, settings.partition, settings.seq_len).eval
+    result = evaluate_global(scenario, settings, _payload(message), held_out)
     metrics = {
         keys.NUM_EXAMPLES: int(held_out.input_ids.shape[0]),
         keys.EVAL_LOSS: float(result.loss),
         keys.EVAL_TOKENS: int(result.tokens),
         keys.PARTITION: settings.partition,
-        keys.SECONDS_EVAL: time.perf_counter() - start,
+        keys.SECONDS_EVAL: time.perf_counter() - began,
     }
-    server_round = int(message.content.config_records[keys.CONFIG].get(keys.ROUND, 0))
-    listener("evaluate", server_round, metrics)
+    listener("evaluate", _round(message), metrics)
     return keys.reply(message, metrics)
 
 
@@ -450,4 +305,4 @@ def make_client_app(scenario: Scenario | None = None, listener: Listener = _quie
 
 app = make_client_app()
 
-__all__ = ["app", "client_batch", "evaluate_client", "make_client_app"]
+__all__ = ["app", "make_client_app"]

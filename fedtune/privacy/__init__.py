@@ -1,7 +1,7 @@
-"""Differential privacy: clipping, noise, accounting (Opacus' accountants) and DP-SGD.
+"""Differential privacy: clipping, noise and accounting (Opacus' accountants).
 
 Pure torch and Opacus; no Flower. ``mechanism`` releases a noised client-level aggregate,
-``dpsgd`` trains a client with per-sample clipping, ``accountant`` says what it cost.
+``accountant`` says what it cost; DP-SGD training lives in ``fedtune.train.dpsgd``.
 """
 
 from fedtune.privacy.accountant import (

@@ -16,17 +16,17 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedtune.config import ConfigError, Scenario
 from fedtune.core.seeds import client_seed
 from fedtune.core.seeds import round_seed as federation_round_seed
 from fedtune.planning.client_settings import ClientSettings
-from fedtune.config import ConfigError, Scenario
 from fedtune.runs.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
 
@@ -147,23 +147,9 @@ def round_seed(scenario: Scenario, server_round: int, partition: int = 0) -> int
     return client_seed(federation_round_seed(scenario.run.seed, server_round), partition)
 
 
-def _model(scenario: Scenario, model_spec: Any, lora: Any) -> Any:
-    """The cached base with ``lora`` active."""
-    from fedtune.model.cache import get_peft_model
-
-    model, _ = get_peft_model(model_spec, lora, scenario.run.seed)
-    return model
-
-
-def _client_model(scenario: Scenario, settings: ClientSettings) -> Any:
-    """The cached base of this client's quantization, with its LoRA spec active."""
-    return _model(scenario, settings.model_spec(scenario.model),
-                  settings.lora_spec(scenario.lora))
-
-
 def base_evals(scenario: Scenario, settings: Sequence[ClientSettings]) -> list[EvalResult]:
     """Each client's base model on its held-out data: the federation's round 0."""
-    from fedtune.flower.client_app import evaluate_global
+    from fedtune.train.held_out import evaluate_global
 
     return [evaluate_global(scenario, s, {}) for s in settings]
 
@@ -172,61 +158,61 @@ def evaluate_adapter(scenario: Scenario, settings: Sequence[ClientSettings],
                      state: dict[str, torch.Tensor]) -> EvalResult:
     """Score one adapter as the federation scores its global one: frozen, scale folded in,
     on every client's own base (its quantization), token-weighted over clients."""
-    from fedtune.flower.client_app import evaluate_global
+    from fedtune.train.held_out import evaluate_global
 
     return combine([evaluate_global(scenario, s, state) for s in settings])
 
 
-def _folded_state(model: Any, scale: float) -> dict[str, torch.Tensor]:
+def _folded_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     from fedtune.core.codec import factors_from_state_dict, scale_folded_state_dict
-    from fedtune.model.lora import adapter_state
 
-    return scale_folded_state_dict(factors_from_state_dict(adapter_state(model), scale))
+    return scale_folded_state_dict(factors_from_state_dict(state, scale))
+
+
+def _rounds_alone(scenario: Scenario, trainee: Any, data: torch.Tensor, partition: int = 0
+                  ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
+    """One LoRA trained round after round by a federated client's own session, each round
+    continuing from the last (fresh optimizer, schedule restarted) with the seed the
+    federation gives client ``partition``: yields the model and its LoRA after each round."""
+    from fedtune.train.session import TrainingSession
+
+    state: dict[str, torch.Tensor] = {}
+    for server_round in range(1, scenario.run.rounds + 1):
+        session = TrainingSession(trainee, round_seed(scenario, server_round, partition), state)
+        state = session.run(data).upload.state or {}
+        yield session.model, state
 
 
 def centralised_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
                          start: EvalResult, progress: Progress) -> list[EvalResult]:
     """One LoRA ([lora], [model]) on the union of every client's packed training blocks.
 
-    Each round's worth of steps is one ``train_local`` call (fresh optimizer, schedule
-    restarted), as a federated client trains, so only the data pooling differs.
+    Each round's worth of steps is one training session, as a federated client trains, so
+    only the data pooling differs.
     """
-    from fedtune.flower.client_app import client_batch
-    from fedtune.model.device import pick_device
-    from fedtune.model.lora import reset_lora
-    from fedtune.train import train_local
+    from fedtune.train.batches import client_batch
+    from fedtune.train.session import Trainee
 
     ids = torch.cat([client_batch(scenario, s.partition).train for s in settings])
-    model = _model(scenario, scenario.model, scenario.lora)
-    reset_lora(model, scenario.run.seed)
     history = [start]
-    for server_round in range(1, scenario.run.rounds + 1):
-        _model(scenario, scenario.model, scenario.lora)  # evaluation switched adapters
-        train_local(model, ids, scenario.train, round_seed(scenario, server_round),
-                    pick_device(scenario.model.device))
-        state = _folded_state(model, scenario.lora.scale)
-        history.append(evaluate_adapter(scenario, settings, state))
+    rounds = _rounds_alone(scenario, Trainee.of(scenario), ids)
+    for server_round, (_, state) in enumerate(rounds, start=1):
+        folded = _folded_state(state, scenario.lora.scale)
+        history.append(evaluate_adapter(scenario, settings, folded))
         _report(progress, "centralised", server_round, history[-1])
     return history
 
 
 def _train_alone(scenario: Scenario, s: ClientSettings) -> list[EvalResult]:
     """One client's own LoRA on its own data, scored on its own held-out data per round."""
-    from fedtune.flower.client_app import client_batch, evaluate_client
-    from fedtune.model.device import pick_device
-    from fedtune.model.lora import reset_lora
-    from fedtune.train import train_local
+    from fedtune.train.batches import client_batch
+    from fedtune.train.held_out import evaluate_client
+    from fedtune.train.session import Trainee
 
-    model = _client_model(scenario, s)
-    reset_lora(model, scenario.run.seed)
     data = client_batch(scenario, s.partition, s.seq_len)
-    history = []
-    for server_round in range(1, scenario.run.rounds + 1):
-        train_local(model, data.train, s.train_config(scenario.train),
-                    round_seed(scenario, server_round, s.partition),
-                    pick_device(scenario.model.device))
-        history.append(evaluate_client(model, scenario, s.partition, s.seq_len, s.batch_size))
-    return history
+    rounds = _rounds_alone(scenario, Trainee.of(scenario, s), data.train, s.partition)
+    return [evaluate_client(model, scenario, s.partition, s.seq_len, s.batch_size)
+            for model, _ in rounds]
 
 
 def local_baseline(scenario: Scenario, settings: Sequence[ClientSettings],

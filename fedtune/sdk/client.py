@@ -192,9 +192,17 @@ class Client:
         save it as a peft adapter (see ``fedtune.sdk.local.train_alone``)."""
         from fedtune.sdk.local import train_alone
 
-        return train_alone(self, steps=steps, lr=lr, rank=rank,
-                           out=Path(out) if out else self.state_dir / "local-adapter",
-                           on_progress=on_progress)
+        def on_step(done: int, total: int, loss: float) -> None:
+            if on_progress is not None:
+                on_progress(Progress("step", f"step {done}/{total} loss {loss:.4f}", 0, done,
+                                     total, loss))
+
+        with _ONE_AT_A_TIME:  # clients in one process share the cached base
+            return train_alone(self.texts, self.name,
+                               Path(out) if out else self.state_dir / "local-adapter",
+                               model=self.model, tokenizer=self.tokenizer,
+                               federation=self.federation, steps=steps, lr=lr, rank=rank,
+                               on_step=on_step)
 
 
 def _scenario(federation: str | Path | Scenario | None) -> Scenario | None:

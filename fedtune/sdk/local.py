@@ -1,24 +1,29 @@
 """Local-only training: personalisation on one device's data, no server.
 
-The same pieces as a federated client (cached base, seeded LoRA, the local training
-loop, the held-out loss) with the settings of the federation's scenario when the
-client names one, else the bundled default's.
+The same training session as a federated client (cached base, seeded LoRA, the local
+training loop; see ``fedtune.train.session``) with the settings of the federation's
+scenario when the client names one, else the bundled default's, and the held-out loss
+of the device's own texts before and after.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from fedtune.config import load_scenario
-from fedtune.data import pack, pack_texts
+from fedtune.config import ModelSpec, Scenario, load_scenario
+from fedtune.data import PackedData, pack, pack_texts
 from fedtune.data.partition import split_train_eval
 from fedtune.data.types import DataError
 
 if TYPE_CHECKING:
-    from fedtune.sdk.client import Client, ProgressCallback
+    from fedtune.train.session import Trainee
+
+#: ``(steps done, steps, loss)`` after every optimizer step
+StepCallback = Callable[[int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -33,25 +38,12 @@ class LocalResult:
     steps: int
 
 
-def train_alone(client: Client, steps: int | None, lr: float | None, rank: int | None,
-                out: Path, on_progress: ProgressCallback | None = None) -> LocalResult:
-    """Train a fresh LoRA on ``client``'s texts (one held out) and save it to ``out``."""
-    from fedtune.model.cache import get_peft_model, give_back
-    from fedtune.model.loading import ModelSpec, base_model_name, register_model
-    from fedtune.model.lora import (
-        activate,
-        adapter_name,
-        adapter_state,
-        reset_lora,
-        save_peft_adapter,
-    )
-    from fedtune.sdk.client import _ONE_AT_A_TIME, Progress
-    from fedtune.train import evaluate, train_local
+def _trainee(scenario: Scenario, source: str, lent: bool, steps: int | None,
+             lr: float | None, rank: int | None) -> Trainee:
+    """The scenario's client with this device's overrides; a lent model is used as it
+    is (no quantization)."""
+    from fedtune.train.session import Trainee
 
-    scenario = client.federation or load_scenario(None)
-    lent = client.model is not None and not isinstance(client.model, str)
-    source = (register_model(client.model, client.tokenizer) if lent
-              else client.model or scenario.model.source)
     lora = scenario.lora
     if rank is not None:
         lora = dataclasses.replace(lora, rank=rank, alpha=lora.scale * rank)
@@ -59,36 +51,68 @@ def train_alone(client: Client, steps: int | None, lr: float | None, rank: int |
                                  lr=lr or scenario.train.lr)
     spec = ModelSpec(source=source, quantization="none" if lent else scenario.model.quantization,
                      device=scenario.model.device)
-    seed = scenario.run.seed
-    with _ONE_AT_A_TIME:
-        try:
-            model, tokenizer = get_peft_model(spec, lora, seed)
-            reset_lora(model, seed)
-            activate(model, adapter_name(lora))
-            texts, held = split_train_eval(client.texts, scenario.data.eval_fraction,
-                                           f"{seed}:{client.name}")
-            blocks = pack_texts(texts, tokenizer, scenario.data.seq_len)
-            if blocks.shape[0] == 0:
-                raise DataError(f"the texts give no full training sequence of "
-                                f"{scenario.data.seq_len} tokens; give more text")
-            held_out = pack(held, tokenizer, scenario.data.seq_len, pad_last=True)
+    return Trainee(spec, lora, config, scenario.run.seed)
 
-            def held_out_loss() -> float:
-                return float(evaluate(model, held_out.input_ids, config.batch_size,
-                                      labels=held_out.labels).loss)
 
-            def on_step(done: int, loss: float) -> None:
-                if on_progress is not None:
-                    on_progress(Progress("step", f"step {done}/{config.steps} loss {loss:.4f}",
-                                         0, done, config.steps, loss))
+def _own_blocks(texts: list[str], name: str, tokenizer: Any, scenario: Scenario
+                ) -> tuple[Any, PackedData]:
+    """This device's texts split (one part held out, seeded by its name) and packed."""
+    seed, seq_len = scenario.run.seed, scenario.data.seq_len
+    train, held = split_train_eval(texts, scenario.data.eval_fraction, f"{seed}:{name}")
+    blocks = pack_texts(train, tokenizer, seq_len)
+    if blocks.shape[0] == 0:
+        raise DataError(f"the texts give no full training sequence of {seq_len} tokens; "
+                        "give more text")
+    return blocks, pack(held, tokenizer, seq_len, pad_last=True)
 
-            before = held_out_loss()
-            result = train_local(model, blocks, config, seed, on_step=on_step)
-            after = held_out_loss()
-            save_peft_adapter(out, adapter_state(model), lora,
-                              base_model_name(spec) if not lent else
-                              str(getattr(client.model.config, "_name_or_path", "")))
-        finally:
-            if lent:
-                give_back(source)
-    return LocalResult(out, float(result.loss), before, after, config.steps)
+
+def train_alone(texts: list[str], name: str, out: Path, *, model: Any = None,
+                tokenizer: Any = None, federation: Scenario | None = None,
+                steps: int | None = None, lr: float | None = None, rank: int | None = None,
+                on_step: StepCallback | None = None) -> LocalResult:
+    """Train a fresh LoRA on ``texts`` (one part held out) and save it to ``out``.
+
+    ``model``: None (the scenario's base), a source name, or a loaded model lent for the
+    session and given back without adapters. The caller serialises sessions that share
+    a process's cached base (``fedtune.sdk.client`` holds its lock around this call).
+    """
+    from fedtune.model.cache import give_back
+    from fedtune.model.loading import register_model
+
+    scenario = federation or load_scenario(None)
+    lent = model is not None and not isinstance(model, str)
+    source = register_model(model, tokenizer) if lent else model or scenario.model.source
+    try:
+        trainee = _trainee(scenario, source, lent, steps, lr, rank)
+        base_name = str(getattr(model.config, "_name_or_path", "")) if lent else None
+        return _train_and_save(trainee, scenario, texts, name, out, base_name, on_step)
+    finally:
+        if lent:
+            give_back(source)
+
+
+def _train_and_save(trainee: Trainee, scenario: Scenario, texts: list[str], name: str, out: Path,
+                    base_name: str | None, on_step: StepCallback | None) -> LocalResult:
+    from fedtune.model.loading import base_model_name
+    from fedtune.model.lora import adapter_state, save_peft_adapter
+    from fedtune.train import evaluate
+    from fedtune.train.session import TrainingSession
+
+    session = TrainingSession(trainee, seed=scenario.run.seed)
+    model = session.prepare()
+    blocks, held_out = _own_blocks(texts, name, session.tokenizer, scenario)
+
+    def held_out_loss() -> float:
+        return float(evaluate(model, held_out.input_ids, trainee.train.batch_size,
+                              labels=held_out.labels).loss)
+
+    def step(done: int, loss: float) -> None:
+        if on_step is not None:
+            on_step(done, trainee.train.steps, loss)
+
+    before = held_out_loss()
+    result = session.train(blocks, step)
+    after = held_out_loss()
+    save_peft_adapter(out, adapter_state(model), trainee.lora,
+                      base_name if base_name is not None else base_model_name(trainee.model))
+    return LocalResult(out, float(result.loss), before, after, trainee.train.steps)

@@ -19,7 +19,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from fedtune.train.local import TrainConfig, TrainResult, check_blocks, lr_at, resolve_device
+from fedtune.config import TrainConfig
+from fedtune.train.local import TrainResult, check_blocks, lr_at, resolve_device
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from fedtune.config import ConfigError, load_scenario
 from fedtune.core.compress import CompressionSpec, encode_indexed, encode_state, pack_records
 from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
-from fedtune.flower.client_app import _prepare_for_training, compressed_upload
+from fedtune.flower.client_app import _keep, adapter_record, train_session
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.model import cache
 from fedtune.model.lora import LoraSpec, adapter_state, reset_lora
@@ -47,15 +47,18 @@ def _client_round(scenario, message, context, gen):
     """What a client does with a train message, with random 'training' in place of SGD:
     returns its final LoRA state and its reply."""
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
-    model, start, _ = _prepare_for_training(scenario, settings, message)
+    session = train_session(scenario, settings, message, context)
+    session.prepare()
+    start = session.start
     config = message.content.config_records[keys.CONFIG]
     frozen_A = bool(config[keys.FREEZE_A])
     trained = {k: v if frozen_A and "lora_A" in k else v + 0.1 * torch.randn(v.shape, generator=gen)
                for k, v in start.items()}
-    adapter, extra = compressed_upload(trained, start, config, context)
+    upload = session.upload(trained)
+    _keep(context, upload)
     metrics = {keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 1.0, keys.PARTITION: settings.partition,
-               **extra}
-    return trained, start, keys.reply(message, metrics, adapter)
+               keys.RESIDUAL_NORM_IN: upload.residual_norm_in}
+    return trained, start, keys.reply(message, metrics, adapter_record(upload))
 
 
 def test_the_server_rebuilds_the_seeded_init_every_client_draws():

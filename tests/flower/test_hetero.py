@@ -10,11 +10,11 @@ from peft import PeftModel
 
 from fedtune.aggregation import available
 from fedtune.config import ConfigError, load_scenario
-from fedtune.flower.client_app import evaluate_client
 from fedtune.model.loading import load_base_model
 from fedtune.planning.client_settings import client_settings
 from fedtune.runs.simulate import simulate
 from fedtune.train import combine
+from fedtune.train.held_out import evaluate_client
 
 TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",
         "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",

@@ -7,7 +7,7 @@ import torch
 from fedtune.config import load_scenario
 from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.flower import messages as keys
-from fedtune.flower.client_app import _prepare_for_training
+from fedtune.flower.client_app import train_session
 from fedtune.flower.strategy import FedtuneStrategy, RoundFailedError
 from fedtune.model import cache
 from fedtune.model.lora import LoraSpec, adapter_state
@@ -63,7 +63,7 @@ def test_client_starts_from_exactly_the_global_update(aggregator, extra):
     strategy.global_adapter = strategy.aggregator.aggregate(_updates(scenario, [4, 2]), None)
     message = strategy._train_messages([100], 2)[0]
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
-    model, _, _ = _prepare_for_training(scenario, settings, message)
+    model = train_session(scenario, settings, message).prepare()
     payload_for_rank = strategy.aggregator.payload_for(strategy.global_adapter, settings.rank,
                                                        scale=settings.alpha / settings.rank)
     for module, factors in strategy.global_adapter.factors.items():
@@ -83,7 +83,7 @@ def test_lower_rank_payload_fills_the_first_components_of_a_higher_rank_client()
     payload = keys.record_to_state(message.content.array_records[keys.ADAPTER])
     assert {v.shape[0] for k, v in payload.items() if "lora_A" in k} == {4}
     settings = ClientSettings.from_config(message.content.config_records[keys.CONFIG])
-    model, _, _ = _prepare_for_training(scenario, settings, message)
+    model = train_session(scenario, settings, message).prepare()
     state = adapter_state(model)
     for key, value in payload.items():
         head = state[key][:4] if "lora_A" in key else state[key][:, :4]

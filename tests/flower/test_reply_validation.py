@@ -131,7 +131,7 @@ def test_hetlora_self_pruned_reply_is_accepted_and_the_node_keeps_its_new_rank()
 
 
 def test_client_prunes_only_a_weak_tail():
-    from fedtune.flower.client_app import prune_rank
+    from fedtune.train.upload import prune_rank
 
     state = _good_state()  # rank 4, components of similar strength: kept
     assert prune_rank(state, 2.0, 0.5) is state

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from fedtune.config import load_scenario
-from fedtune.flower.client_app import client_batch
 from fedtune.runs.simulate import simulate
+from fedtune.train.batches import client_batch
 
 PROFILE = """name = "{name}"
 memory_budget_mb = 4000

@@ -8,10 +8,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
-from fedtune.flower.client_app import evaluate_client
 from fedtune.model.loading import load_base_model
 from fedtune.runs.simulate import simulate
 from fedtune.train import combine
+from fedtune.train.held_out import evaluate_client
 
 
 @pytest.fixture(scope="module")

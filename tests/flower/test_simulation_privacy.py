@@ -9,9 +9,9 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
-from fedtune.flower.client_app import client_batch
 from fedtune.privacy.accountant import epsilon_after
 from fedtune.runs.simulate import simulate
+from fedtune.train.batches import client_batch
 
 Z, DELTA = 1.2, 1e-4
 
