@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -99,7 +100,7 @@ class Population:
         if named:
             self.register_named(named)
 
-    def _read_identities(self, replies: Any) -> dict[int, Claim]:
+    def _read_identities(self, replies: Iterable[Message]) -> dict[int, Claim]:
         """Simulated nodes are placed at the partition they report; deployed clients'
         claims (name, profile) are returned for :meth:`register_named`."""
         named: dict[int, Claim] = {}

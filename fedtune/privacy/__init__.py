@@ -1,7 +1,8 @@
 """Differential privacy: clipping, noise and accounting (Opacus' accountants).
 
 Pure torch and Opacus; no Flower. ``mechanism`` releases a noised client-level aggregate,
-``accountant`` says what it cost; DP-SGD training lives in ``fedtune.train.dpsgd``.
+``accountant`` says what it cost, ``wrapper`` puts both around any aggregator (budget,
+noise seed, checkpoint state); DP-SGD training lives in ``fedtune.train.dpsgd``.
 """
 
 from fedtune.privacy.accountant import (
