@@ -1,23 +1,13 @@
-"""The `fedtune` command as a real process: bad input fails early and leaves nothing."""
+"""The `fedtune` command (in this process, tests.support.cli): bad input fails early and
+leaves nothing; a good one runs."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedtune.config import ConfigError, load_scenario
-
-FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    # a narrow terminal, as in CI logs: messages must still come out whole
-    env = {**os.environ, "COLUMNS": "60"}
-    return subprocess.run([*FEDTUNE, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+from tests.support.cli import run_cli
 
 
 @pytest.mark.parametrize(
@@ -43,7 +33,7 @@ def test_bad_scenario_exits_nonzero_and_writes_nothing(tmp_path):
     out = tmp_path / "runs"
     proc = run_cli("simulate", "-s", "tiny", "--set", "train.stepz=3", "--out", str(out),
                    cwd=tmp_path)
-    assert proc.returncode == 2
+    assert proc.exit_code == 2
     assert "unknown key train.stepz; allowed keys in [train]: steps" in proc.stderr
     assert not out.exists()
 
@@ -52,7 +42,7 @@ def test_missing_data_path_fails_before_the_engine_starts(tmp_path):
     out = tmp_path / "runs"
     proc = run_cli("simulate", "-s", "tiny", "--set", "data.source='jsonl'",
                    "--set", f"data.path='{tmp_path / 'nope'}'", "--out", str(out), cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.exit_code == 1
     assert "nope" in proc.stderr
     assert not out.exists()
 
@@ -61,16 +51,16 @@ def test_missing_model_says_what_was_looked_for(tmp_path):
     out = tmp_path / "runs"
     proc = run_cli("simulate", "-s", "tiny", "--set", "model.source='/no/such/model-dir'",
                    "--out", str(out), cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.exit_code == 1
     assert "/no/such/model-dir" in proc.stderr
     assert not out.exists()
 
 
-def test_cli_runs_a_one_round_simulation(tmp_path):
+def test_cli_runs_a_one_round_simulation(tmp_path, in_process):
     out = tmp_path / "runs"
     proc = run_cli("simulate", "-s", "tiny", "--set", "run.rounds=1", "--out", str(out),
                    cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.exit_code == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["rounds"]) == 1

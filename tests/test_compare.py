@@ -1,10 +1,11 @@
-"""`fedtune compare`: one scenario (hetero, tiny model) under two aggregators and both
+"""`fedtune compare`: one scenario (hetero, tiny model) under every aggregator and both
 baselines with one seed; every number in the comparison traces back to a run or to the
-same base model and data the federation uses."""
+same base model and data the federation uses.
+
+The comparison is the session's ``hetero_comparison`` (tests/conftest.py, federations on
+the in-process Grid), shared with tests/flower/test_hetero.py."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,40 +18,39 @@ from fedtune.runs.compare import (
     render_markdown,
     run_comparison,
 )
+from tests.support.cli import run_cli
+from tests.support.hetero import COMMAND, TINY
 
-# the tiny-model overrides of tests/flower/test_hetero.py
-TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",
-        "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",
-        "data.max_eval_sequences=8"]
-AGGREGATORS = ["flora", "fedavg"]
 FILES = (COMPARISON_JSON, COMPARISON_MD, COMPARISON_PNG)
 
 
-@pytest.fixture(scope="module")
-def comparison(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("compare")
-    folder = run_comparison(load_scenario("hetero", TINY), AGGREGATORS, out,
-                            command="pytest tests/test_compare.py")
-    return folder, json.loads((folder / COMPARISON_JSON).read_text())
+@pytest.fixture
+def comparison(hetero_comparison) -> tuple[Path, dict]:
+    return hetero_comparison.folder, hetero_comparison.report
 
 
-def test_one_folder_with_table_json_and_plot(comparison):
+@pytest.fixture
+def aggregators(hetero_comparison) -> list[str]:
+    return hetero_comparison.aggregators
+
+
+def test_one_folder_with_table_json_and_plot(comparison, aggregators):
     folder, report = comparison
     assert folder.name.startswith("compare-hetero-")
     assert all((folder / name).stat().st_size > 0 for name in FILES)
     assert (folder / COMPARISON_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(report["methods"]) == [*AGGREGATORS, "centralised", "local"]
+    assert list(report["methods"]) == [*aggregators, "centralised", "local"]
     assert all(m["status"] == "completed" for m in report["methods"].values())
     table = (folder / COMPARISON_MD).read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == [
-        "flora", "fedavg", "centralised (baseline)", "local (baseline)"]
-    assert "Seed: 0" in table and "pytest tests/test_compare.py" in table
+        *aggregators, "centralised (baseline)", "local (baseline)"]
+    assert "Seed: 0" in table and COMMAND in table
 
 
-def test_federated_rounds_are_the_runs_own_numbers(comparison):
+def test_federated_rounds_are_the_runs_own_numbers(comparison, aggregators):
     _, report = comparison
-    for name in AGGREGATORS:
+    for name in aggregators:
         method = report["methods"][name]
         summary = json.loads((Path(method["run_dir"]) / "summary.json").read_text())
         assert summary["scenario"]["federation"]["aggregator"] == name
@@ -110,17 +110,14 @@ def test_table_cells_stay_on_one_line():
     assert row == ["| zeropad | skipped: a \\| b c | | | |"]
 
 
-def test_cli_compare_prints_the_table_and_the_folder_last(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", "compare", "-s", "tiny", "--set", "run.rounds=1",
-         "--aggregators", "fedavg", "--no-baselines", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    folder = Path(proc.stdout.strip().splitlines()[-1])
+def test_cli_compare_prints_the_table_and_the_folder_last(tmp_path, in_process):
+    done = run_cli("compare", "-s", "tiny", "--set", "run.rounds=1", "--aggregators", "fedavg",
+                   "--no-baselines", "--out", str(tmp_path), cwd=tmp_path)
+    assert done.exit_code == 0, done.stderr[-3000:]
+    folder = Path(done.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and all((folder / name).exists() for name in FILES)
-    assert "| fedavg |" in proc.stdout and "centralised" not in proc.stdout
-    assert "fedavg: done" in proc.stderr
+    assert "| fedavg |" in done.stdout and "centralised" not in done.stdout
+    assert "fedavg: done" in done.stderr
     report = json.loads((folder / COMPARISON_JSON).read_text())
     assert list(report["methods"]) == ["fedavg"]
     assert report["command"].startswith("fedtune compare -s tiny")

@@ -232,8 +232,9 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     of ``data.num_clients`` nodes running ``make_client_app(scenario)``."""
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import run_federation
+    from fedtune.runs import SimulationError
     from fedtune.runs.rundir import SUMMARY_FILE, new_run_dir
-    from fedtune.runs.simulate import SimulationError, preflight
+    from fedtune.runs.simulate import preflight
 
     del verbose  # nothing of the engine's to show
     preflight(scenario)

@@ -1,6 +1,9 @@
-"""simulations/hetero.toml (tiny model) through Flower's simulation engine under every
-aggregator: clients train the ranks of their device profiles, the run completes, and the
-exported adapter loads with peft."""
+"""simulations/hetero.toml (tiny model) under every aggregator, through the round loop and
+the real ClientApp (in-process Grid): clients train the ranks of their device profiles,
+the run completes, and the exported adapter loads with peft.
+
+The run of each aggregator is the one in the session's hetero comparison
+(``hetero_comparison`` in tests/conftest.py), which tests/test_compare.py checks too."""
 
 import json
 from dataclasses import replace
@@ -10,24 +13,25 @@ from peft import PeftModel
 
 from fedtune.aggregation import available
 from fedtune.config import ConfigError, load_scenario
+from fedtune.flower.inprocess_grid import simulate_in_process
 from fedtune.model.loading import load_base_model
 from fedtune.planning.client_settings import client_settings
+from fedtune.runs.compare import with_aggregator
 from fedtune.runs.simulate import simulate
 from fedtune.train import combine
 from fedtune.train.held_out import evaluate_client
-
-TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",
-        "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",
-        "data.max_eval_sequences=8"]
+from tests.support.hetero import hetero
 
 
-def hetero(aggregator: str, *extra: str):
-    return load_scenario("hetero", [*TINY, f'federation.aggregator="{aggregator}"', *extra])
+def _unnamed(scenario) -> dict:
+    fields = scenario.to_dict()
+    return {**fields, "run": {k: v for k, v in fields["run"].items() if k != "name"}}
 
 
 @pytest.mark.parametrize("aggregator", available())
-def test_hetero_completes_under_every_aggregator(aggregator, tmp_path):
-    scenario = hetero(aggregator)
+def test_hetero_completes_under_every_aggregator(aggregator, hetero_comparison):
+    scenario = with_aggregator(hetero_comparison.scenario, aggregator)
+    assert _unnamed(scenario) == _unnamed(hetero(aggregator))  # only the run's name differs
     settings = client_settings(scenario)
     ranks = {s.rank for s in settings}
     assert len({s.profile for s in settings}) == 4 and scenario.data.num_clients >= 10
@@ -35,9 +39,10 @@ def test_hetero_completes_under_every_aggregator(aggregator, tmp_path):
         assert len(ranks) == 1  # rank_policy auto: the smallest profile rank for everyone
     else:
         assert len(ranks) >= 3
-    run_dir = simulate(scenario, out_dir=tmp_path)
+    run_dir = hetero_comparison.run_dir(aggregator)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
+    assert summary["scenario"]["federation"]["aggregator"] == aggregator
     assert all(r["clients_replied"] == scenario.data.num_clients for r in summary["rounds"])
     assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -58,7 +63,7 @@ def test_hetero_completes_under_every_aggregator(aggregator, tmp_path):
 
 def test_flora_download_is_bounded_by_the_rank_budget(tmp_path):
     scenario = hetero("flora", "federation.rank_budget=8")
-    run_dir = simulate(scenario, out_dir=tmp_path)
+    run_dir = simulate_in_process(scenario, out_dir=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     round2 = summary["rounds"][1]
     # tiny model: 2 layers x (q 64x64, v 32x64): rank-8 adapter = 8*(64+64+64+32)*2 floats
@@ -77,13 +82,13 @@ def test_mixed_ranks_with_fedavg_are_a_configuration_error():
 def test_rank_larger_than_the_model_allows_is_a_configuration_error(tmp_path):
     scenario = load_scenario("tiny", ["lora.rank=128", "lora.alpha=128"])
     with pytest.raises(ConfigError, match="larger than the target modules"):
-        simulate(scenario, out_dir=tmp_path)
+        simulate(scenario, out_dir=tmp_path)  # the engine's own checks, before it starts
     assert not any(tmp_path.iterdir())
 
 
 def test_flora_clients_can_start_from_the_global_top_components(tmp_path):
     scenario = hetero("flora", 'federation.flora_init="global"', "run.rounds=3")
-    run_dir = simulate(scenario, out_dir=tmp_path)
+    run_dir = simulate_in_process(scenario, out_dir=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [r["eval_loss"] for r in summary["rounds"]]
     assert summary["status"] == "completed" and losses[-1] < summary["initial"]["eval_loss"]

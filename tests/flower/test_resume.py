@@ -1,5 +1,6 @@
-"""Checkpoint and resume through Flower's real simulation engine: a run that dies after
-round 1 and is resumed ends with exactly the adapter of an uninterrupted run."""
+"""Checkpoint and resume through the round loop and the real ClientApp (in-process Grid):
+a run that dies after round 1 and is resumed ends with exactly the adapter of an
+uninterrupted run."""
 
 import json
 
@@ -15,7 +16,8 @@ from fedtune.flower.checkpoint import (
     adapter_from_state,
     load_checkpoint,
 )
-from fedtune.runs.simulate import SimulationError, simulate
+from fedtune.flower.inprocess_grid import simulate_in_process
+from fedtune.runs import SimulationError
 
 # clients_per_round < num_clients: the sampler's state must survive the restart too
 SETS = ["run.rounds=3", "federation.clients_per_round=3", "federation.min_clients=2"]
@@ -46,7 +48,7 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
             (run_dir,) = (tmp_path / "whole").iterdir()
             after_round_1.update(adapter=_adapter(run_dir), checkpoint=load_checkpoint(run_dir))
 
-    whole = simulate(scenario, out_dir=tmp_path / "whole", progress=snapshot)
+    whole = simulate_in_process(scenario, out_dir=tmp_path / "whole", progress=snapshot)
     global_1 = adapter_from_state(after_round_1["checkpoint"]["strategy"]["global"])
     expected = scale_folded_state_dict(global_1.factors)
     assert after_round_1["adapter"].keys() == expected.keys()
@@ -54,11 +56,11 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
     assert any(not torch.equal(after_round_1["adapter"][k], v)
                for k, v in _adapter(whole).items())  # rewritten after later rounds
     with pytest.raises(SimulationError):
-        simulate(scenario, out_dir=tmp_path / "cut", progress=_crash_after(1))
+        simulate_in_process(scenario, out_dir=tmp_path / "cut", progress=_crash_after(1))
     (cut,) = (tmp_path / "cut").iterdir()
     assert load_checkpoint(cut)["round"] == 1
     assert json.loads((cut / "summary.json").read_text())["status"] == "failed"
-    resumed = simulate(scenario, resume=cut)
+    resumed = simulate_in_process(scenario, resume=cut)
     assert resumed == cut
     a, b = _adapter(whole), _adapter(resumed)
     assert a.keys() == b.keys()

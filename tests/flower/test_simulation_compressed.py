@@ -1,5 +1,7 @@
 """A compressed federation (10 % density, int8 both ways, error feedback) end to end
-through Flower's real simulation engine: it trains, and the traffic really shrinks."""
+through the round loop and the real ClientApp (in-process Grid, one Context per node, so
+the error-feedback residual lives in each node's state): it trains, and the traffic
+really shrinks."""
 
 import json
 
@@ -7,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
-from fedtune.runs.simulate import simulate
+from fedtune.flower.inprocess_grid import simulate_in_process
 
 OVERRIDES = ["run.rounds=2", "compression.upload_density=0.1",
              "compression.upload_values='int8'", "compression.download_values='int8'"]
@@ -16,7 +18,7 @@ OVERRIDES = ["run.rounds=2", "compression.upload_density=0.1",
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory):
     scenario = load_scenario("tiny", OVERRIDES)
-    run_dir = simulate(scenario, out_dir=tmp_path_factory.mktemp("runs"))
+    run_dir = simulate_in_process(scenario, out_dir=tmp_path_factory.mktemp("runs"))
     return scenario, run_dir
 
 

@@ -1,6 +1,6 @@
-"""DP federations through Flower's real simulation engine on the tiny scenario: epsilon is
-reported every round and equals Opacus' accountant, the budget stops the run, and
-distributed noise, compression and DP-SGD work together."""
+"""DP federations through the round loop and the real ClientApp (in-process Grid) on the
+tiny scenario: epsilon is reported every round and equals Opacus' accountant, the
+budget stops the run, and distributed noise, compression and DP-SGD work together."""
 
 import json
 
@@ -9,8 +9,8 @@ from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
+from fedtune.flower.inprocess_grid import simulate_in_process
 from fedtune.privacy.accountant import epsilon_after
-from fedtune.runs.simulate import simulate
 from fedtune.train.batches import client_batch
 
 Z, DELTA = 1.2, 1e-4
@@ -29,7 +29,7 @@ def central_run(tmp_path_factory):
         "run.rounds=3", "federation.clients_per_round=2", 'privacy.mode="central"',
         f"privacy.noise_multiplier={Z}", f"privacy.delta={DELTA}", "privacy.clip_norm=0.3",
         f"privacy.max_epsilon={two_rounds * 1.0001}", 'privacy.on_budget="stop"'])
-    return scenario, simulate(scenario, out_dir=tmp_path_factory.mktemp("runs"))
+    return scenario, simulate_in_process(scenario, out_dir=tmp_path_factory.mktemp("runs"))
 
 
 def test_epsilon_each_round_equals_the_library_accountant(central_run):
@@ -68,7 +68,7 @@ def test_distributed_noise_with_compression_and_dpsgd(tmp_path):
         "privacy.target_epsilon=8", f"privacy.delta={DELTA}", "privacy.clip_norm=0.5",
         "privacy.sample_noise_multiplier=1.5", "privacy.sample_clip_norm=1.0",
         "compression.upload_density=0.5", "compression.upload_values='int8'"])
-    summary = _summary(simulate(scenario, out_dir=tmp_path))
+    summary = _summary(simulate_in_process(scenario, out_dir=tmp_path))
     assert summary["status"] == "completed"
     plan = scenario.privacy_plan()
     assert [r["epsilon"] for r in summary["rounds"]] == pytest.approx(
@@ -98,14 +98,14 @@ HETERO_TINY = ['model.source="tiny"', 'model.device="cpu"', "run.rounds=2", "tra
 @pytest.mark.parametrize("aggregator", ["zeropad", "flora", "flexlora"])
 def test_central_dp_with_mixed_ranks(aggregator, tmp_path):
     """Device profiles with different ranks: zeropad's factor form and flora / flexlora's
-    dense form run through Flower, release a global adapter of the expected rank, and
-    report the noise the mechanism promises."""
+    dense form run through the Flower round loop, release a global adapter of the
+    expected rank, and report the noise the mechanism promises."""
     scenario = load_scenario("hetero", [
         *HETERO_TINY, f'federation.aggregator="{aggregator}"',
         *(["federation.rank_budget=8"] if aggregator == "flora" else []),  # flora's key
         'privacy.mode="central"', "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.2",
         "privacy.delta=1e-3"])
-    summary = _summary(simulate(scenario, out_dir=tmp_path))
+    summary = _summary(simulate_in_process(scenario, out_dir=tmp_path))
     assert summary["status"] == "completed"
     for record in summary["rounds"]:
         assert record["dp_noise_std"] == pytest.approx(0.5 * 0.2 / 6)
