@@ -13,6 +13,7 @@ from fedtune.aggregation.registry import (
     get_aggregator,
     options_for,
     register,
+    unregister,
 )
 
 # Every file of the package, so each aggregator's ``@register`` runs: no list to edit.
@@ -31,4 +32,5 @@ __all__ = [
     "options_for",
     "register",
     "self_prune_rank",
+    "unregister",
 ]

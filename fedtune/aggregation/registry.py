@@ -42,6 +42,12 @@ def _check_declarations(cls: type[Aggregator]) -> None:
                 f"{'lack' if declared else 'have'} {', '.join(needed)}")
 
 
+def unregister(name: str) -> None:
+    """Forget an aggregator (a test or a plugin that registered one for a while)."""
+    aggregator_class(name)  # the error names the available ones
+    del _REGISTRY[name]
+
+
 def available() -> list[str]:
     return sorted(_REGISTRY)
 
