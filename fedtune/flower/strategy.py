@@ -29,7 +29,7 @@ from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.population import Population, RoundFailedError
 from fedtune.flower.round_stats import RoundStats
-from fedtune.planning.client_settings import ClientSettings, client_settings
+from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.wrapper import ClientLevelDPAggregator, DPSettings
 
 log = logging.getLogger("fedtune")
@@ -38,13 +38,13 @@ RoundCallback = Callable[[dict[str, Any]], None]
 __all__ = ["FedtuneStrategy", "RoundFailedError", "RoundStats"]
 
 
-def dp_settings(scenario: Scenario) -> DPSettings | None:
+def dp_settings(scenario: Scenario, settings: Iterable[ClientSettings]) -> DPSettings | None:
     """The run's client-level DP (None without): distributed DP needs one LoRA scale, as
     every client clips and noises its update at its own scale."""
     p = scenario.privacy
     if not p.client_level:
         return None
-    scales = {s.alpha / s.rank for s in client_settings(scenario)}
+    scales = {s.alpha / s.rank for s in settings}
     if p.mode == "distributed" and len(scales) > 1:
         raise ConfigError(
             f"privacy.mode = 'distributed' needs one LoRA scale alpha / r across clients, "
@@ -62,9 +62,9 @@ class FedtuneStrategy(Strategy):
         fed = scenario.federation
         self.aggregator = get_aggregator(fed.aggregator, **fed.aggregator_options())
         self.population = Population(scenario)
-        settings = dp_settings(scenario)
-        self.dp = None if settings is None else ClientLevelDPAggregator(
-            self.aggregator, settings, scenario.run.seed, keys.DP_UPDATE_NORM)
+        dp = dp_settings(scenario, self.population.settings)
+        self.dp = None if dp is None else ClientLevelDPAggregator(
+            self.aggregator, dp, scenario.run.seed, keys.DP_UPDATE_NORM)
         self.global_adapter: GlobalAdapter | None = None
         #: module -> (in, out) of every adapted module, from the base model's config
         self.expected = checks.expected_modules(scenario.model.source,
