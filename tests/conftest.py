@@ -13,20 +13,26 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
 @pytest.fixture(scope="session")
-def hetero_comparison(tmp_path_factory):
+def hetero_comparison(request, tmp_path_factory):
     """One ``fedtune compare`` of every aggregator and both baselines on the tiny hetero
     scenario (tests.support.hetero), for the whole session: test_compare.py checks the
-    comparison, tests/flower/test_hetero.py each aggregator's run in it."""
-    from tests.support.hetero import run_comparison_of_every_aggregator
+    comparison, tests/flower/test_hetero.py each aggregator's run in it. A session that
+    selected only some of test_hetero's aggregators (``-k flora``) runs only those."""
+    from tests.support.hetero import run_hetero_comparison
 
-    return run_comparison_of_every_aggregator(tmp_path_factory.mktemp("hetero-compare"))
+    wanted = _aggregators_wanted(request.session.items)
+    return run_hetero_comparison(tmp_path_factory.mktemp("hetero-compare"), wanted)
 
 
-@pytest.fixture
-def in_process():
-    """``fedtune.runs.simulate.simulate`` on the in-process Grid for one test (see
-    tests.support.engine)."""
-    from tests.support.engine import engine_in_process
-
-    with engine_in_process():
-        yield
+def _aggregators_wanted(items) -> list[str] | None:
+    """The aggregators the selected tests read from the hetero comparison (None: the
+    whole comparison, as test_compare.py checks it)."""
+    wanted = set()
+    for item in items:
+        if "hetero_comparison" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or "aggregator" not in callspec.params:
+            return None
+        wanted.add(callspec.params["aggregator"])
+    return sorted(wanted)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tests.deploy import harness as h
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 # 3 honest clients and one that sends NaN factors; everyone is sampled every round
 FOUR = ["data.num_clients=4", "federation.min_clients=2", "run.rounds=2",

@@ -15,7 +15,7 @@ import pytest
 
 from tests.deploy import harness as h
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 SETS = ["data.num_clients=3", "federation.min_clients=2", "run.rounds=4",
         "federation.round_timeout=90", "federation.max_update_norm=1000"]

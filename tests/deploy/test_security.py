@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from tests.deploy import harness as h
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 SETS = ["data.num_clients=3", "run.rounds=3", "federation.round_timeout=90"]
 MARKER = "OUTSIDER_CODE_RAN"

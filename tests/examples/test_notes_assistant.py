@@ -17,7 +17,7 @@ QUICK = ["model.source='tiny'", "model.quantization='none'", "lora.rank=4", "lor
          "data.seq_len=32", "data.max_eval_sequences=4", "train.steps=3", "train.batch_size=4",
          "data.num_clients=1", "run.rounds=1", "federation.min_clients=1"]
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
 
 def _notes(path: Path, count: int) -> Path:

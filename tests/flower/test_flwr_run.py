@@ -141,6 +141,7 @@ def superlink(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.e2e
 def test_flwr_run_tiny_one_round(superlink, tmp_path):
     env, log_path = superlink
     out = tmp_path / "runs"

@@ -126,6 +126,7 @@ def two_nodes(cluster: LocalRayCluster) -> LocalRayCluster:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_client_no_node_can_host_is_refused_before_the_engine_starts(
         two_nodes, tmp_path, monkeypatch):
     import flwr.simulation
@@ -147,6 +148,7 @@ def test_a_client_no_node_can_host_is_refused_before_the_engine_starts(
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_clients_run_on_both_nodes_and_the_adapter_equals_one_machines(two_nodes, tmp_path):
     with joined(two_nodes.address) as nodes:
         ids = {n.node_id for n in nodes}
@@ -172,6 +174,7 @@ def test_clients_run_on_both_nodes_and_the_adapter_equals_one_machines(two_nodes
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_compare_joins_the_cluster_named_by_ray_address_in_the_environment(two_nodes,
                                                                           tmp_path):
     with joined(two_nodes.address) as nodes:
@@ -188,6 +191,7 @@ def test_compare_joins_the_cluster_named_by_ray_address_in_the_environment(two_n
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_node_lost_in_round_two_costs_its_client_and_the_run_finishes(two_nodes, tmp_path):
     head, victim = two_nodes.nodes[0], two_nodes.nodes[-1]
     killed: dict[str, float] = {}

@@ -11,6 +11,7 @@ from fedtune.runs.simulate import simulate
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_shakespeare_two_clients_one_round(tmp_path):
     scenario = load_scenario("default", [
         "data.num_clients=2", "run.rounds=1", "train.steps=2", "train.batch_size=2",

@@ -17,6 +17,8 @@ from fedtune.config import load_scenario
 from fedtune.runs.simulate import simulate
 from fedtune.train.batches import client_batch
 
+pytestmark = pytest.mark.e2e
+
 PROFILE = """name = "{name}"
 memory_budget_mb = 4000
 device = "cpu"

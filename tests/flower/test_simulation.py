@@ -13,6 +13,8 @@ from fedtune.runs.simulate import simulate
 from fedtune.train import combine
 from fedtune.train.held_out import evaluate_client
 
+pytestmark = pytest.mark.e2e  # the suite's one tiny federation on the real engine
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

@@ -29,6 +29,7 @@ def test_the_page_has_a_snippet_for_each_part_of_the_api() -> None:
         assert name in code, f"docs/sdk.md runs no snippet with {name}"
 
 
+@pytest.mark.e2e
 def test_sdk_doc_snippets_run(tmp_path: Path) -> None:
     (tmp_path / "server").mkdir()
     shutil.copy(REPO / "server" / "server.toml", tmp_path / "server" / "server.toml")

@@ -26,7 +26,7 @@ from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 from harness import REPO, TINY, client, client_files  # noqa: E402
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 SETS = [*TINY, "data.num_clients=4", "run.rounds=2", "federation.min_clients=2",
         "federation.round_timeout=120"]

@@ -37,14 +37,17 @@ class Comparison:
         return Path(self.report["methods"][aggregator]["run_dir"])
 
 
-def run_comparison_of_every_aggregator(out: Path) -> Comparison:
-    """``fedtune compare`` (every aggregator, both baselines) on the in-process Grid."""
+def run_hetero_comparison(out: Path, only: list[str] | None = None) -> Comparison:
+    """``fedtune compare`` (every aggregator, both baselines) on the in-process Grid; with
+    ``only``, those aggregators and no baselines (a partial test session)."""
     from fedtune.aggregation import available
-    from fedtune.runs.compare import COMPARISON_JSON, run_comparison
+    from fedtune.runs.compare import BASELINES, COMPARISON_JSON, run_comparison
     from tests.support.engine import engine_in_process
 
-    scenario, aggregators = hetero(), available()
+    scenario = hetero()
+    aggregators = available() if only is None else only
     with engine_in_process():
-        folder = run_comparison(scenario, aggregators, out, command=COMMAND)
+        folder = run_comparison(scenario, aggregators, out, command=COMMAND,
+                                baselines=BASELINES if only is None else ())
     return Comparison(scenario, aggregators, folder,
                       json.loads((folder / COMPARISON_JSON).read_text()))
