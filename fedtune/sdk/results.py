@@ -56,7 +56,8 @@ def load_model(source: str = "smollm2", quantization: str = "none", device: str 
                ) -> tuple[Any, Any]:
     """(model, tokenizer) of a fedtune model source: "smollm2" (the bundled base),
     "tiny", a local folder or .gguf file, or a Hub id; frozen and in eval mode."""
-    from fedtune.model.loading import ModelSpec, load_base_model
+    from fedtune.config import ModelSpec
+    from fedtune.model.loading import load_base_model
 
     return load_base_model(ModelSpec(source=source, quantization=quantization, device=device))
 

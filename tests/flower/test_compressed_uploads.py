@@ -6,14 +6,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
 
-from fedtune.config import ConfigError, load_scenario
+from fedtune.config import ConfigError, LoraSpec, load_scenario
 from fedtune.core.compress import CompressionSpec, encode_indexed, encode_state, pack_records
 from fedtune.core.init import seeded_lora_state
 from fedtune.flower import messages as keys
 from fedtune.flower.client_app import _keep, adapter_record, train_session
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.model import cache
-from fedtune.model.lora import LoraSpec, adapter_state, reset_lora
+from fedtune.model.lora import adapter_state, reset_lora
 from fedtune.planning.client_settings import ClientSettings
 
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.config import ConfigError, load_scenario
+from fedtune.config import ConfigError, LoraSpec, load_scenario
 from fedtune.core.compress import CompressionSpec, encode_indexed, encode_state, pack_records
 from fedtune.flower import messages as keys
 from fedtune.flower import replies
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.model import cache
 from fedtune.model.compat import describe_base
-from fedtune.model.lora import LoraSpec, adapter_state
+from fedtune.model.lora import adapter_state
 
 SETS = ["federation.min_clients=2"]
 HONEST = [100, 102]  # partitions 0 and 2; node 101 is the malicious one

@@ -4,13 +4,13 @@ model carries exactly the global update (scale conventions of every client mode)
 import pytest
 import torch
 
-from fedtune.config import load_scenario
+from fedtune.config import LoraSpec, load_scenario
 from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.flower import messages as keys
 from fedtune.flower.client_app import train_session
 from fedtune.flower.strategy import FedtuneStrategy, RoundFailedError
 from fedtune.model import cache
-from fedtune.model.lora import LoraSpec, adapter_state
+from fedtune.model.lora import adapter_state
 from fedtune.planning.client_settings import ClientSettings
 
 

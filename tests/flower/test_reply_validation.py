@@ -8,11 +8,11 @@ import pytest
 import torch
 from flwr.app import Message, MessageType
 
-from fedtune.config import load_scenario
+from fedtune.config import LoraSpec, load_scenario
 from fedtune.flower import messages as keys
 from fedtune.flower.strategy import FedtuneStrategy, RoundFailedError
 from fedtune.model import cache
-from fedtune.model.lora import LoraSpec, adapter_state
+from fedtune.model.lora import adapter_state
 
 SCENARIO = load_scenario("tiny", ["federation.min_clients=2"])
 

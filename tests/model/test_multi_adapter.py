@@ -4,8 +4,8 @@ trainable one (FLoRA residual training), and frozen-A training (FFA-LoRA)."""
 import pytest
 import torch
 
+from fedtune.config import ModelSpec
 from fedtune.model import cache
-from fedtune.model.loading import ModelSpec
 from fedtune.model.lora import (
     GLOBAL_ADAPTER,
     LoraSpec,

@@ -5,8 +5,9 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from fedtune.model.loading import ModelSpec, load_base_model
-from fedtune.model.lora import LoraSpec, attach_lora
+from fedtune.config import LoraSpec, ModelSpec
+from fedtune.model.loading import load_base_model
+from fedtune.model.lora import attach_lora
 
 
 def _dequantized_twin(quantized):

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
+from fedtune.config import LoraSpec, ModelSpec, TrainConfig
 from fedtune.model.cache import get_peft_model
-from fedtune.model.loading import ModelSpec
-from fedtune.model.lora import LoraSpec, adapter_state, reset_lora
+from fedtune.model.lora import adapter_state, reset_lora
 from fedtune.train.dpsgd import SampleLevelDP, train_local_dpsgd
-from fedtune.train.local import TrainConfig
 
 CFG = TrainConfig(steps=4, batch_size=6, lr=1e-2)
 
