@@ -230,6 +230,8 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     """``fedtune.runs.simulate.simulate`` with the same contract (checks before any
     file, the run directory, ``SimulationError`` on failure) on an :class:`InProcessGrid`
     of ``data.num_clients`` nodes running ``make_client_app(scenario)``."""
+    import torch
+
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import run_federation
     from fedtune.runs import SimulationError
@@ -239,6 +241,7 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     del verbose  # nothing of the engine's to show
     preflight(scenario)
     run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    threads = torch.get_num_threads()  # the ClientApp sets simulation.cpus_per_client
     with InProcessGrid(make_client_app(scenario), scenario.data.num_clients,
                        **grid_options) as grid:
         try:
@@ -246,6 +249,8 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
         except Exception as err:
             raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})"
                                   ) from err
+        finally:
+            torch.set_num_threads(threads)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     if summary.get("status") != "completed":
         raise SimulationError(f"simulation ended with status {summary.get('status')!r}; "

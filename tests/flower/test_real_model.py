@@ -1,5 +1,6 @@
 """End to end on the real bundled SmolLM2-135M (4-bit) and real Shakespeare: 2 clients,
-one short round, through Flower's simulation engine."""
+one short round, through the round loop and the real ClientApp (in-process Grid: the
+model loads once, not in each engine worker)."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 
 from fedtune.config import load_scenario
-from fedtune.runs.simulate import simulate
+from fedtune.flower.inprocess_grid import simulate_in_process
 
 
 @pytest.mark.slow
@@ -18,7 +19,7 @@ def test_smollm2_shakespeare_two_clients_one_round(tmp_path):
         "data.max_eval_sequences=2", "data.max_samples_per_client=40",
     ])
     assert scenario.model.source == "smollm2" and scenario.model.quantization == "4bit"
-    run_dir = simulate(scenario, out_dir=tmp_path)
+    run_dir = simulate_in_process(scenario, out_dir=tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     initial, final = summary["initial"]["eval_loss"], summary["final"]["eval_loss"]
