@@ -1,4 +1,9 @@
-"""Local training and evaluation of a causal LM on packed token blocks."""
+"""Local training and evaluation of a causal LM on packed token blocks.
+
+``session`` is one client's whole training session (prepare, train or DP-SGD, prune,
+privatise, compress), run by the ClientApp, compare's baselines and the SDK. Import it
+as ``fedtune.train.session``: it loads peft and Opacus, which the training loop and the
+evaluation below do not need."""
 
 from __future__ import annotations
 
