@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
-# The test suite in three parts that run at the same time: two groups of tests of real
-# server and client processes (they mostly wait on Flower's polling: the attacks on a
-# deployment in one, the rest in the other) and the rest (CPU-bound, one Ray cluster at a
-# time). The rest streams here; the process tests' output follows at the end.
-# Arguments go to every pytest run. Exit status: the worst of them (no tests = 0).
+# The test suite in three parts that run at the same time, sized to end together on a
+# 2-core machine: the compute-bound rest (strategy-level federations on the in-process
+# Grid, one Ray cluster at a time) and two groups of tests of real server and client
+# processes, which mostly wait on Flower's polling (each module runs its federations side
+# by side). The rest streams here; the process groups' output follows at the end, then
+# each group's wall time. Arguments go to every pytest run (`-m "not e2e"` leaves out the
+# real processes, the real model and the real engine runs: the quick loop).
+# Exit status: the worst of them (no tests = 0).
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-ATTACK_TESTS=(tests/deploy/test_security.py tests/deploy/test_hostile_client.py)
-PROCESS_TESTS=(tests/deploy tests/sdk tests/examples)
-attack_log="$(mktemp)"
-process_log="$(mktemp)"
-"$PY" -m pytest -q "${ATTACK_TESTS[@]}" "$@" >"$attack_log" 2>&1 &
-attacks=$!
-"$PY" -m pytest -q "${PROCESS_TESTS[@]}" "${ATTACK_TESTS[@]/#/--ignore=}" "$@" \
-    >"$process_log" 2>&1 &
-processes=$!
-"$PY" -m pytest -q "${PROCESS_TESTS[@]/#/--ignore=}" "$@"
+PROCESS_DIRS=(tests/deploy tests/sdk tests/examples)
+# the attacks on a deployment, and the SDK's documented snippets (one long federation)
+GROUP_A=(tests/deploy/test_security.py tests/deploy/test_hostile_client.py
+         tests/sdk/test_docs.py)
+# every other process test: the deployment's failures and restarts, the SDK, the example
+GROUP_B=("${PROCESS_DIRS[@]}" "${GROUP_A[@]/#/--ignore=}")
+
+log_a="$(mktemp)"
+log_b="$(mktemp)"
+times="$(mktemp)"
+timed() {  # NAME COMMAND...: run it, append "NAME SECONDS" to $times, keep its status
+    local name=$1 start=$SECONDS status
+    shift
+    "$@"
+    status=$?
+    echo "$name $((SECONDS - start))" >>"$times"
+    return "$status"
+}
+timed "attacks+docs" "$PY" -m pytest -q "${GROUP_A[@]}" "$@" >"$log_a" 2>&1 &
+group_a=$!
+timed "processes" "$PY" -m pytest -q "${GROUP_B[@]}" "$@" >"$log_b" 2>&1 &
+group_b=$!
+timed "rest" "$PY" -m pytest -q "${PROCESS_DIRS[@]/#/--ignore=}" "$@"
 rest=$?
-wait "$processes"
+wait "$group_b"
 procs=$?
-wait "$attacks"
+wait "$group_a"
 attack=$?
-echo "---- tests of real server / client processes (${PROCESS_TESTS[*]}) ----"
-cat "$process_log"
-echo "---- attacks on a deployment, real processes (${ATTACK_TESTS[*]}) ----"
-cat "$attack_log"
-rm -f "$process_log" "$attack_log"
+echo "---- tests of real server / client processes (${GROUP_B[*]}) ----"
+cat "$log_b"
+echo "---- attacks on a deployment, SDK snippets, real processes (${GROUP_A[*]}) ----"
+cat "$log_a"
+echo "---- wall time per group (seconds) ----"
+cat "$times"
+rm -f "$log_a" "$log_b" "$times"
 status=0
 for rc in rest procs attack; do
     [ "${!rc}" -eq 5 ] && printf -v "$rc" 0

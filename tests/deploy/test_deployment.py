@@ -4,6 +4,8 @@ rejects a malformed reply, and refuses clients without the right certificate or 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -25,21 +27,131 @@ def _federation(tmp, port, files, insecure=True):
     return clients
 
 
-@pytest.fixture(scope="module")
-def whole_run(tmp_path_factory):
+def _whole(tmp):
     """One server, three clients and a malicious one, two rounds, uninterrupted."""
-    tmp = tmp_path_factory.mktemp("whole")
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = h.server(tmp, port, FOUR, ["--insecure"])
-    h.run_dir_of(server)
-    clients = _federation(tmp, port, files)
+    clients = []
     try:
+        h.run_dir_of(server)
+        clients = _federation(tmp, port, files)
         assert server.wait(300) == 0, server.output()[-3000:]
     finally:
-        for c in clients:
+        for c in [*clients, server]:
             c.stop()
     return tmp, h.run_dir_of(server), server, files
+
+
+def _killed_and_resumed(tmp):
+    """The same federation; its server is killed after round 1 and resumed."""
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = h.server(tmp, port, FOUR, ["--insecure"])
+    clients, resumed = [], None
+    try:
+        run_dir = h.run_dir_of(server)
+        clients = _federation(tmp, port, files)
+        h.wait_for_round(run_dir, 1, 240)
+        server.kill()  # the server machine dies: SuperLink, ServerApp and all
+        status = h.summary(run_dir)["status"]
+        resumed = h.resume(tmp, run_dir)
+        assert resumed.wait(300) == 0, resumed.output()[-3000:]
+    finally:
+        for c in [*clients, server, *([resumed] if resumed else [])]:
+            c.stop()
+    return run_dir, status, resumed
+
+
+def _client_killed(tmp):
+    """Three clients; one dies after round 1 and comes back under its name."""
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = h.server(tmp, port, ["data.num_clients=3", "federation.min_clients=2",
+                                  "run.rounds=3", "federation.round_timeout=40"],
+                      ["--insecure"])
+    clients = []
+    try:
+        run_dir = h.run_dir_of(server)
+        clients = [h.client(tmp, port, f, ["--insecure"]) for f in files]
+        h.wait_for_round(run_dir, 1, 240)
+        clients[2].kill()  # the client's machine dies: its SuperNode and worker
+        # ... and comes back under the same name while round 2 waits for it
+        clients.append(h.client(tmp, port, files[2], ["--insecure"], name="restarted"))
+        assert server.wait(400) == 0, server.output()[-3000:]
+    finally:
+        for c in [*clients, server]:
+            c.stop()
+    return run_dir, clients[-1]
+
+
+def _tls_with_refusals(tmp):
+    """TLS + node authentication, two clients, and three that must be refused."""
+    from fedtune.deploy.certs import make_certificates
+
+    made = make_certificates(tmp / "certs", nodes=3)
+    stranger = make_certificates(tmp / "other-ca")  # a CA the server never used
+    allowed = tmp / "certs" / "allowed.pub"
+    allowed.write_text("".join(p.read_text() for p in made.node_public_keys[:2]))
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 2)
+    server = h.server(tmp, port, [
+        "data.num_clients=2", "run.rounds=1", f"server.ca_cert='{made.ca_cert}'",
+        f"server.cert='{made.cert}'", f"server.key='{made.key}'",
+        f"server.auth_keys='{allowed}'"])
+    clients = []
+    try:
+        run_dir = h.run_dir_of(server)
+        tls = ["--root-certificates", str(made.ca_cert)]
+        clients = [h.client(tmp, port, f, [*tls, "--auth-key", str(k)])
+                   for f, k in zip(files, made.node_keys, strict=False)]
+        refused = {
+            "wrong_ca": h.client(tmp, port, files[0],
+                                 ["--root-certificates", str(stranger.ca_cert)],
+                                 name="wrong-ca"),
+            "unknown_key": h.client(tmp, port, files[1],
+                                    [*tls, "--auth-key", str(made.node_keys[2])],
+                                    name="unknown"),
+            "plain": h.client(tmp, port, files[1], ["--insecure", "--connect-wait", "1"],
+                              name="plain")}
+        clients += refused.values()
+        codes = {"wrong_ca": refused["wrong_ca"].wait(60),
+                 "unknown_key": refused["unknown_key"].wait(120),
+                 "server": server.wait(300)}
+        assert codes["server"] == 0, server.output()[-3000:]
+        codes["plain"] = refused["plain"].wait(60)
+    finally:
+        for c in [*clients, server]:
+            c.stop()
+    return run_dir, server, refused, codes
+
+
+#: the federations each test reads, in the order the tests read them
+SCENARIOS = {"whole": _whole, "resumed": _killed_and_resumed,
+             "client_killed": _client_killed, "tls": _tls_with_refusals}
+NEEDS = {"test_three_clients_two_rounds_give_an_adapter_peft_loads": ["whole"],
+         "test_malformed_reply_is_rejected_and_the_server_goes_on": ["whole"],
+         "test_server_killed_after_round_1_resumes_to_the_same_adapter": ["whole", "resumed"],
+         "test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins":
+             ["client_killed"],
+         "test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key": ["tls"]}
+
+
+@pytest.fixture(scope="module")
+def federations(request, tmp_path_factory):
+    """The federations the selected tests of this module read, started together two at
+    a time (each mostly waits on Flower's polling, so they overlap well); a test waits
+    only for its own."""
+    selected = {i.originalname for i in request.session.items if i.module is request.module}
+    wanted = {name for test in selected for name in NEEDS[test]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(run, tmp_path_factory.mktemp(name))
+               for name, run in SCENARIOS.items() if name in wanted}
+
+
+@pytest.fixture(scope="module")
+def whole_run(federations):
+    return federations["whole"].result()
 
 
 def test_three_clients_two_rounds_give_an_adapter_peft_loads(whole_run):
@@ -67,21 +179,10 @@ def test_malformed_reply_is_rejected_and_the_server_goes_on(whole_run):
         assert "non-finite values" in record["dropped"][0]
 
 
-def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, tmp_path):
-    tmp, reference, _, files = whole_run
-    port = h.free_port()
-    server = h.server(tmp_path, port, FOUR, ["--insecure"])
-    run_dir = h.run_dir_of(server)
-    clients = _federation(tmp_path, port, files)
-    try:
-        h.wait_for_round(run_dir, 1, 240)
-        server.kill()  # the server machine dies: SuperLink, ServerApp and all
-        assert h.summary(run_dir)["status"] == "running"
-        resumed = h.resume(tmp_path, run_dir)
-        assert resumed.wait(300) == 0, resumed.output()[-3000:]
-    finally:
-        for c in clients:
-            c.stop()
+def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, federations):
+    _, reference, _, _ = whole_run
+    run_dir, status_when_killed, resumed = federations["resumed"].result()
+    assert status_when_killed == "running"
     summary = h.summary(run_dir)
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
@@ -93,64 +194,24 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, tmp_
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins(tmp_path):
-    port = h.free_port()
-    files = h.client_files(tmp_path / "data", 3)
-    server = h.server(tmp_path, port, ["data.num_clients=3", "federation.min_clients=2",
-                                       "run.rounds=3", "federation.round_timeout=40"],
-                      ["--insecure"])
-    run_dir = h.run_dir_of(server)
-    clients = [h.client(tmp_path, port, f, ["--insecure"]) for f in files]
-    try:
-        h.wait_for_round(run_dir, 1, 240)
-        clients[2].kill()  # the client's machine dies: its SuperNode and worker
-        # ... and comes back under the same name while round 2 waits for it
-        clients.append(h.client(tmp_path, port, files[2], ["--insecure"], name="restarted"))
-        assert server.wait(400) == 0, server.output()[-3000:]
-    finally:
-        for c in clients:
-            c.stop()
+def test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins(federations):
+    run_dir, restarted = federations["client_killed"].result()
     rounds = h.summary(run_dir)["rounds"]
     assert [r["clients_replied"] for r in rounds] == [3, 2, 3]
     assert rounds[1]["stragglers"] + len(rounds[1]["dropped"]) >= 1
     assert any("no reply" in d or "Unavailable" in d for d in rounds[1]["dropped"])
-    assert "message" in clients[-1].output()  # the restarted client served round 3
+    assert "message" in restarted.output()  # the restarted client served round 3
 
 
-def test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key(tmp_path):
-    from fedtune.deploy.certs import make_certificates
-
-    made = make_certificates(tmp_path / "certs", nodes=3)
-    stranger = make_certificates(tmp_path / "other-ca")  # a CA the server never used
-    allowed = tmp_path / "certs" / "allowed.pub"
-    allowed.write_text("".join(p.read_text() for p in made.node_public_keys[:2]))
-    port = h.free_port()
-    files = h.client_files(tmp_path / "data", 2)
-    server = h.server(tmp_path, port, [
-        "data.num_clients=2", "run.rounds=1", f"server.ca_cert='{made.ca_cert}'",
-        f"server.cert='{made.cert}'", f"server.key='{made.key}'",
-        f"server.auth_keys='{allowed}'"])
-    run_dir = h.run_dir_of(server)
-    tls = ["--root-certificates", str(made.ca_cert)]
-    clients = [h.client(tmp_path, port, f, [*tls, "--auth-key", str(k)])
-               for f, k in zip(files, made.node_keys, strict=False)]
-    wrong_ca = h.client(tmp_path, port, files[0],
-                        ["--root-certificates", str(stranger.ca_cert)], name="wrong-ca")
-    unknown_key = h.client(tmp_path, port, files[1], [*tls, "--auth-key",
-                                                      str(made.node_keys[2])], name="unknown")
-    plain = h.client(tmp_path, port, files[1], ["--insecure", "--connect-wait", "1"],
-                     name="plain")
-    try:
-        assert wrong_ca.wait(60) == 1
-        assert "TLS with" in wrong_ca.output() and "failed" in wrong_ca.output()
-        assert unknown_key.wait(120) == 1
-        assert "did not accept this client" in unknown_key.output()
-        assert server.wait(300) == 0, server.output()[-3000:]
-        assert plain.wait(60) == 1
-        assert "probably uses TLS" in plain.output()
-    finally:
-        for c in [*clients, wrong_ca, unknown_key, plain]:
-            c.stop()
+def test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key(federations):
+    run_dir, server, refused, codes = federations["tls"].result()
+    assert codes["wrong_ca"] == 1
+    wrong_ca = refused["wrong_ca"].output()
+    assert "TLS with" in wrong_ca and "failed" in wrong_ca
+    assert codes["unknown_key"] == 1
+    assert "did not accept this client" in refused["unknown_key"].output()
+    assert codes["plain"] == 1
+    assert "probably uses TLS" in refused["plain"].output()
     assert "(TLS, node authentication)" in server.output()
     summary = h.summary(run_dir)
     assert summary["status"] == "completed"
