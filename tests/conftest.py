@@ -36,3 +36,13 @@ def _aggregators_wanted(items) -> list[str] | None:
             return None
         wanted.add(callspec.params["aggregator"])
     return sorted(wanted)
+
+
+@pytest.fixture
+def in_process():
+    """``fedtune.runs.simulate.simulate`` on the in-process Grid for one test (see
+    tests.support.engine)."""
+    from tests.support.engine import engine_in_process
+
+    with engine_in_process():
+        yield

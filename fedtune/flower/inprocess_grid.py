@@ -49,6 +49,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 if TYPE_CHECKING:
     from fedtune.config import Scenario
+    from fedtune.flower.rounds import OnReplies
     from fedtune.flower.server_app import Progress
 
 UserConfig = Mapping[str, bool | float | int | str]
@@ -226,7 +227,8 @@ def _wait_all(futures: set[Future[Message]], timeout: float | None) -> None:
 
 def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
                         progress: Progress | None = None, verbose: bool = False,
-                        resume: Path | None = None, **grid_options: Any) -> Path:
+                        resume: Path | None = None, on_replies: OnReplies | None = None,
+                        **grid_options: Any) -> Path:
     """``fedtune.runs.simulate.simulate`` with the same contract (checks before any
     file, the run directory, ``SimulationError`` on failure) on an :class:`InProcessGrid`
     of ``data.num_clients`` nodes running ``make_client_app(scenario)``."""
@@ -245,7 +247,8 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     with InProcessGrid(make_client_app(scenario), scenario.data.num_clients,
                        **grid_options) as grid:
         try:
-            run_federation(grid, scenario, run_dir, progress, resume=resume is not None)
+            run_federation(grid, scenario, run_dir, progress, resume=resume is not None,
+                           on_replies=on_replies)
         except Exception as err:
             raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})"
                                   ) from err
