@@ -12,6 +12,7 @@ federation run again without any attacker must end with the bit-identical adapte
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -19,11 +20,9 @@ import httpx
 import pytest
 import tomli_w
 import tomllib
-from click.testing import Result
 from safetensors.torch import load_file
 
 from tests.deploy import harness as h
-from tests.support.cli import run_cli
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
@@ -143,9 +142,9 @@ def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
     raise AssertionError(f"no initial evaluation within {timeout} s")
 
 
-def _keys_cli(*args: str) -> Result:
-    """``fedtune keys ARGS`` in this process (what it does is under test, not its start)."""
-    return run_cli("keys", *args, cwd=h.REPO)
+def _keys_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*h.FEDTUNE, "keys", *args], capture_output=True, text=True,
+                          cwd=h.REPO, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -246,11 +245,11 @@ def test_clients_refuse_the_rogue_run_and_the_real_run_is_unchanged(attacked, re
 
 def test_the_operator_adds_a_key_while_the_server_runs(attacked):
     added, listed = attacked["added"], attacked["listed"]
-    assert added.exit_code == 0, added.stdout + added.stderr
+    assert added.returncode == 0, added.stdout + added.stderr
     assert "registered 1 new key" in added.stdout + added.stderr
-    assert listed.exit_code == 0 and len(listed.stdout.strip().splitlines()) == 4
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 4
     add, remove, relisted = attacked["churn"]
-    assert add.returncode == remove.returncode == relisted.exit_code == 0, remove.stderr
+    assert add.returncode == remove.returncode == relisted.returncode == 0, remove.stderr
     assert "removed node(s) [" in remove.stderr
     assert relisted.stdout.splitlines() == listed.stdout.splitlines()
 
