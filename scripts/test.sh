@@ -2,8 +2,7 @@
 # The test suite in three parts that run at the same time, sized to end together on a
 # 2-core machine: the compute-bound rest (strategy-level federations on the in-process
 # Grid, one Ray cluster at a time) and two groups of tests of real server and client
-# processes, which mostly wait on Flower's polling (each module runs its federations side
-# by side). The rest streams here; the process groups' output follows at the end, then
+# processes, which mostly wait on Flower's polling. The rest streams here; the process groups' output follows at the end, then
 # each group's wall time. Arguments go to every pytest run (`-m "not e2e"` leaves out the
 # real processes, the real model and the real engine runs: the quick loop).
 # Exit status: the worst of them (no tests = 0).
@@ -11,10 +10,11 @@ set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 PROCESS_DIRS=(tests/deploy tests/sdk tests/examples)
-# the attacks on a deployment, and the SDK's documented snippets (one long federation)
-GROUP_A=(tests/deploy/test_security.py tests/deploy/test_hostile_client.py
-         tests/sdk/test_docs.py)
-# every other process test: the deployment's failures and restarts, the SDK, the example
+# the attacked deployment (the longest module: two federations, one after the other),
+# the SDK's documented snippets and the example app
+GROUP_A=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples)
+# every other process test: the hostile client, the deployment's failures and restarts
+# (two federations at a time), the SDK
 GROUP_B=("${PROCESS_DIRS[@]}" "${GROUP_A[@]/#/--ignore=}")
 
 log_a="$(mktemp)"
@@ -28,7 +28,7 @@ timed() {  # NAME COMMAND...: run it, append "NAME SECONDS" to $times, keep its 
     echo "$name $((SECONDS - start))" >>"$times"
     return "$status"
 }
-timed "attacks+docs" "$PY" -m pytest -q "${GROUP_A[@]}" "$@" >"$log_a" 2>&1 &
+timed "security+docs+example" "$PY" -m pytest -q "${GROUP_A[@]}" "$@" >"$log_a" 2>&1 &
 group_a=$!
 timed "processes" "$PY" -m pytest -q "${GROUP_B[@]}" "$@" >"$log_b" 2>&1 &
 group_b=$!
@@ -40,7 +40,7 @@ wait "$group_a"
 attack=$?
 echo "---- tests of real server / client processes (${GROUP_B[*]}) ----"
 cat "$log_b"
-echo "---- attacks on a deployment, SDK snippets, real processes (${GROUP_A[*]}) ----"
+echo "---- the attacked deployment, SDK snippets, the example, real processes (${GROUP_A[*]}) ----"
 cat "$log_a"
 echo "---- wall time per group (seconds) ----"
 cat "$times"

@@ -51,63 +51,33 @@ class PeakMemory:
         return self.peak
 
 
-class Federation:
-    """A server and three clients (two patient, the third ``third``) started now; the
-    test waits for it later, so both federations of this module run at the same time
-    (each mostly waits on Flower's polling)."""
-
-    def __init__(self, tmp, third: list[str]) -> None:
-        port = h.free_port()
-        files = h.client_files(tmp / "data", 3)
-        self.server = h.server(tmp, port, SETS, ["--insecure"])
-        self.memory = PeakMemory(self.server.process.pid)
-        self.clients: list[h.Proc] = []
-        try:
-            self.run_dir = h.run_dir_of(self.server)
-            self.clients = [h.client(tmp, port, f, ["--insecure", *PATIENT])
-                            for f in files[:2]]
-            self.clients.append(h.client(tmp, port, files[2], ["--insecure", *third]))
-        except BaseException:
-            self.stop()
-            raise
-
-    def finish(self) -> tuple:
-        """Wait for the run to end; the run directory, the server's peak memory, the
-        server."""
-        try:
-            code = self.server.wait(400)
-        finally:
-            self.stop()
-        assert code == 0, self.server.output()[-3000:]
-        return self.run_dir, self.memory.peak, self.server
-
-    def stop(self) -> None:
-        self.memory.stop()
-        for c in [*self.clients, self.server]:
-            c.stop()
-
-
-@pytest.fixture(scope="module")
-def federations(tmp_path_factory):
-    started: list[Federation] = []
+def _federation(tmp, third: list[str]) -> tuple:
+    port = h.free_port()
+    files = h.client_files(tmp / "data", 3)
+    server = h.server(tmp, port, SETS, ["--insecure"])
+    memory = PeakMemory(server.process.pid)
+    run_dir = h.run_dir_of(server)
+    clients = [h.client(tmp, port, f, ["--insecure", *PATIENT]) for f in files[:2]]
+    clients.append(h.client(tmp, port, files[2], ["--insecure", *third]))
     try:
-        started.append(Federation(tmp_path_factory.mktemp("hostile"),
-                                  ["--app", "tests.deploy.hostile_app:app"]))
-        started.append(Federation(tmp_path_factory.mktemp("honest"), PATIENT))
-        return {"hostile": started[0].finish(), "honest": started[1].finish()}
+        code = server.wait(400)
     finally:
-        for federation in started:
-            federation.stop()
+        peak = memory.stop()
+        for c in clients:
+            c.stop()
+    assert code == 0, server.output()[-3000:]
+    return run_dir, peak, server
 
 
 @pytest.fixture(scope="module")
-def hostile(federations):
-    return federations["hostile"]
+def hostile(tmp_path_factory):
+    return _federation(tmp_path_factory.mktemp("hostile"),
+                       ["--app", "tests.deploy.hostile_app:app"])
 
 
 @pytest.fixture(scope="module")
-def honest(federations):
-    return federations["honest"]
+def honest(tmp_path_factory):
+    return _federation(tmp_path_factory.mktemp("honest"), PATIENT)
 
 
 def test_each_attack_is_dropped_with_its_reason_and_the_honest_clients_keep_their_place(

@@ -148,7 +148,7 @@ def _keys_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def attacked(tmp_path_factory, keys, reference_started):
+def attacked(tmp_path_factory, keys):
     tmp = tmp_path_factory.mktemp("attacked")
     made, _ = keys
     port = h.free_port()
@@ -184,26 +184,14 @@ def attacked(tmp_path_factory, keys, reference_started):
 
 
 @pytest.fixture(scope="module")
-def reference_started(tmp_path_factory, keys):
-    """The same federation with nobody attacking it, started before the attacked one so
-    that both run at the same time (each mostly waits on Flower's polling)."""
+def reference(tmp_path_factory, keys):
+    """The same federation with nobody attacking it."""
     tmp = tmp_path_factory.mktemp("reference")
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = _server(tmp, port, keys)
-    clients: list[h.Proc] = []
-    try:
-        run_dir = h.run_dir_of(server)
-        clients = _clients(tmp, port, keys, files)
-        yield server, clients, run_dir
-    finally:
-        for c in [*clients, server]:
-            c.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(reference_started):
-    server, clients, run_dir = reference_started
+    run_dir = h.run_dir_of(server)
+    clients = _clients(tmp, port, keys, files)
     try:
         assert server.wait(400) == 0, server.output()[-3000:]
     finally:
