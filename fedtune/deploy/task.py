@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.deploy.worker import handle_task
 
     pin = RunPin(args.ca, args.host, args.pin_file or None) if args.ca else None
-    status = handle_task(args.address, os.environ[TOKEN_VARIABLE], load_app(args.app),
-                         pin=pin)
+    status = handle_task(args.address, os.environ[TOKEN_VARIABLE],
+                         lambda: load_app(args.app), pin=pin)
     print(status)
     return 0
 

@@ -89,11 +89,14 @@ def refusal_reply(message: Message, err: RunRefused) -> Message:
                          reason=f"run refused by this client: {err}"), reply_to=message)
 
 
-def handle_task(address: str, token: str, app: ClientApp, insecure: bool = True,
-                root_certificates: bytes | None = None, pin: RunPin | None = None) -> str:
+def handle_task(address: str, token: str, app: ClientApp | Callable[[], ClientApp],
+                insecure: bool = True, root_certificates: bytes | None = None,
+                pin: RunPin | None = None) -> str:
     """Run one claimed task (one message) through ``app``; returns Flower's sub-status.
     With ``pin``, a message of a run the pin refuses is answered with an error and never
-    reaches the app."""
+    reaches the app. ``app`` may be a loader, called once the task's heartbeat runs: a
+    fresh task process imports the whole model stack for it, which on a loaded machine
+    takes longer than the SuperNode waits for a first heartbeat."""
     retry = _task_retry_invoker(60.0)
     client = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
@@ -111,7 +114,8 @@ def handle_task(address: str, token: str, app: ClientApp, insecure: bool = True,
         message, context, _run, _fab = pull_task_input(client)
         if pin is not None:
             pin.check(message.metadata.run_id, context.run_config)
-        reply = app(message=message, context=context)
+        client_app = app if isinstance(app, ClientApp) else app()
+        reply = client_app(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except RunRefused as err:
         assert message is not None
