@@ -8,14 +8,13 @@ previous round's checkpoint or the new one, never half of one. It is loaded with
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedtune.core.adapters import GlobalAdapter, LoraFactors
+from fedtune.core.files import atomic_file
 
 CHECKPOINT_FILE = "checkpoint.pt"
 VERSION = 1
@@ -28,16 +27,8 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Atomically (re)write ``run_dir/checkpoint.pt``."""
     target = Path(run_dir) / CHECKPOINT_FILE
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({"version": VERSION, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, "wb") as handle:
+        torch.save({"version": VERSION, **state}, handle)
     return target
 
 

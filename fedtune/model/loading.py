@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from fedtune.config import ModelSpec, parse_tiny_seed
-from fedtune.model._fsutil import atomic_directory, file_lock
+from fedtune.core.files import atomic_directory, file_lock
 from fedtune.model.device import pick_device
 from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
 

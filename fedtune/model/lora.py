@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from fedtune.config import LoraSpec
+from fedtune.core.files import atomic_directory
 from fedtune.core.init import seeded_lora_A
-from fedtune.model._fsutil import atomic_directory
 from fedtune.model.loading import base_model_name
 
 __all__ = [

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.core.files import atomic_file
 from fedtune.runs.report import REPORT_FILE, render_report, round_axis
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,17 +34,8 @@ def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        handle.write(text)
 
 
 def new_run_dir(out_dir: str | Path, name: str) -> Path:
@@ -164,11 +154,9 @@ class RunRecorder:
         ax.set_title(str(self.scenario.get("run", {}).get("name", "fedtune")))
         ax.grid(alpha=0.3)
         ax.legend()
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{PLOT_FILE}.", suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        with atomic_file(self.path / PLOT_FILE, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, self.path / PLOT_FILE)
 
     def close(self, status: str) -> None:
         self.status = status

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedtune.core.files import atomic_directory
 from fedtune.model import ModelNotFoundError, ModelSpec, load_base_model, loading
-from fedtune.model._fsutil import atomic_directory
 
 TEXTS = ["To be, or not to be, that is the question.", "Whether 'tis nobler"]
 

@@ -1,4 +1,4 @@
-"""Atomic directory writes and an inter-process lock for the on-disk caches."""
+"""Atomic file and directory writes, and an inter-process lock for the on-disk caches."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 try:  # POSIX only; elsewhere concurrent writers just race and the loser's rename fails.
     import fcntl
@@ -31,6 +32,24 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, mode: str = "w") -> Iterator[IO]:
+    """Yield a handle on a temp file next to ``target``, synced and renamed over it only if
+    the block succeeds: a reader (or a resumed run) sees the old file or the whole new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
