@@ -30,6 +30,7 @@ from fedtune.config.sections import (
     ModelSpec,
     PrivacyConfig,
     PrivacyPlan,
+    ReportSpec,
     RunSpec,
     ServerSpec,
     SimulationSpec,
@@ -60,6 +61,7 @@ class Scenario:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerSpec = field(default_factory=ServerSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -177,7 +179,7 @@ _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
     "clients": ClientsSpec, "compression": CompressionConfig, "privacy": PrivacyConfig,
-    "server": ServerSpec,
+    "server": ServerSpec, "report": ReportSpec,
 }
 
 

@@ -401,9 +401,17 @@ class PrivacyConfig:
     ``min_clients`` clients add up to the full noise). Give either ``noise_multiplier``
     or ``target_epsilon`` (then z is computed for the planned rounds). ``max_epsilon``
     (default: the target) is the budget; ``on_budget`` = "refuse" rejects a plan that
-    would exceed it, "stop" runs until the next round would. ``secure_noise`` draws noise
-    from OS entropy instead of the run seed. ``sample_noise_multiplier`` > 0 turns on
-    DP-SGD on every client with per-sequence clip norm ``sample_clip_norm``.
+    would exceed it, "stop" runs until the next round would. ``sample_noise_multiplier``
+    > 0 turns on DP-SGD on every client with per-sequence clip norm ``sample_clip_norm``.
+
+    Under DP every random draw that the guarantee rests on (which clients a round
+    samples, the server's and the clients' noise, DP-SGD batches) comes from OS entropy,
+    unless ``reproducible = true`` asks for a seeded experiment run: then anyone who
+    knows ``run.seed`` knows the sample and the noise, and the summary says so.
+    ``secure_noise`` is the old name of the default (true is the same as leaving it out;
+    it cannot be combined with ``reproducible``). ``federated_eval``: under client-level
+    DP the clients' held-out losses are un-noised numbers about their data, so federated
+    evaluation is off unless this is true (then it runs, not covered by epsilon).
     """
 
     mode: str = "none"
@@ -416,6 +424,8 @@ class PrivacyConfig:
     accountant: str = "rdp"
     min_clients: int = 2
     secure_noise: bool = False
+    reproducible: bool = False
+    federated_eval: bool = False
     secure_aggregation: bool = False
     sample_noise_multiplier: float = 0.0
     sample_clip_norm: float = 1.0
@@ -442,6 +452,9 @@ class PrivacyConfig:
                  self.sample_noise_multiplier, "a number >= 0 (0 = no DP-SGD)")
         _require(self.sample_clip_norm > 0, "sample_clip_norm", self.sample_clip_norm,
                  "a number > 0")
+        _require(not (self.reproducible and self.secure_noise), "secure_noise",
+                 self.secure_noise, "false with reproducible = true (a reproducible run "
+                 "draws its noise from the run seed)")
         if self.mode != "none":
             _require(not (self.noise_multiplier and self.target_epsilon), "target_epsilon",
                      self.target_epsilon, "0 when noise_multiplier is given (one or the other)")
@@ -456,6 +469,11 @@ class PrivacyConfig:
     @property
     def sample_level(self) -> bool:
         return self.sample_noise_multiplier > 0
+
+    @property
+    def os_entropy(self) -> bool:
+        """Under DP, sampling and noise come from OS entropy (not the run seed)."""
+        return not self.reproducible
 
     @property
     def budget(self) -> float:
@@ -516,6 +534,23 @@ def _is_ray_address(text: str) -> bool:
     host, _, port = text.removeprefix("ray://").rpartition(":")
     return (bool(host) and not any(c.isspace() or c in "/@" for c in host)
             and port.isdigit() and 0 < int(port) < 65536)
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What the run report shows besides numbers (``fedtune simulate``; see
+    ``fedtune.runs.generations``)."""
+
+    #: held-out prompts answered greedily by the base and by the final federated adapter,
+    #: in generations.json and report.html (0 = none)
+    generations: int = 3
+    max_new_tokens: int = 48  # the length of each reply, in tokens
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.generations <= 32, "generations", self.generations,
+                 "an integer in 0..32 (0 = none)")
+        _require(1 <= self.max_new_tokens <= 1024, "max_new_tokens", self.max_new_tokens,
+                 "an integer in 1..1024")
 
 
 @dataclass(frozen=True)
