@@ -139,6 +139,9 @@ class LoraSpec:
 
 
 # ---- [data] -------------------------------------------------------------------------
+CHAT_TEMPLATES = ("", "base", "chatml")  # besides a path to a *.jinja file
+
+
 @dataclass(frozen=True)
 class DataSpec:
     source: str = "shakespeare"
@@ -153,8 +156,21 @@ class DataSpec:
     partition: str = "natural"
     dirichlet_alpha: float = 0.5  # partition = "dirichlet": concentration; small = skewed
     group_by: str = ""  # the labels of the skew: genre|play|character, sender, client
+    #: how conversations (prompt/response, messages, Alpaca records) become tokens: ""
+    #: joins their turns as plain "prompt\nresponse" text packed in blocks (the behaviour
+    #: before chat templates, kept as the default so seeded results stay); "base" renders
+    #: them with the base tokenizer's own chat template (fedtune's ChatML when it has none);
+    #: "chatml" with fedtune's ChatML; a path ending in .jinja with that template
+    chat_template: str = ""
+    #: with a chat template: the loss (training, held-out, DP-SGD) on assistant tokens only
+    assistant_only_loss: bool = True
 
     def __post_init__(self) -> None:
+        _require(self.chat_template in CHAT_TEMPLATES or self.chat_template.endswith(".jinja"),
+                 "chat_template", self.chat_template,
+                 "'' (plain text), 'base', 'chatml' or a path to a *.jinja file")
+        _require(isinstance(self.assistant_only_loss, bool), "assistant_only_loss",
+                 self.assistant_only_loss, "true or false")
         _require(self.source in ("shakespeare", "chitchat", "jsonl"), "source", self.source,
                  "one of 'shakespeare', 'chitchat', 'jsonl'")
         _require(self.partition in ("natural", "iid", "dirichlet"), "partition",
@@ -177,6 +193,11 @@ class DataSpec:
                  self.max_samples_per_client, "an integer >= 0 (0 = no cap)")
         _require(self.max_eval_sequences >= 0, "max_eval_sequences", self.max_eval_sequences,
                  "an integer >= 0 (0 = all)")
+
+    @property
+    def loss_tokens(self) -> str:
+        """Which tokens the loss and the held-out perplexity are over: "assistant" or "all"."""
+        return "assistant" if self.chat_template and self.assistant_only_loss else "all"
 
 
 # ---- [train] ------------------------------------------------------------------------
