@@ -28,6 +28,7 @@ EXPECTED = {
     "flexlora": (True, False, False, False, False, "dense", "continue", False),
     "flora": (True, False, False, False, False, "dense", "residual", False),
     "hetlora": (True, False, True, True, True, None, "continue", False),
+    "lorafair": (False, False, False, False, False, None, "continue", False),
     "zeropad": (True, True, True, True, False, "factor", "continue", False),
 }
 OPTIONS = {
@@ -36,6 +37,7 @@ OPTIONS = {
     "flexlora": (),
     "flora": ("rank_budget", "flora_init"),
     "hetlora": ("merge", "ties_density", "padding", "prune_gamma"),
+    "lorafair": (),
     "zeropad": ("merge", "ties_density", "padding"),
 }
 
