@@ -22,12 +22,18 @@ its error-feedback residual), top-k sparse. The server knows each client's start
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedtune.core.adapters import LoraFactors
-from fedtune.core.codec import CodecError, factors_from_state_dict, state_dict_from_factors
+from fedtune.core.codec import (
+    A_SUFFIX,
+    CodecError,
+    factors_from_state_dict,
+    state_dict_from_factors,
+)
 from fedtune.core.compress import CompressionSpec, Decoded, decode_state, encode_state
 
 ADAPTER = "adapter"
@@ -51,7 +57,19 @@ SELECTION = "upload-selection"  # "tensor" top-k, or "product" (effect on B @ A 
 DP_CLIP = "dp-clip-norm"  # distributed client-level DP: clip the update to this norm
 DP_NOISE_STD = "dp-noise-std"  # ... and add this client's share of the noise
 DP_FIELDS = "dp-fields"  # "A,B" or "B" (ffa): the factors the mechanism releases
-DP_SECURE = "dp-secure-noise"  # draw noise from OS entropy, not from the round seed
+DP_SECURE = "dp-secure-noise"  # (old servers) noise from OS entropy; the client's default
+# what the run declares, so a client can hold it to its own floor (fedtune.privacy.floor)
+DP_MODE = "dp-mode"  # "central" | "distributed": client-level DP is on
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # z of the client-level mechanism
+DP_EPSILON = "dp-epsilon"  # the most epsilon the run may spend (its budget, else its plan)
+DP_MIN_CLIENTS = "dp-min-clients"  # distributed: the fewest shares that add up to z C
+DP_SECURE_AGG = "dp-secure-aggregation"  # the server sees only sums of masked shares
+#: a reproducible experiment run: the client's DP draws (noise share, DP-SGD batches and
+#: noise) come from the round seed; absent or false, from OS entropy
+DP_REPRODUCIBLE = "dp-reproducible"
+#: evaluate config under client-level DP: the scenario opted into un-noised federated
+#: evaluation (privacy.federated_eval); a client with a privacy floor still refuses it
+DP_EVAL_UNNOISED = "dp-eval-unnoised"
 DPSGD_NOISE = "dpsgd-noise-multiplier"  # > 0: train with DP-SGD (sample-level DP)
 DPSGD_CLIP = "dpsgd-clip-norm"
 DPSGD_DELTA = "dpsgd-delta"
@@ -148,7 +166,8 @@ def make_content(
 
 
 def reply(message: Message, metrics: Mapping[str, float], adapter: ArrayRecord | None = None,
-          identity: Mapping[str, str] | None = None) -> Message:
+          identity: Mapping[str, str] | None = None, assignment: Assignment | None = None
+          ) -> Message:
     """Build the reply to ``message`` with metrics and optionally an adapter (or, for a
     query, the client's identity); see :func:`check_outgoing`."""
     content = RecordDict({METRICS: MetricRecord(dict(metrics))})
@@ -156,26 +175,104 @@ def reply(message: Message, metrics: Mapping[str, float], adapter: ArrayRecord |
         content[ADAPTER] = adapter
     if identity is not None:
         content[IDENTITY] = ConfigRecord(dict(identity))
-    check_outgoing(content)
+    check_outgoing(content, assignment)
     return Message(content=content, reply_to=message)
 
 
 class PrivacyLeakError(ValueError):
-    """A reply was about to carry something other than adapter factors and metrics."""
+    """A reply was about to carry something other than what the client was asked for."""
 
 
-def check_outgoing(content: RecordDict) -> None:
+@dataclass(frozen=True)
+class Assignment:
+    """What a train message asked this client to send back, to hold its reply to.
+
+    ``shapes``: the LoRA it trains, key -> shape at the assigned rank (the start it
+    trained from); ``pruning``: HetLoRA self-pruning may return a smaller rank;
+    ``frozen``: factors the client was told not to train (ffa's A), which must come back
+    exactly as they were (unchanged, or a zero update in a packed reply); ``metrics``:
+    under client-level DP the only metric names that may leave (None: any number)."""
+
+    shapes: Mapping[str, tuple[int, ...]]
+    pruning: bool = False
+    frozen: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    metrics: frozenset[str] | None = None
+
+    def check_shape(self, key: str, shape: tuple[int, ...]) -> None:
+        """``key`` is an assigned tensor and ``shape`` its shape (or, pruning, the same
+        factor at a smaller rank)."""
+        if key not in self.shapes:
+            raise PrivacyLeakError(f"a reply may carry only the assigned LoRA tensors, not "
+                                   f"{key!r}")
+        want = tuple(self.shapes[key])
+        shape = tuple(shape)
+        if shape == want:
+            return
+        rank_at = 0 if key.endswith(A_SUFFIX) else 1
+        smaller = (self.pruning and len(shape) == 2 == len(want)
+                   and shape[1 - rank_at] == want[1 - rank_at]
+                   and 1 <= shape[rank_at] < want[rank_at])
+        if not smaller:
+            raise PrivacyLeakError(f"{key}: shape {list(shape)} differs from the assigned "
+                                   f"{list(want)}")
+
+    def check_adapter(self, record: ArrayRecord) -> None:
+        """Every tensor assigned, of its shape, fp32 (or one packed uint8 blob whose
+        decoded tensors are), frozen factors untouched."""
+        if is_packed(record):
+            self._check_packed(record)
+            return
+        missing = sorted(set(self.shapes) - set(record))
+        if missing:
+            raise PrivacyLeakError(f"a reply lacks assigned tensors, e.g. {missing[0]!r}")
+        for key, array in record.items():
+            self.check_shape(key, tuple(array.shape))
+            if array.dtype != "float32":
+                raise PrivacyLeakError(f"{key}: dtype {array.dtype}, expected float32")
+            if key in self.frozen and not torch.equal(
+                    torch.from_numpy(array.numpy()), self.frozen[key].to(torch.float32).cpu()):
+                raise PrivacyLeakError(f"{key} is frozen but differs from what was received")
+
+    def _check_packed(self, record: ArrayRecord) -> None:
+        if len(record) != 1:
+            raise PrivacyLeakError(f"a packed adapter has one array, this one has {len(record)}")
+        blob = record[PACKED]
+        if blob.dtype != "uint8" or len(blob.shape) != 1:
+            raise PrivacyLeakError(f"{PACKED}: a {list(blob.shape)} {blob.dtype} array, "
+                                   "expected 1-D uint8")
+        try:
+            decoded = decode_state(blob.numpy().tobytes(), self.check_shape)
+        except CodecError as err:
+            raise PrivacyLeakError(f"{PACKED} does not decode: {err}") from None
+        for key, value in decoded.values.items():
+            if key in self.frozen and bool(value.ne(0).any()):
+                raise PrivacyLeakError(f"{key} is frozen but the packed update changes it")
+
+
+def check_outgoing(content: RecordDict, assignment: Assignment | None = None) -> None:
     """The client's last line of defence: only LoRA tensors (or one packed blob) and
-    scalar metrics may leave; no text, token ids or per-example values."""
+    scalar metrics may leave; no text, token ids or per-example values. With the
+    ``assignment`` of a train message, each tensor is held to the shape and dtype the
+    client was asked for (a packed blob is decoded and checked), and under client-level
+    DP the metrics to the few names the assignment allows."""
     extra = sorted(set(content) - REPLY_RECORDS)
     if extra:
         raise PrivacyLeakError(f"a reply may not carry the records {extra}")
-    for key in content.array_records.get(ADAPTER, {}):
+    adapter = content.array_records.get(ADAPTER, ArrayRecord())
+    for key in adapter:
         if key != PACKED and ".lora_A." not in key and ".lora_B." not in key:
             raise PrivacyLeakError(f"a reply's adapter may hold LoRA factors only, not {key!r}")
-    for key, value in content.metric_records.get(METRICS, MetricRecord()).items():
+    if assignment is not None:
+        assignment.check_adapter(adapter)
+    metrics = content.metric_records.get(METRICS, MetricRecord())
+    for key, value in metrics.items():
         if not isinstance(value, (int, float)):
             raise PrivacyLeakError(f"metric {key!r} must be one number, got a list")
+    if assignment is not None and assignment.metrics is not None:
+        unsent = sorted(set(metrics) - assignment.metrics)
+        if unsent:
+            raise PrivacyLeakError(f"under client-level DP a reply may not carry the "
+                                   f"data-dependent metrics {unsent}")
     identity = content.config_records.get(IDENTITY)
     if identity is not None and set(identity) - {CLIENT_NAME, CLIENT_PROFILE}:
         raise PrivacyLeakError(f"a query reply may carry only {CLIENT_NAME!r} and "
