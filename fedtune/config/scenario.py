@@ -81,21 +81,42 @@ class Scenario:
             )
         self._check_privacy()
 
+    def _check_secure_aggregation(self) -> None:
+        """What the server cannot do when it sees only the sum (fedtune.flower.secagg)."""
+        p, fed, up = self.privacy, self.federation, self.compression
+        if not capabilities_of(fed.aggregator).additive:
+            raise ConfigError(
+                f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
+                "stacking and SVD-based aggregators need each client's own factors, so "
+                f"the server sees every update; use {_aggregators_with('additive')}")
+        if p.mode == "central":
+            raise ConfigError(
+                "privacy.secure_aggregation cannot be used with privacy.mode = 'central': "
+                "the server cannot clip and noise updates it never sees; use mode = "
+                "'distributed' (clients clip and noise before masking)")
+        if fed.merge != "mean" or fed.padding != "zeros":
+            raise ConfigError(
+                "privacy.secure_aggregation needs federation.merge = 'mean' and "
+                f"federation.padding = 'zeros' (got {fed.merge!r}, {fed.padding!r}): TIES "
+                "and skip-padding need to know which client sent which entry")
+        if up.upload_density < 1 or up.upload_values != "fp32" or up.download_values != "fp32":
+            raise ConfigError(
+                "privacy.secure_aggregation sends every update dense and quantised to "
+                "privacy.secagg_bits; set compression.upload_density = 1, upload_values = "
+                f"'fp32' and download_values = 'fp32' (got {up.upload_density:g}, "
+                f"{up.upload_values!r}, {up.download_values!r})")
+        bits_needed = p.secagg_bits + max(1, self.data.num_clients - 1).bit_length()
+        if bits_needed > 32:
+            raise ConfigError(
+                f"privacy.secagg_bits = {p.secagg_bits} is too many for a sum of up to "
+                f"{self.data.num_clients} clients mod 2^32; at most "
+                f"{32 - max(1, self.data.num_clients - 1).bit_length()}")
+
     def _check_privacy(self) -> None:
         """Refuse DP configurations that look private but are not, before any work."""
         p, fed = self.privacy, self.federation
         if p.secure_aggregation:
-            if not capabilities_of(fed.aggregator).additive:
-                raise ConfigError(
-                    f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
-                    "stacking and SVD-based aggregators need each client's own factors, so "
-                    f"the server sees every update; use {_aggregators_with('additive')}")
-            raise ConfigError(
-                "privacy.secure_aggregation is not available yet: flwr 1.41 runs SecAgg+ "
-                "only inside its legacy workflow (SecAggPlusWorkflow needs a LegacyContext "
-                "and a legacy Strategy), not in Message-API apps like fedtune's; see "
-                "docs/privacy.md. Client-level DP with mode = 'distributed' needs no "
-                "trusted server for the noise")
+            self._check_secure_aggregation()
         if not p.client_level:
             return
         form = capabilities_of(fed.aggregator).dp_form

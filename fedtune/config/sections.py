@@ -448,6 +448,13 @@ class PrivacyConfig:
     reproducible: bool = False
     federated_eval: bool = False
     secure_aggregation: bool = False
+    #: SecAgg+ (fedtune.flower.secagg): each client shares its mask secrets with this many
+    #: neighbours (itself included, made odd; 0 = every client of the round), of which
+    #: ``secagg_threshold`` shares rebuild a secret (0 = a majority of the neighbourhood);
+    #: updates are quantised to ``secagg_bits`` bits over a range from ``clip_norm``
+    secagg_neighbours: int = 0
+    secagg_threshold: int = 0
+    secagg_bits: int = 22
     sample_noise_multiplier: float = 0.0
     sample_clip_norm: float = 1.0
 
@@ -473,6 +480,13 @@ class PrivacyConfig:
                  self.sample_noise_multiplier, "a number >= 0 (0 = no DP-SGD)")
         _require(self.sample_clip_norm > 0, "sample_clip_norm", self.sample_clip_norm,
                  "a number > 0")
+        _require(self.secagg_neighbours == 0 or self.secagg_neighbours >= 3,
+                 "secagg_neighbours", self.secagg_neighbours,
+                 "0 (every client of the round) or an integer >= 3")
+        _require(self.secagg_threshold == 0 or self.secagg_threshold >= 2, "secagg_threshold",
+                 self.secagg_threshold, "0 (a majority of the neighbourhood) or an integer >= 2")
+        _require(8 <= self.secagg_bits <= 30, "secagg_bits", self.secagg_bits,
+                 "an integer in 8 .. 30 (a sum of n clients needs bits + log2(n) <= 32)")
         _require(not (self.reproducible and self.secure_noise), "secure_noise",
                  self.secure_noise, "false with reproducible = true (a reproducible run "
                  "draws its noise from the run seed)")

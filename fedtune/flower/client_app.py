@@ -24,7 +24,7 @@ from fedtune.config import Scenario, scenario_from_flat
 from fedtune.core.compress import CompressionSpec
 from fedtune.core.seeds import client_seed
 from fedtune.flower import messages as keys
-from fedtune.flower import ray_nodes
+from fedtune.flower import ray_nodes, secagg
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.train.batches import ClientBatch, client_batch, local_batch
@@ -228,7 +228,10 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     result = session.run(data, on_step)
     _keep(context, result.upload, result.dpsgd_history)
     metrics = _train_metrics(settings, session.trainee, result)
-    outgoing = keys.reply(message, metrics, adapter_record(result.upload))
+    if secagg.asks_secure_aggregation(message):  # keys now, the masked update later
+        outgoing = secagg.train_reply(message, context, result.upload, session.start, metrics)
+    else:
+        outgoing = keys.reply(message, metrics, adapter_record(result.upload))
     listener("train", server_round, metrics)
     return outgoing
 
@@ -287,6 +290,8 @@ def make_client_app(scenario: Scenario | None = None, listener: Listener = _quie
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        if secagg.is_protocol_step(message):  # stages after training: keys and masks only
+            return secagg.client_step(message, context)
         return train_message(_scenario(scenario, context), message, context, listener)
 
     @app.evaluate()

@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 
 from fedtune.core.codec import scale_folded_state_dict
 from fedtune.flower import messages as keys
+from fedtune.flower import secagg
 from fedtune.flower.round_stats import client_time_breakdown
 from fedtune.flower.strategy import FedtuneStrategy
 
@@ -105,12 +106,19 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
     timeout = strategy.scenario.federation.round_timeout
     start = time.perf_counter()
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
-    replies = exchange(grid, messages, timeout, _reporter(on_replies, server_round, "train"))
-    strategy.record_sent(messages)
-    train_done = time.perf_counter()
-    _, train_metrics = strategy.aggregate_train(server_round, replies)
-    assert train_metrics is not None
-    aggregate_done = time.perf_counter()
+    report = _reporter(on_replies, server_round, "train")
+    if strategy.scenario.privacy.secure_aggregation:  # four exchanges, then only the sum
+        train_metrics = secagg.secure_train(
+            strategy, lambda batch: exchange(grid, batch, timeout, report), server_round,
+            messages)
+        train_done = aggregate_done = time.perf_counter()
+    else:
+        replies = exchange(grid, messages, timeout, report)
+        strategy.record_sent(messages)
+        train_done = time.perf_counter()
+        _, train_metrics = strategy.aggregate_train(server_round, replies)
+        assert train_metrics is not None
+        aggregate_done = time.perf_counter()
     eval_loss = evaluate(strategy, grid, server_round, on_replies)
     stats, name_keys = strategy.stats, strategy.population.name_keys
     return {
