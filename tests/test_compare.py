@@ -12,9 +12,11 @@ import pytest
 
 from fedtune.config import ConfigError, load_scenario
 from fedtune.runs.compare import (
+    BASELINES,
     COMPARISON_JSON,
     COMPARISON_MD,
     COMPARISON_PNG,
+    SAME_WALL,
     render_markdown,
     run_comparison,
 )
@@ -39,12 +41,16 @@ def test_one_folder_with_table_json_and_plot(comparison, aggregators):
     assert folder.name.startswith("compare-hetero-")
     assert all((folder / name).stat().st_size > 0 for name in FILES)
     assert (folder / COMPARISON_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(report["methods"]) == [*aggregators, "centralised", "local"]
+    assert list(report["methods"]) == [*aggregators, *BASELINES]
     assert all(m["status"] == "completed" for m in report["methods"].values())
     table = (folder / COMPARISON_MD).read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
-    assert [row.split("|")[1].strip() for row in rows] == [
-        *aggregators, "centralised (baseline)", "local (baseline)"]
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels[:-3] == aggregators
+    assert labels[-3].startswith("centralised (baseline: compute-matched, 48 optimizer steps "
+                                 "per round = 12 sampled clients x 4")
+    assert labels[-2:] == ["centralised (same wall) (baseline: 4 optimizer steps per round, "
+                           "as one client)", "local (baseline)"]
     assert "Seed: 0" in table and COMMAND in table
 
 
@@ -67,7 +73,7 @@ def test_federated_rounds_are_the_runs_own_numbers(comparison, aggregators):
 def test_baselines_start_where_the_federation_starts_and_improve(comparison):
     _, report = comparison
     initial = report["methods"]["flora"]["rounds"][0]["eval_loss"]
-    for name in ("centralised", "local"):
+    for name in BASELINES:
         rounds = report["methods"][name]["rounds"]
         assert [r["round"] for r in rounds] == [0, 1, 2]
         # same base models and held-out data; on AVX512-BF16 CPUs the federation's workers
@@ -77,6 +83,17 @@ def test_baselines_start_where_the_federation_starts_and_improve(comparison):
         assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"]
         assert report["methods"][name]["bytes_up_total"] == 0
         assert all(r["bytes_down"] == 0 for r in rounds)
+
+
+def test_compute_matched_centralised_takes_every_clients_steps(comparison, aggregators):
+    """Steps counted as the training loop took them, against the federation's clients."""
+    _, report = comparison
+    methods = report["methods"]
+    federated = [r["optimizer_steps"] for r in methods[aggregators[0]]["rounds"]]
+    assert federated[1:] == [12 * 4, 12 * 4]  # every client replied, 4 steps each
+    assert [r["optimizer_steps"] for r in methods["centralised"]["rounds"]] == federated
+    assert [r["optimizer_steps"] for r in methods["local"]["rounds"]] == federated
+    assert [r["optimizer_steps"] for r in methods[SAME_WALL]["rounds"]] == [0, 4, 4]
 
 
 def test_an_aggregator_that_cannot_serve_the_ranks_is_skipped(tmp_path):

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, Literal
 
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 
-ClientMode = Literal["continue", "residual"]
-CLIENT_MODES = ("continue", "residual")
+ClientMode = Literal["continue", "residual", "latent"]
+CLIENT_MODES = ("continue", "residual", "latent")
 #: Where client-level DP noise goes (see fedtune.privacy.mechanism): on B with A frozen
 #: and shared ("factor"), or on the dense sum of weight updates ("dense").
 DP_FORMS = ("factor", "dense")
@@ -49,6 +49,8 @@ class Capabilities:
     #: "continue": the client loads its payload into its trainable LoRA and keeps training.
     #: "residual": the client applies the payload frozen (on top of the base weights) and
     #: trains a fresh LoRA of its own rank, sending back only that fresh LoRA.
+    #: "latent": as "continue", but only an r x r matrix R per module trains (B = B_start
+    #: + B_0 R with B_0 fixed and seeded, A frozen) and only R is sent back (fedsb).
     client_mode: str = "continue"
     #: clients keep A at its shared seeded initialisation (train B only)
     freeze_A: bool = False

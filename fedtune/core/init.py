@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, module_name
-from fedtune.core.seeds import lora_init_seed
+from fedtune.core.seeds import latent_basis_seed, lora_init_seed
 
 
 def seeded_lora_A(seed: int, module: str, shape: tuple[int, ...]) -> Tensor:
@@ -24,6 +24,16 @@ def seeded_lora_A(seed: int, module: str, shape: tuple[int, ...]) -> Tensor:
     fresh = torch.empty(shape, dtype=torch.float32)
     nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
     return fresh
+
+
+def seeded_latent_basis(seed: int, module: str, out_features: int, rank: int) -> Tensor:
+    """Fed-SB's fixed B_0 of ``module`` ([out, rank], float32): N(0, 1/rank) entries, so
+    its columns have norm ~ sqrt(out / rank) and a step of size lr on every entry of the
+    r x r matrix R moves each column of B_0 R by ~ lr * sqrt(out), as a plain LoRA step on
+    B does. Drawn from a CPU generator: identical on the server and on every client."""
+    generator = torch.Generator(device="cpu").manual_seed(latent_basis_seed(seed, module))
+    basis = torch.randn((out_features, rank), generator=generator, dtype=torch.float32)
+    return basis / math.sqrt(rank)
 
 
 def seeded_lora_state(seed: int, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Tensor]:

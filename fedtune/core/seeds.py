@@ -12,6 +12,7 @@ nowhere else is a seed computed::
     │   │   └── client_noise_seed(client)    its share of distributed client-level DP noise
     │   └── server_noise_seed(round)         the server's central client-level DP noise
     ├── lora_init_seed(run, module)          a module's fresh LoRA A (same in every process)
+    ├── latent_basis_seed(run, module)       a module's fixed Fed-SB basis (fedsb's B_0)
     ├── stream(run, "faults", r)             simulated dropouts and timings of round r
     ├── stream(run, "eval")                  the fixed subset of clients that evaluates
     └── random.Random(run), one per use      the server's sampling of clients
@@ -53,6 +54,13 @@ def lora_init_seed(run_seed: int, module: str) -> int:
     """Per-module seed so a module's fresh A depends only on (seed, name), not on which
     other modules are adapted."""
     digest = hashlib.sha256(f"{run_seed}/{module}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def latent_basis_seed(run_seed: int, module: str) -> int:
+    """Per-module seed of Fed-SB's fixed basis (``fedtune.core.init.seeded_latent_basis``),
+    apart from the module's LoRA A seed (hashed with another label)."""
+    digest = hashlib.sha256(f"{run_seed}/{module}/fedsb-basis".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedtune.aggregation.fedsb import LATENT_SUFFIX
 from fedtune.core.adapters import LoraFactors
 from fedtune.core.codec import (
     A_SUFFIX,
@@ -260,8 +261,10 @@ def check_outgoing(content: RecordDict, assignment: Assignment | None = None) ->
         raise PrivacyLeakError(f"a reply may not carry the records {extra}")
     adapter = content.array_records.get(ADAPTER, ArrayRecord())
     for key in adapter:
-        if key != PACKED and ".lora_A." not in key and ".lora_B." not in key:
-            raise PrivacyLeakError(f"a reply's adapter may hold LoRA factors only, not {key!r}")
+        lora = ".lora_A." in key or ".lora_B." in key or key.endswith(LATENT_SUFFIX)
+        if key != PACKED and not lora:
+            raise PrivacyLeakError(f"a reply's adapter may hold LoRA factors (or fedsb's R) "
+                                   f"only, not {key!r}")
     if assignment is not None:
         assignment.check_adapter(adapter)
     metrics = content.metric_records.get(METRICS, MetricRecord())

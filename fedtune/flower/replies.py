@@ -24,11 +24,12 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import Tensor
 
+from fedtune.aggregation.fedsb import expand_latent, latent_module
 from fedtune.aggregation.start import client_start, sliced_like
 from fedtune.core.adapters import ClientUpdate, LoraFactors, LoraMask
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, CodecError, factors_from_state_dict, module_name
 from fedtune.core.compress import Decoded, decode_state
-from fedtune.core.init import seeded_lora_state
+from fedtune.core.init import seeded_latent_basis, seeded_lora_state
 from fedtune.flower import messages as keys
 from fedtune.planning.client_settings import ClientSettings
 
@@ -317,6 +318,55 @@ def decoded_factors(record: ArrayRecord, settings: ClientSettings, rules: TrainR
     return decoded, factors, rank
 
 
+@dataclass(frozen=True)
+class LatentRule:
+    """The tensors a Fed-SB (client mode "latent") reply may declare: one r x r R per
+    adapted module, r the assigned rank; checked before anything is allocated."""
+
+    modules: Mapping[str, tuple[int, int]]
+    rank: int
+
+    def __call__(self, key: str, shape: tuple[int, ...]) -> None:
+        try:
+            name = latent_module(key)
+        except ValueError as err:
+            raise CodecError(str(err)) from None
+        if name not in self.modules:
+            raise CodecError(f"{name!r} is not an adapted module")
+        if tuple(shape) != (self.rank, self.rank):
+            raise CodecError(f"{key}: shape {list(shape)}, expected [{self.rank}, {self.rank}]")
+
+
+def latent_factors(record: ArrayRecord, settings: ClientSettings, rules: TrainRules
+                   ) -> tuple[dict[str, LoraFactors], dict[str, LoraFactors]]:
+    """A Fed-SB reply (one R per module) as the client's LoRA and the start it trained
+    from: A_0 and B_start as the server sent them, B = B_start + B_0 R (B_0 rebuilt from
+    the seed tree, as the client drew it)."""
+    if keys.is_packed(record):
+        raise ValueError("a fedsb reply carries one r x r R per module, not a packed blob")
+    rule = LatentRule(rules.expected, settings.rank)
+    try:
+        values = {latent_module(k): dense_tensor(a, k, rule) for k, a in record.items()}
+    except CodecError as err:
+        raise ValueError(f"undecodable fedsb reply: {err}") from None
+    if set(values) != set(rules.expected):
+        missing = sorted(set(rules.expected) - set(values))[:3]
+        raise ValueError(f"fedsb reply lacks modules, e.g. {missing}")
+    bad = [name for name, R in values.items() if not torch.isfinite(R).all()]
+    if bad:
+        raise ValueError(f"non-finite values in {len(bad)} modules, e.g. {bad[0]}")
+    like = {}
+    for name, (inp, out) in rules.expected.items():
+        like[name + A_SUFFIX] = torch.empty((settings.rank, inp), device="meta")
+        like[name + B_SUFFIX] = torch.empty((out, settings.rank), device="meta")
+    start = factors_from_state_dict(client_start_state(settings, like, rules),
+                                    settings.alpha / settings.rank)
+    factors = {name: expand_latent(start[name], seeded_latent_basis(
+        rules.run_seed, name, rules.expected[name][1], settings.rank), R)
+        for name, R in values.items()}
+    return factors, start
+
+
 def train_update(content: RecordDict, settings: ClientSettings, rules: TrainRules
                  ) -> ClientUpdate:
     """One train reply as a ClientUpdate, or ValueError with the reason (or whatever a
@@ -325,6 +375,15 @@ def train_update(content: RecordDict, settings: ClientSettings, rules: TrainRule
     is the rank it came back with (smaller than assigned after HetLoRA pruning)."""
     metrics, num_examples = train_metrics(content, rules.max_examples)
     record = content.array_records[keys.ADAPTER]
+    if rules.client_mode == "latent":
+        factors, start = latent_factors(record, settings, rules)
+        norm = update_norm(factors, start)
+        if rules.max_update_norm > 0 and norm > rules.max_update_norm:
+            raise ValueError(f"update norm {norm:.4g} exceeds federation.max_update_norm "
+                             f"= {rules.max_update_norm:g}")
+        return ClientUpdate(factors=factors, num_examples=num_examples,
+                            client_id=str(settings.partition),
+                            metrics={**metrics, "rank": settings.rank}, start=start)
     decoded, factors, rank = decoded_factors(record, settings, rules)
     packed = keys.is_packed(record)
     bound = rules.max_update_norm

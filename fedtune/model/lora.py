@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 
 from fedtune.config import LoraSpec
 from fedtune.core.files import atomic_directory
-from fedtune.core.init import seeded_lora_A
+from fedtune.core.init import seeded_latent_basis, seeded_lora_A
 from fedtune.model.loading import base_model_name
 
 __all__ = [
@@ -39,15 +39,18 @@ __all__ = [
     "attach_lora",
     "base_model_name",
     "ensure_adapter",
+    "install_latent",
     "load_adapter_state",
     "load_frozen_global",
     "reset_lora",
     "save_peft_adapter",
     "training_adapter",
+    "uninstall_latent",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _LORA_A_SUFFIX = ".lora_A.weight"
+_LORA_B_SUFFIX = ".lora_B.weight"
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -197,6 +200,81 @@ def load_frozen_global(model: PeftModel, state: dict[str, Tensor], spec: LoraSpe
     _load_into(model, state, GLOBAL_ADAPTER)
 
 
+# --------------------------------------------------------------------------- Fed-SB
+
+
+class LatentB(nn.Linear):
+    """Fed-SB's lora_B while a client trains: B = B_start + B_0 R, and only R (r x r)
+    is a trainable parameter. ``weight`` (frozen) holds B as of the last ``sync``, so the
+    adapter's state dict stays an ordinary LoRA; B_start and B_0 are not saved."""
+
+    def __init__(self, start: Tensor, basis: Tensor) -> None:
+        out_features, rank = start.shape
+        super().__init__(rank, out_features, bias=False, device=start.device,
+                         dtype=start.dtype)
+        self.weight.requires_grad_(False)
+        self.register_buffer("start", start.detach().clone(), persistent=False)
+        self.register_buffer("basis", basis.to(start), persistent=False)
+        self.R = nn.Parameter(torch.zeros(rank, rank, device=start.device, dtype=start.dtype))
+        self.sync()
+
+    def current(self) -> Tensor:
+        return self.start + self.basis @ self.R
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.current())
+
+    def sync(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(self.current())
+
+
+def _latent_layers(model: nn.Module, adapter: str | None = None
+                   ) -> list[tuple[str, LoraLayer, str]]:
+    """(module name, LoRA layer, adapter) of every lora_B that is a LatentB now."""
+    return [(name, module, key) for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) for key, lora_b in module.lora_B.items()
+            if isinstance(lora_b, LatentB) and adapter in (None, key)]
+
+
+def install_latent(model: PeftModel, seed: int) -> None:
+    """Fed-SB on the training adapter: each lora_B becomes B_start + B_0 R with R = 0
+    trainable (B_0 from ``fedtune.core.init.seeded_latent_basis``, as the server rebuilds
+    it); call after ``activate`` (A frozen there)."""
+    adapter = training_adapter(model)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_B:
+            continue
+        plain = module.lora_B[adapter]
+        out_features, rank = plain.weight.shape
+        basis = seeded_latent_basis(seed, name, out_features, rank)
+        module.lora_B[adapter] = LatentB(plain.weight.detach(), basis.to(plain.weight.device))
+
+
+def latent_R(model: PeftModel) -> dict[str, Tensor]:
+    """Module name -> its trained R (fp32 CPU copies) on the training adapter."""
+    return {name: module.lora_B[key].R.detach().to("cpu", torch.float32, copy=True)
+            for name, module, key in _latent_layers(model, training_adapter(model))}
+
+
+def _sync_latent(model: nn.Module) -> None:
+    for _, module, key in _latent_layers(model):
+        module.lora_B[key].sync()
+
+
+def uninstall_latent(model: nn.Module) -> None:
+    """Plain lora_B Linear layers back, holding the B each LatentB reached (a cached model
+    serves other aggregators' sessions next)."""
+    for _, module, key in _latent_layers(model):
+        latent = module.lora_B[key]
+        latent.sync()
+        plain = nn.Linear(latent.in_features, latent.out_features, bias=False,
+                          device=latent.weight.device, dtype=latent.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(latent.weight)
+        module.lora_B[key] = plain
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -209,10 +287,13 @@ def _lora_tensors(model: PeftModel, adapter: str | None = None) -> dict[str, Ten
 
 
 def adapter_state(model: PeftModel) -> dict[str, Tensor]:
-    """LoRA tensors under peft's portable keys, as detached fp32 CPU copies."""
+    """LoRA tensors under peft's portable keys, as detached fp32 CPU copies (with Fed-SB's
+    latent B installed, its current B; its R and buffers are not LoRA tensors)."""
+    _sync_latent(model)
     return {
         key: value.detach().to(device="cpu", dtype=torch.float32, copy=True)
         for key, value in _lora_tensors(model).items()
+        if key.endswith((_LORA_A_SUFFIX, _LORA_B_SUFFIX))
     }
 
 

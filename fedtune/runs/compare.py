@@ -30,7 +30,11 @@ from fedtune.planning.client_settings import ClientSettings
 from fedtune.runs.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
 
-BASELINES = ("centralised", "local")
+CENTRALISED, SAME_WALL, LOCAL = "centralised", "centralised (same wall)", "local"
+#: centralised: as many optimizer steps per round as all sampled clients together (the
+#: compute the federation spends); same wall: as many as one client (the wall-clock time
+#: of a round); local: every client alone
+BASELINES = (CENTRALISED, SAME_WALL, LOCAL)
 COMPARISON_JSON = "comparison.json"
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
@@ -50,6 +54,7 @@ class MethodResult:
     run_dir: str | None = None
     seconds: float = 0.0
     rounds: list[dict[str, Any]] = field(default_factory=list)  # round 0 = before training
+    note: str | None = None  # what the table says next to the name (e.g. compute-matched)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -64,7 +69,8 @@ class MethodResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "status": self.status, "reason": self.reason,
-            "run_dir": self.run_dir, "seconds": self.seconds, "rounds": self.rounds,
+            "note": self.note, "run_dir": self.run_dir, "seconds": self.seconds,
+            "rounds": self.rounds,
             "final": self.final, "bytes_up_total": self.bytes_total("bytes_up"),
             "bytes_down_total": self.bytes_total("bytes_down"),
         }
@@ -109,12 +115,15 @@ def skip_reason(scenario: Scenario) -> str | None:
 
 # ---- federated runs -----------------------------------------------------------------------
 def federated_result(name: str, run_dir: Path, seconds: float = 0.0) -> MethodResult:
-    """Per-round held-out loss and bytes, read back from the run's own summary.json."""
+    """Per-round held-out loss and bytes, read back from the run's own summary.json; the
+    optimizer steps of a round are every client's that replied (each trains train.steps)."""
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     initial = summary.get("initial") or {}
+    steps = int(summary["scenario"]["train"]["steps"])
     rounds = [_round_row(0, initial.get("eval_loss"), 0, 0)]
     rounds += [_round_row(r["round"], r.get("eval_loss"), r.get("bytes_up", 0),
-                          r.get("bytes_down", 0)) for r in summary["rounds"]]
+                          r.get("bytes_down", 0), steps * int(r.get("clients_replied", 0)))
+               for r in summary["rounds"]]
     return MethodResult(name, "federated", run_dir=str(run_dir), seconds=seconds, rounds=rounds)
 
 
@@ -169,41 +178,81 @@ def _folded_state(state: dict[str, torch.Tensor], scale: float) -> dict[str, tor
     return scale_folded_state_dict(factors_from_state_dict(state, scale))
 
 
+@dataclass
+class Scored:
+    """One round of a baseline: its held-out result and the optimizer steps it took."""
+
+    result: EvalResult
+    steps: int = 0
+
+
+@dataclass
+class Alone:
+    """One round of a LoRA trained alone: the model, its LoRA, the steps it took."""
+
+    model: Any
+    state: dict[str, torch.Tensor]
+    steps: int
+
+
 def _rounds_alone(scenario: Scenario, trainee: Any, data: torch.Tensor, partition: int = 0
-                  ) -> Iterator[tuple[Any, dict[str, torch.Tensor]]]:
+                  ) -> Iterator[Alone]:
     """One LoRA trained round after round by a federated client's own session, each round
     continuing from the last (fresh optimizer, schedule restarted) with the seed the
-    federation gives client ``partition``: yields the model and its LoRA after each round."""
+    federation gives client ``partition``. The steps are counted as the training loop
+    reports them (one call per optimizer step taken), not taken from the config."""
     from fedtune.train.session import TrainingSession
 
     state: dict[str, torch.Tensor] = {}
     for server_round in range(1, scenario.run.rounds + 1):
         session = TrainingSession(trainee, round_seed(scenario, server_round, partition), state)
-        state = session.run(data).upload.state or {}
-        yield session.model, state
+        taken: list[int] = []
+        state = session.run(data, lambda done, _loss, taken=taken: taken.append(done)
+                            ).upload.state or {}
+        yield Alone(session.model, state, len(taken))
+
+
+def matched_steps(scenario: Scenario) -> int:
+    """Optimizer steps per round of every sampled client together: the compute-matched
+    centralised baseline takes this many per round (one batch of ``train.batch_size``)."""
+    return scenario.sampled_per_round * scenario.train.steps
 
 
 def centralised_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
-                         start: EvalResult, progress: Progress) -> list[EvalResult]:
-    """One LoRA ([lora], [model]) on the union of every client's packed training blocks.
+                         start: EvalResult, progress: Progress, steps: int | None = None,
+                         name: str = CENTRALISED) -> list[Scored]:
+    """One LoRA ([lora], [model]) on the union of every client's packed training blocks,
+    ``steps`` optimizer steps per round (default: ``train.steps``, as one client).
 
     Each round's worth of steps is one training session, as a federated client trains, so
-    only the data pooling differs.
+    only the data pooling (and the number of steps) differs.
     """
     from fedtune.train.batches import client_batch
     from fedtune.train.session import Trainee
 
     ids = torch.cat([client_batch(scenario, s.partition).train for s in settings])
-    history = [start]
-    rounds = _rounds_alone(scenario, Trainee.of(scenario), ids)
-    for server_round, (_, state) in enumerate(rounds, start=1):
-        folded = _folded_state(state, scenario.lora.scale)
-        history.append(evaluate_adapter(scenario, settings, folded))
-        _report(progress, "centralised", server_round, history[-1])
+    trainee = Trainee.of(scenario)
+    if steps is not None:
+        trainee = replace(trainee, train=replace(trainee.train, steps=steps))
+    history = [Scored(start)]
+    for server_round, alone in enumerate(_rounds_alone(scenario, trainee, ids), start=1):
+        folded = _folded_state(alone.state, scenario.lora.scale)
+        history.append(Scored(evaluate_adapter(scenario, settings, folded), alone.steps))
+        _report(progress, name, server_round, history[-1].result)
     return history
 
 
-def _train_alone(scenario: Scenario, s: ClientSettings) -> list[EvalResult]:
+def compute_matched_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
+                             start: EvalResult, progress: Progress) -> list[Scored]:
+    return centralised_baseline(scenario, settings, start, progress, matched_steps(scenario))
+
+
+def same_wall_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
+                       start: EvalResult, progress: Progress) -> list[Scored]:
+    return centralised_baseline(scenario, settings, start, progress, name=SAME_WALL)
+
+
+def _train_alone(scenario: Scenario, s: ClientSettings) -> list[Scored]:
     """One client's own LoRA on its own data, scored on its own held-out data per round."""
     from fedtune.train.batches import client_batch
     from fedtune.train.held_out import evaluate_client
@@ -211,22 +260,39 @@ def _train_alone(scenario: Scenario, s: ClientSettings) -> list[EvalResult]:
 
     data = client_batch(scenario, s.partition, s.seq_len)
     rounds = _rounds_alone(scenario, Trainee.of(scenario, s), data.train, s.partition)
-    return [evaluate_client(model, scenario, s.partition, s.seq_len, s.batch_size)
-            for model, _ in rounds]
+    return [Scored(evaluate_client(alone.model, scenario, s.partition, s.seq_len,
+                                   s.batch_size), alone.steps) for alone in rounds]
 
 
 def local_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
-                   start: EvalResult, progress: Progress) -> list[EvalResult]:
+                   start: EvalResult, progress: Progress) -> list[Scored]:
     """Every client alone (its own rank, alpha, quantization, batch); token-weighted mean."""
     per_client = []
     for s in settings:
         per_client.append(_train_alone(scenario, s))
-        progress({"method": "local", "stage": "client", "client": s.partition,
+        progress({"method": LOCAL, "stage": "client", "client": s.partition,
                   "clients": len(settings)})
-    history = [start] + [combine(list(results)) for results in zip(*per_client, strict=True)]
-    for server_round, result in enumerate(history[1:], start=1):
-        _report(progress, "local", server_round, result)
+    history = [Scored(start)] + [
+        Scored(combine([r.result for r in rounds]), sum(r.steps for r in rounds))
+        for rounds in zip(*per_client, strict=True)]
+    for server_round, scored in enumerate(history[1:], start=1):
+        _report(progress, LOCAL, server_round, scored.result)
     return history
+
+
+#: each baseline's run, and what the table says beside its name
+_BASELINE_RUNS = {CENTRALISED: compute_matched_baseline, SAME_WALL: same_wall_baseline,
+                  LOCAL: local_baseline}
+
+
+def baseline_note(name: str, scenario: Scenario) -> str | None:
+    steps, clients = scenario.train.steps, scenario.sampled_per_round
+    if name == CENTRALISED:
+        return (f"compute-matched, {matched_steps(scenario)} optimizer steps per round = "
+                f"{clients} sampled clients x {steps}, batch {scenario.train.batch_size}")
+    if name == SAME_WALL:
+        return f"{steps} optimizer steps per round, as one client"
+    return None
 
 
 def _report(progress: Progress, method: str, server_round: int, result: EvalResult) -> None:
@@ -234,9 +300,10 @@ def _report(progress: Progress, method: str, server_round: int, result: EvalResu
               "eval_loss": result.loss})
 
 
-def baseline_result(name: str, history: Sequence[EvalResult], seconds: float) -> MethodResult:
-    rows = [_round_row(i, r.loss, 0, 0) for i, r in enumerate(history)]
-    return MethodResult(name, "baseline", seconds=seconds, rounds=rows)
+def baseline_result(name: str, history: Sequence[Scored], seconds: float,
+                    note: str | None = None) -> MethodResult:
+    rows = [_round_row(i, r.result.loss, 0, 0, r.steps) for i, r in enumerate(history)]
+    return MethodResult(name, "baseline", seconds=seconds, rounds=rows, note=note)
 
 
 def run_baseline(name: str, scenario: Scenario, progress: Progress) -> MethodResult:
@@ -249,14 +316,15 @@ def run_baseline(name: str, scenario: Scenario, progress: Progress) -> MethodRes
         return MethodResult(name, "baseline", status="skipped", reason=str(err))
     start = time.perf_counter()
     initial = combine(base_evals(scenario, settings))
-    run = centralised_baseline if name == "centralised" else local_baseline
-    history = run(scenario, settings, initial, progress)
-    return baseline_result(name, history, time.perf_counter() - start)
+    history = _BASELINE_RUNS[name](scenario, settings, initial, progress)
+    return baseline_result(name, history, time.perf_counter() - start,
+                           baseline_note(name, scenario))
 
 
-def _round_row(server_round: int, loss: float | None, up: int, down: int) -> dict[str, Any]:
+def _round_row(server_round: int, loss: float | None, up: int, down: int, steps: int = 0
+               ) -> dict[str, Any]:
     return {"round": server_round, "eval_loss": loss, "eval_perplexity": perplexity(loss),
-            "bytes_up": int(up), "bytes_down": int(down)}
+            "bytes_up": int(up), "bytes_down": int(down), "optimizer_steps": int(steps)}
 
 
 # ---- outputs ------------------------------------------------------------------------------
@@ -285,7 +353,10 @@ def _cell(text: str) -> str:
 
 
 def _table_row(m: dict[str, Any]) -> str:
-    label = m["name"] + (" (baseline)" if m["kind"] == "baseline" else "")
+    label = m["name"]
+    if m["kind"] == "baseline":
+        note = m.get("note")
+        label += f" (baseline: {note})" if note else " (baseline)"
     if m["status"] != "completed":
         return f"| {label} | {m['status']}: {_cell(m['reason'] or '')} | | | |"
     curve = " → ".join(_fmt_ppl(r["eval_perplexity"]) for r in m["rounds"])
@@ -301,7 +372,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Comparison: {report['scenario']}",
         "",
         f"Held-out perplexity over every client's held-out data (token-weighted), after each "
-        f"round of {report['steps_per_round']} optimizer steps; round 0 is the base model. "
+        f"round of {report['steps_per_round']} optimizer steps per client; round 0 is the "
+        "base model. The centralised baseline pools every client's training data and is "
+        "compute-matched: per round it takes as many optimizer steps as all sampled clients "
+        "together; 'centralised (same wall)' takes as many as one client. "
         "Bytes are means per round (0 for the in-process baselines).",
         "",
         "| method | final held-out perplexity | perplexity per round "

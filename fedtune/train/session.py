@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from fedtune.aggregation.fedsb import latent_key
 from fedtune.aggregation.start import client_start
 from fedtune.config import LoraSpec, ModelSpec, Scenario, TrainConfig
 from fedtune.core.compress import CompressionSpec
@@ -28,9 +29,12 @@ from fedtune.model.lora import (
     activate,
     adapter_name,
     adapter_state,
+    install_latent,
+    latent_R,
     load_adapter_state,
     load_frozen_global,
     reset_lora,
+    uninstall_latent,
 )
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy import epsilon_after
@@ -158,6 +162,7 @@ class TrainingSession:
         began = time.perf_counter()
         model, self.tokenizer = self.trainee.cached_model()
         lora = self.trainee.lora
+        uninstall_latent(model)  # left by a Fed-SB session that failed part-way
         reset_lora(model, self.trainee.init_seed)
         trainable, frozen = client_start(self.orders.mode, self.orders.init, self.payload,
                                          adapter_state(model), lora.scale, lora.rank)
@@ -166,6 +171,9 @@ class TrainingSession:
             load_frozen_global(model, frozen, lora)
         activate(model, adapter_name(lora), with_global=bool(frozen),
                  freeze_A=self.orders.freeze_A)
+        if self.orders.mode == "latent":
+            self._check_latent_orders()
+            install_latent(model, self.trainee.init_seed)
         self.model, self.start = model, trainable
         self.seconds_load = time.perf_counter() - began
         return model
@@ -197,6 +205,8 @@ class TrainingSession:
         ordered. After a compressed download the client holds a rounded copy of the
         global, so it sends its update, which the server adds to its exact copy."""
         orders = self.orders
+        if orders.mode == "latent":
+            return self._latent_upload()
         if orders.prune_gamma > 0.0:
             state = prune_rank(state, self.trainee.lora.scale, orders.prune_gamma)
         update_norm = None
@@ -209,6 +219,25 @@ class TrainingSession:
             orders.product_selection)
         return Upload(blob=blob, update_norm=update_norm, residual_norm_in=carried,
                       residual=residual if orders.error_feedback else None)
+
+    def _check_latent_orders(self) -> None:
+        """Fed-SB trains and sends R only; what would change another LoRA does not apply."""
+        orders = self.orders
+        asked = {"prune_gamma > 0": orders.prune_gamma > 0.0,
+                 "client-level DP": orders.client_dp is not None,
+                 "DP-SGD": orders.dpsgd is not None,
+                 "upload compression": not orders.upload.is_identity}
+        unsupported = [name for name, on in asked.items() if on]
+        if unsupported:
+            raise ValueError(f"client mode 'latent' (fedsb) cannot serve {unsupported}: its "
+                             "upload is one r x r matrix per module")
+
+    def _latent_upload(self) -> Upload:
+        """Fed-SB: each module's trained R, r^2 numbers, is all that leaves (the server adds
+        B_0 R to the start it sent); the model gets its plain LoRA layers back."""
+        R = latent_R(self.model)
+        uninstall_latent(self.model)
+        return Upload(state={latent_key(module): r for module, r in R.items()})
 
     def run(self, data: torch.Tensor, on_step: Callable[[int, float], None] | None = None
             ) -> SessionResult:

@@ -24,6 +24,7 @@ from fedtune.config import FederationSpec
 #: name -> (mixed_ranks, additive, merges, pads, prunes, dp_form, client_mode, freeze_A)
 EXPECTED = {
     "fedavg": (False, True, True, False, False, "factor", "continue", False),
+    "fedsb": (False, True, False, False, False, None, "latent", True),
     "ffa": (False, True, True, False, False, "factor", "continue", True),
     "flexlora": (True, False, False, False, False, "dense", "continue", False),
     "flora": (True, False, False, False, False, "dense", "residual", False),
@@ -33,6 +34,7 @@ EXPECTED = {
 }
 OPTIONS = {
     "fedavg": ("merge", "ties_density"),
+    "fedsb": (),
     "ffa": ("merge", "ties_density"),
     "flexlora": (),
     "flora": ("rank_budget", "flora_init"),
