@@ -127,6 +127,11 @@ def simulate(
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None
+    from fedtune.runs.generations import pair_lines, read_generations
+
+    for pair in read_generations(run_dir)[:1]:  # the rest: report.html, generations.json
+        for line in pair_lines(pair):
+            console.print(line, markup=False, highlight=False)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
 

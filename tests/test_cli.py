@@ -58,10 +58,17 @@ def test_missing_model_says_what_was_looked_for(tmp_path):
 
 def test_cli_runs_a_one_round_simulation(tmp_path, in_process):
     out = tmp_path / "runs"
-    proc = run_cli("simulate", "-s", "tiny", "--set", "run.rounds=1", "--out", str(out),
-                   cwd=tmp_path)
+    proc = run_cli("simulate", "-s", "tiny", "--set", "run.rounds=1", "--set",
+                   "report.generations=2", "--set", "report.max_new_tokens=4", "--out",
+                   str(out), cwd=tmp_path)
     assert proc.exit_code == 0, proc.stderr[-3000:]
     run_dir = Path(proc.stdout.strip().splitlines()[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["rounds"]) == 1
     assert "round 1/1" in proc.stderr and "held-out loss" in proc.stderr
+    pairs = json.loads((run_dir / "generations.json").read_text())
+    assert len(pairs) == 2  # the first is printed, one line each (tests.support.cli: narrow)
+    from fedtune.runs.generations import Generation, pair_lines
+
+    for line in pair_lines(Generation(**pairs[0])):
+        assert line in proc.stderr

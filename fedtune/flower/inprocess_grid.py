@@ -22,7 +22,6 @@ federation loop in one process too. The engine itself stays under test elsewhere
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -237,8 +236,8 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import run_federation
     from fedtune.runs import SimulationError
-    from fedtune.runs.rundir import SUMMARY_FILE, new_run_dir
-    from fedtune.runs.simulate import preflight
+    from fedtune.runs.rundir import new_run_dir
+    from fedtune.runs.simulate import completed, preflight
 
     del verbose  # nothing of the engine's to show
     preflight(scenario)
@@ -254,8 +253,4 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
                                   ) from err
         finally:
             torch.set_num_threads(threads)
-    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    if summary.get("status") != "completed":
-        raise SimulationError(f"simulation ended with status {summary.get('status')!r}; "
-                              f"see {run_dir}")
-    return run_dir
+    return completed(scenario, run_dir)

@@ -2,8 +2,9 @@
 
 Plots (held-out perplexity, traffic, epsilon when DP is on, participation with
 dropouts and stragglers) are PNGs embedded as data URIs, so the file can be mailed or
-attached to a paper's supplement and opened anywhere; the scenario that produced the
-run is printed as TOML at the bottom, so the page is also a recipe.
+attached to a paper's supplement and opened anywhere; a simulation's page also shows a few
+held-out prompts with the base's and the adapter's replies; the scenario that produced
+the run is printed as TOML at the bottom, so the page is also a recipe.
 """
 
 from __future__ import annotations
@@ -144,13 +145,34 @@ def _scenario_toml(scenario: dict[str, Any]) -> str:
     return tomli_w.dumps(plain(scenario))
 
 
+def _text_cell(text: Any) -> str:
+    return f"<td>{html.escape(str(text))}</td>"
+
+
+def generations_table(pairs: list[dict[str, Any]]) -> str:
+    """Held-out prompts with the base's and the federated adapter's replies (see
+    ``fedtune.runs.generations``); every text is data, so every text is escaped."""
+    if not pairs:
+        return ""
+    rows = "".join("<tr>" + "".join(_text_cell(p.get(key, "")) for key in
+                                    ("prompt", "base", "adapter")) + "</tr>" for p in pairs)
+    return ("<h2>Replies to held-out prompts</h2><p>Greedy decoding, the same prompts for "
+            "both; the base model without the adapter, then with the final federated "
+            "adapter.</p><table class='text'><thead><tr><th>held-out prompt</th>"
+            f"<th>base model</th><th>federated adapter</th></tr></thead><tbody>{rows}"
+            "</tbody></table>")
+
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
 figure{display:inline-block;margin:0.5em}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}pre{background:#f6f6f6;
-padding:1em;overflow:auto}"""
+padding:1em;overflow:auto}table.text td{text-align:left;vertical-align:top;
+white-space:pre-wrap;width:33%}"""
 
 
-def render_report(summary: dict[str, Any]) -> str:
+def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | None = None
+                  ) -> str:
+    """The page; ``generations``: the run's held-out replies (generations.json's items)."""
     scenario = summary["scenario"]
     name = scenario.get("run", {}).get("name", "fedtune")
     final, initial = summary.get("final", {}), summary.get("initial", {})
@@ -174,6 +196,7 @@ def render_report(summary: dict[str, Any]) -> str:
             f"{html.escape(name)}</title><style>{STYLE}</style></head><body>"
             f"<h1>fedtune run: {html.escape(name)}</h1><p>{' · '.join(facts)}</p>"
             f"{''.join(plots)}<h2>Rounds</h2>{rounds_table(summary)}"
+            f"{generations_table(generations or [])}"
             f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario), quote=False)}</pre>"
             f"</body></html>")
 

@@ -1,4 +1,6 @@
-"""The run directory: metrics as JSONL, a summary JSON, a loss plot, the final adapter.
+"""The run directory: metrics as JSONL, a summary JSON, a loss plot, the final adapter,
+and (simulations) held-out replies of the base and the adapter (``generations.json``,
+see ``fedtune.runs.generations``).
 
 Every file that is rewritten (summary, plot, adapter) is written to a temporary name
 and renamed, so a crash never leaves a half-written file; ``metrics.jsonl`` is
@@ -23,12 +25,16 @@ SUMMARY_FILE = "summary.json"
 SCENARIO_FILE = "scenario.json"
 PLOT_FILE = "loss.png"
 ADAPTER_DIR = "adapter"
+GENERATIONS_FILE = "generations.json"
 
 
 def write_report(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """The run's report.html (see ``fedtune.runs.report``), replaced atomically."""
+    """The run's report.html (see ``fedtune.runs.report``), with the run directory's
+    generations when it has them, replaced atomically."""
     path = Path(run_dir) / REPORT_FILE
-    atomic_write_text(path, render_report(summary))
+    generations = Path(run_dir) / GENERATIONS_FILE
+    pairs = json.loads(generations.read_text()) if generations.is_file() else []
+    atomic_write_text(path, render_report(summary, pairs))
     return path
 
 

@@ -138,8 +138,18 @@ def simulate(
         except Exception as err:
             raise SimulationError(f"simulation failed: {err} (run directory: {run_dir})"
                                   ) from err
+    return completed(scenario, run_dir)
+
+
+def completed(scenario: Scenario, run_dir: Path) -> Path:
+    """``run_dir`` once its run has completed, with the held-out replies of the base and
+    the adapter added (``fedtune.runs.generations``); a SimulationError if it did not
+    complete."""
+    from fedtune.runs.generations import write_generations
+
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     if summary.get("status") != "completed":
         raise SimulationError(f"simulation ended with status {summary.get('status')!r}; "
                               f"see {run_dir}")
+    write_generations(scenario, run_dir)
     return run_dir

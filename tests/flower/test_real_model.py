@@ -17,6 +17,7 @@ def test_smollm2_shakespeare_two_clients_one_round(tmp_path):
     scenario = load_scenario("default", [
         "data.num_clients=2", "run.rounds=1", "train.steps=2", "train.batch_size=2",
         "data.max_eval_sequences=2", "data.max_samples_per_client=40",
+        "report.generations=0",
     ])
     assert scenario.model.source == "smollm2" and scenario.model.quantization == "4bit"
     run_dir = simulate_in_process(scenario, out_dir=tmp_path)

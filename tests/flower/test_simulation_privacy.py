@@ -1,6 +1,8 @@
 """DP federations through the round loop and the real ClientApp (in-process Grid) on the
 tiny scenario: epsilon is reported every round and equals Opacus' accountant, the
-budget stops the run, and distributed noise, compression and DP-SGD work together."""
+budget stops the run, and distributed noise, compression and DP-SGD work together.
+Under client-level DP the cohort is Poisson (its size varies) and the server publishes
+no per-client record and no norm statistic (tests/flower/test_dp_sampling.py)."""
 
 import json
 
@@ -11,7 +13,6 @@ from safetensors.torch import load_file
 from fedtune.config import load_scenario
 from fedtune.flower.inprocess_grid import simulate_in_process
 from fedtune.privacy.accountant import epsilon_after
-from fedtune.train.batches import client_batch
 
 Z, DELTA = 1.2, 1e-4
 
@@ -40,11 +41,10 @@ def test_epsilon_each_round_equals_the_library_accountant(central_run):
     for record in summary["rounds"]:
         library.step(noise_multiplier=Z, sample_rate=0.5)
         assert record["epsilon"] == pytest.approx(library.get_epsilon(delta=DELTA), rel=1e-9)
-        assert record["dp_noise_std"] == pytest.approx(Z * 0.3 / 2)
+        assert record["dp_noise_std"] == pytest.approx(Z * 0.3 / 2)  # over the expected 2
         assert record["dp_noise_to_signal"] > 0
-        assert record["clients_replied"] == 2
-        assert 0.0 <= record["dp_clipped_fraction"] <= 1.0
-        assert record["dp_update_norm_max"] > 0
+        assert record["clients_replied"] == record["clients_sampled"] <= 4  # Poisson
+        assert "dp_update_norm_max" not in record  # un-noised: only in an experiment
 
 
 def test_budget_stops_the_run_before_it_is_exceeded(central_run):
@@ -61,8 +61,9 @@ def test_budget_stops_the_run_before_it_is_exceeded(central_run):
 
 def test_distributed_noise_with_compression_and_dpsgd(tmp_path):
     """ffa with each client clipping and noising its own B update, sending it top-50 % in
-    int8, and training with DP-SGD: both epsilons reported, and each client's DP-SGD
-    epsilon is the accountant's for its own sampling rate and rounds."""
+    int8, and training with DP-SGD: the client-level epsilon reported (q = 1: every
+    client joins every round), the upload compressed, and no per-client record written
+    (under client-level DP it would say who took part)."""
     scenario = load_scenario("tiny", [
         "run.rounds=2", 'federation.aggregator="ffa"', 'privacy.mode="distributed"',
         "privacy.target_epsilon=8", f"privacy.delta={DELTA}", "privacy.clip_norm=0.5",
@@ -76,23 +77,16 @@ def test_distributed_noise_with_compression_and_dpsgd(tmp_path):
     assert summary["privacy"]["epsilon"] <= 8.0
     lines = [json.loads(x) for x in (tmp_path.glob("*/metrics.jsonl").__next__())
              .read_text().splitlines()]
-    train = [x for x in lines if x["phase"] == "train"]
-    assert len(train) == 2 * scenario.data.num_clients
-    for record in train:
-        n = client_batch(scenario, int(record["client"])).train.shape[0]
-        q = min(1.0, scenario.train.batch_size / n)
-        expected = epsilon_after([(1.5, q, scenario.train.steps * record["round"])], DELTA)
-        assert record["sample_epsilon"] == pytest.approx(expected, rel=1e-9)
-        assert record["dp_update_norm"] > 0
-        assert record["bytes_up"] < record["bytes_up_dense"]
+    assert not [x for x in lines if x["phase"] == "train"]
     for r in summary["rounds"]:
-        assert r["sample_epsilon_max"] == max(x["sample_epsilon"] for x in train
-                                              if x["round"] == r["round"])
+        assert r["clients_replied"] == scenario.data.num_clients
+        assert r["bytes_up"] < r["bytes_up_dense"]
 
 
 HETERO_TINY = ['model.source="tiny"', 'model.device="cpu"', "run.rounds=2", "train.steps=3",
                "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",
-               "data.max_eval_sequences=4", "federation.clients_per_round=6"]
+               "data.max_eval_sequences=4", "federation.clients_per_round=6",
+               "report.generations=0"]
 
 
 @pytest.mark.parametrize("aggregator", ["zeropad", "flora", "flexlora"])
@@ -108,8 +102,7 @@ def test_central_dp_with_mixed_ranks(aggregator, tmp_path):
     summary = _summary(simulate_in_process(scenario, out_dir=tmp_path))
     assert summary["status"] == "completed"
     for record in summary["rounds"]:
-        assert record["dp_noise_std"] == pytest.approx(0.5 * 0.2 / 6)
-        assert record["clients_replied"] == 6
+        assert record["dp_noise_std"] == pytest.approx(0.5 * 0.2 / 6)  # expected cohort 6
     assert summary["privacy"]["sample_rate"] == 6 / scenario.data.num_clients
     tensors = load_file(next(tmp_path.glob("*/adapter/adapter_model.safetensors")))
     ranks = {t.shape[0] for k, t in tensors.items() if "lora_A" in k}

@@ -14,7 +14,7 @@ from fedtune.config import Scenario, load_scenario
 #: tiny config-built model, short sequences, two rounds: seconds per run
 TINY = ['model.source="tiny"', "model.device=\"cpu\"", "run.rounds=2", "train.steps=4",
         "train.lr=5e-3", "data.seq_len=32", "data.max_samples_per_client=48",
-        "data.max_eval_sequences=8"]
+        "data.max_eval_sequences=8", "report.generations=0"]
 #: what the comparison's table records as the command that made it
 COMMAND = "pytest tests/test_compare.py"
 
