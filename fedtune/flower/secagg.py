@@ -68,11 +68,12 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedtune.aggregation.start import sliced_like
 from fedtune.config import ConfigError
-from fedtune.core.adapters import ClientUpdate
+from fedtune.core.adapters import ClientUpdate, GlobalAdapter
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.population import RoundFailedError
+from fedtune.privacy.accountant import epsilon_after
 from fedtune.privacy.clip import clip_to_norm
 from fedtune.privacy.secure_sum import (
     Quantizer,
@@ -530,14 +531,19 @@ def round_settings(strategy: Any, nodes: Sequence[int]) -> SecAggSettings:
     return SecAggSettings(0, max(ranks), fields, p.clip_norm, noise, p.secagg_bits)
 
 
+#: fewer clients than this in a round and the sum would tell each of them the others'
+MIN_CLIENTS = 3
+
+
 def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Message]
                  ) -> MetricRecord:
     """The round's train phase under secure aggregation; the new global adapter goes to
-    ``strategy.global_adapter``, the round's metrics are returned."""
+    ``strategy.global_adapter``, the round's metrics are returned. A round with fewer
+    than ``MIN_CLIENTS`` sends no work: under DP it releases noise only, else it fails."""
     p = strategy.scenario.privacy
     nodes = [m.metadata.dst_node_id for m in messages]
-    if not nodes:
-        raise RoundFailedError(f"round {server_round}: no client to aggregate securely")
+    if len(nodes) < MIN_CLIENTS:
+        return _too_few(strategy, server_round, len(nodes))
     settings = round_settings(strategy, nodes)
     entries = layout(strategy.expected, settings.rank, settings.fields)
     size = sum(a * b for _, (a, b) in entries)
@@ -552,15 +558,38 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     start = time.perf_counter()
     update = _summed_update(strategy, outcome.survivors, vector_to_state(summed, entries),
                             settings)
-    previous = strategy.global_adapter
     if strategy.dp is None:
-        strategy.global_adapter = strategy.aggregator.aggregate([update], previous)
-    else:
-        strategy.global_adapter = strategy.dp.aggregate(
-            [update], previous, server_round, strategy.stats.sampled,
-            [s.rank for s in strategy.settings])
+        strategy.global_adapter = strategy.aggregator.aggregate([update],
+                                                                strategy.global_adapter)
+    else:  # one equal part of the sum per survivor: the wrapper counts the noise shares
+        strategy.global_adapter = _dp_release(strategy, server_round,
+                                              [update] * len(outcome.survivors))
     return _round_metrics(strategy, server_round, outcome, settings,
                           time.perf_counter() - start)
+
+
+def _dp_release(strategy: Any, server_round: int, updates: list[ClientUpdate]
+                ) -> GlobalAdapter:
+    """The strategy's own call of the DP wrapper, or (a strategy without one) the
+    wrapper's with the clients sampled as the denominator."""
+    release = getattr(strategy, "_dp_release", None)
+    if release is not None:
+        return release(server_round, updates)
+    return strategy.dp.aggregate(updates, strategy.global_adapter, server_round,
+                                 strategy.stats.sampled, [s.rank for s in strategy.settings])
+
+
+def _too_few(strategy: Any, server_round: int, clients: int) -> MetricRecord:
+    reason = (f"round {server_round}: {clients} clients sampled, fewer than the "
+              f"{MIN_CLIENTS} secure aggregation needs (with fewer, the sum tells each "
+              "client the others' updates)")
+    if strategy.dp is None:
+        raise RoundFailedError(reason)
+    log.warning("%s; no work sent, the round releases noise only", reason)
+    strategy.global_adapter = _dp_release(strategy, server_round, [])
+    return MetricRecord({"num-clients": 0, "seconds-aggregate": 0.0,
+                         **{k.replace("_", "-"): float(v)
+                            for k, v in strategy.dp.metrics().items()}})
 
 
 def _start_state(strategy: Any, node: int, rank: int | None = None) -> State:
@@ -580,14 +609,16 @@ def _summed_update(strategy: Any, survivors: list[int], summed: State,
     """The sum as one update of the round's rank. Without DP: the mean of the survivors'
     starts (zero-padded) plus the mean update, which is what an additive aggregator makes
     of equally weighted clients; with DP: start plus the sum (the wrapper divides by
-    the clients sampled)."""
+    the clients sampled; the caller passes it once per survivor, so each copy is one
+    survivor's share of the sum)."""
     widest = max(strategy.stats.nodes, key=lambda n: strategy.population.settings_for(n).rank)
     start = _start_state(strategy, widest, settings.rank)
     entries = dict(layout(strategy.expected, settings.rank, ("A", "B")))
     scale = strategy.population.settings_for(widest).alpha / \
         strategy.population.settings_for(widest).rank
     if strategy.dp is not None:
-        final = {k: start[k].double() + summed.get(k, 0.0) for k in start}
+        n = len(survivors)
+        final = {k: start[k].double() + summed.get(k, 0.0) / n for k in start}
     else:
         n = len(survivors)
         starts = [_start_state(strategy, s) for s in survivors]
@@ -621,9 +652,10 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
     stats.bytes_up += sum(outcome.bytes_up.values())
     stats.bytes_down += sum(outcome.bytes_down.values())
     total = sum(examples)
+    loss = {} if any(math.isnan(x) for x in losses) else {  # none under client-level DP
+        "train-loss": sum(x * n for x, n in zip(losses, examples, strict=True)) / total}
     return MetricRecord({
-        "train-loss": sum(x * n for x, n in zip(losses, examples, strict=True)) / total,
-        "num-clients": len(outcome.survivors), "seconds-aggregate": seconds,
+        **loss, "num-clients": len(outcome.survivors), "seconds-aggregate": seconds,
         "secagg-dropped": len(outcome.dropped), "secagg-bits": settings.bits,
         "secagg-range": settings.quantizer.value_range,
         "secagg-sum-error-bound": settings.quantizer.sum_error_bound(len(outcome.survivors)),
@@ -632,3 +664,32 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
            .metrics().items()},
     })
 
+
+
+# ---- the summary: what the server sees -------------------------------------------------------
+def server_view(privacy: Any, dp: Any) -> dict[str, Any]:
+    """For the summary's privacy section: what the server sees of one client's update.
+
+    Distributed DP without secure aggregation is allowed but not dressed up: the server
+    sees each client's own share, noised with only z / sqrt(min_clients) of the noise, so
+    the summary gives the epsilon that share alone has against the server (neighbouring:
+    one client's data replaced, so sensitivity 2 C; no amplification by sampling, the
+    server knows who took part; every released round counted, as if the client took part
+    in each). The run's epsilon holds against whoever sees only the aggregate."""
+    if privacy.secure_aggregation:
+        return {"secure_aggregation": "SecAgg+ (fedtune.flower.secagg; threat model in "
+                                      "docs/privacy.md)",
+                "server_sees": "the sum of the round's clipped (and noised) updates and how "
+                               "many clients it holds; no client's update"}
+    if dp is None or privacy.mode != "distributed":
+        return {}
+    local_z = dp.settings.noise_multiplier / (2 * math.sqrt(dp.settings.min_clients))
+    rounds = int(dp.accountant.releases)
+    return {"secure_aggregation": "off",
+            "server_sees": "each client's clipped and noised share",
+            "local_noise_multiplier": local_z,
+            "local_epsilon": epsilon_after([(local_z, 1.0, rounds)], privacy.delta,
+                                           privacy.accountant) if rounds else 0.0,
+            "local_epsilon_for": "one client's own shares against the server: its data "
+                                 "replaced (sensitivity 2 C), no subsampling, every "
+                                 "released round"}

@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import Scenario, scenario_from_flat
-from fedtune.flower import ray_nodes
+from fedtune.flower import ray_nodes, secagg
 from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
@@ -116,12 +116,13 @@ def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
 def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
     """The summary's privacy section: the plan, what was spent, and any early stop."""
     p = strategy.scenario.privacy
-    if not (p.client_level or p.sample_level):
+    if not (p.client_level or p.sample_level or p.secure_aggregation):
         return None
     report: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
                               "secure_noise": p.secure_noise}
     if strategy.dp is not None:
         report.update(strategy.dp.report())
+    report.update(secagg.server_view(p, strategy.dp))
     if p.sample_level:
         report.update(sample_noise_multiplier=p.sample_noise_multiplier,
                       sample_clip_norm=p.sample_clip_norm)

@@ -9,12 +9,14 @@ runs a whole tiny federation through the round loop and the real ClientApp."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 from fedtune.config import ConfigError, load_scenario
@@ -175,10 +177,14 @@ def test_what_secure_aggregation_cannot_serve_is_refused(overrides, message):
         load_scenario("tiny", ["privacy.secure_aggregation=true", *overrides])
 
 
-def test_a_tiny_federation_aggregates_the_sum_it_never_saw(tmp_path, monkeypatch):
-    """fedavg over 4 clients, one round: the global adapter is the shared seeded start
-    plus the mean of the clients' clipped updates (recorded on the clients), within the
-    quantisation bound; the server's records hold no client adapter."""
+@pytest.mark.parametrize("overrides", [
+    [],
+    ['federation.aggregator="ffa"', 'privacy.mode="distributed"', "privacy.noise_multiplier=0.5"],
+], ids=["fedavg", "ffa-distributed-dp"])
+def test_a_tiny_federation_aggregates_the_sum_it_never_saw(tmp_path, monkeypatch, overrides):
+    """Four clients, one round: the global adapter is the shared seeded start plus the
+    mean of the clients' clipped (and, under distributed DP, noised) updates as the
+    clients computed them, within the quantisation bound; under ffa A stays frozen."""
     vectors: list[np.ndarray] = []
     real = secagg.update_vector
 
@@ -187,27 +193,54 @@ def test_a_tiny_federation_aggregates_the_sum_it_never_saw(tmp_path, monkeypatch
         return vectors[-1]
     monkeypatch.setattr(secagg, "update_vector", spy)
     scenario = load_scenario("tiny", ["privacy.secure_aggregation=true", "run.rounds=1",
-                                      "privacy.clip_norm=0.05"])
+                                      "privacy.clip_norm=0.05", *overrides])
     run_dir = simulate_in_process(scenario, out_dir=tmp_path)
     assert len(vectors) == 4
-    record = json.loads((run_dir / "summary.json").read_text())["rounds"][-1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    record = summary["rounds"][-1]
     assert record["clients_replied"] == 4 and record["secagg_dropped"] == 0
     exported = load_file(run_dir / "adapter" / "adapter_model.safetensors")
-    rank, scale = scenario.lora.rank, scenario.lora.alpha / scenario.lora.rank
+    scale = scenario.lora.alpha / scenario.lora.rank
     shapes = {k: tuple(v.shape) for k, v in exported.items()}
     start = seeded_lora_state(scenario.run.seed, shapes)
+    frozen_A = "ffa" in " ".join(overrides)
     mean = sum(vectors) / 4
+    bound = record["secagg_sum_error_bound"] / 4
     at = 0
-    bound = secagg.SecAggSettings(0, rank, ("A", "B"), 0.05, 0.0, 22).quantizer \
-        .sum_error_bound(4) / 4
     for key in sorted(exported):  # the layout: peft keys in order, each flattened
-        size = exported[key].numel()
-        part = torch.from_numpy(mean[at: at + size]).reshape(shapes[key]).float()
-        at += size
-        expected = start[key] + part
+        expected = start[key].clone()
+        if not (frozen_A and key.endswith(A_SUFFIX)):
+            size = exported[key].numel()
+            expected += torch.from_numpy(mean[at: at + size]).reshape(shapes[key]).float()
+            at += size
         if key.endswith(B_SUFFIX):
             expected = expected * scale  # the exported adapter folds the scale into B
         tolerance = bound * (scale if key.endswith(B_SUFFIX) else 1) + 1e-6
         assert (exported[key] - expected).abs().max() <= tolerance, key
     assert at == mean.size
-    assert max(np.linalg.norm(v) for v in vectors) <= 0.05 * (1 + 1e-9)  # clipped to C
+    if not frozen_A:
+        assert max(np.linalg.norm(v) for v in vectors) <= 0.05 * (1 + 1e-9)  # clipped to C
+        assert summary["privacy"]["server_sees"].startswith("the sum")
+    else:  # noised after clipping: the range is C + 8 sigma of one share
+        assert summary["privacy"]["server_sees"].startswith("the sum")
+        sigma = 0.5 * 0.05 / np.sqrt(scenario.privacy.min_clients)
+        assert record["secagg_range"] == pytest.approx(0.05 + 8 * sigma)
+
+
+def test_distributed_dp_without_secure_aggregation_reports_each_clients_local_epsilon():
+    """The server sees every share: the summary gives the epsilon of one share alone
+    (noise z C / sqrt(min_clients), sensitivity 2 C, no subsampling), here from Opacus."""
+    privacy = SimpleNamespace(secure_aggregation=False, mode="distributed", delta=1e-5,
+                              accountant="rdp")
+    dp = SimpleNamespace(settings=SimpleNamespace(noise_multiplier=4.0, min_clients=4),
+                         accountant=SimpleNamespace(releases=3))
+    view = secagg.server_view(privacy, dp)
+    library = RDPAccountant()
+    for _ in range(3):
+        library.step(noise_multiplier=4.0 / (2 * 2), sample_rate=1.0)
+    assert view["local_noise_multiplier"] == 1.0
+    assert view["local_epsilon"] == pytest.approx(library.get_epsilon(1e-5), rel=1e-6)
+    assert view["server_sees"] == "each client's clipped and noised share"
+    with_secagg = secagg.server_view(SimpleNamespace(**{**vars(privacy),
+                                                        "secure_aggregation": True}), dp)
+    assert "local_epsilon" not in with_secagg and "sum" in with_secagg["server_sees"]
