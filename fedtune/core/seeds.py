@@ -15,6 +15,7 @@ nowhere else is a seed computed::
     ├── latent_basis_seed(run, module)       a module's fixed Fed-SB basis (fedsb's B_0)
     ├── stream(run, "faults", r)             simulated dropouts and timings of round r
     ├── stream(run, "eval")                  the fixed subset of clients that evaluates
+    ├── stream(run, "generations")           whose held-out prompts the report answers
     └── random.Random(run), one per use      the server's sampling of clients
                                              (``sampler``), the data partition's
                                              shuffles, the profile mix's shuffle
