@@ -6,20 +6,32 @@ result into the reply. The base model and the client's tokenised partition are c
 per process, so a simulation worker (or a long-lived SuperNode process) loads them once
 and serves every round and every virtual client it runs. Only adapter tensors and scalar
 metrics leave the client.
+
+What a client enforces itself, whatever the server asks (docs/privacy.md, "What a client
+enforces"): its own privacy floor (a weaker request is refused with a reply that says
+why, before any training); under client-level DP, a train reply that carries the update
+and nothing data-dependent besides, and no un-noised evaluation unless the scenario
+opted into it and the client has no floor; every DP draw from OS entropy unless the run
+is a declared reproducible experiment; each tensor of a reply held to the shape and
+dtype it was assigned (``messages.Assignment``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
+from fedtune.aggregation.fedsb import latent_shapes
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.core.compress import CompressionSpec
 from fedtune.core.seeds import client_seed
@@ -27,6 +39,7 @@ from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes, secagg
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
+from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal
 from fedtune.train.batches import ClientBatch, client_batch, local_batch
 from fedtune.train.dpsgd import SampleLevelDP
 from fedtune.train.held_out import evaluate_global
@@ -73,6 +86,16 @@ def _check_own_base(own: str, base: str, targets: tuple[str, ...]) -> None:
 
 #: node_config keys of a deployed client (``fedtune client`` / the SDK set them)
 DATA_PATH, NAME, PROFILE, MODEL = "data-path", "name", "profile", "model"
+#: node_config keys of a client's own privacy floor -> PrivacyFloor fields
+FLOOR_KEYS = {"min-noise-multiplier": "min_noise_multiplier",
+              "max-clip-norm": "max_clip_norm", "max-epsilon": "max_epsilon"}
+#: node state: this node has trained under client-level DP in this run (its evaluation
+#: must then not leak what the noise protects, whatever a later message says)
+DP_RUN = "fedtune.dp-run"
+#: the only metrics a train reply carries under client-level DP: nothing about the data
+DP_REPLY_METRICS = frozenset({keys.PARTITION, keys.RAY_NODE, keys.RAY_NODE_IP})
+
+log = logging.getLogger("fedtune")
 
 #: what an embedding application hears from the ClientApp (see ``make_client_app``):
 #: ``(event, server round, details)``; an exception it raises ends the message's work
@@ -129,13 +152,66 @@ def upload_spec(config: Any) -> CompressionSpec:
                            block_size=int(config.get(keys.BLOCK_SIZE, 256)))
 
 
-def _client_dp(config: Any) -> ClientDP | None:
+def _client_dp(config: Any, reproducible: bool) -> ClientDP | None:
     """Distributed client-level DP, when the server asks each client for its noise share."""
     if keys.DP_NOISE_STD not in config:
         return None
     return ClientDP(float(config[keys.DP_CLIP]), float(config[keys.DP_NOISE_STD]),
-                    tuple(str(config[keys.DP_FIELDS]).split(",")),
-                    bool(config.get(keys.DP_SECURE, False)))
+                    tuple(str(config[keys.DP_FIELDS]).split(",")), reproducible)
+
+
+@functools.lru_cache(maxsize=8)
+def _declared_bounds(scenario: Scenario) -> tuple[float, float]:
+    """(z, epsilon) the run declares: its z (given, or planned for its target), and its
+    budget, or without one the epsilon its plan expects."""
+    plan = scenario.privacy_plan()
+    budget = scenario.privacy.budget
+    return plan.noise_multiplier, budget if math.isfinite(budget) else plan.planned_epsilon
+
+
+def declared_dp(scenario: Scenario, config: Any) -> DPRequest:
+    """The client-level DP this round runs under: the scenario's (the run config every
+    node gets), with the clip norm and noise share the message has the client apply."""
+    p = scenario.privacy
+    if not p.client_level:
+        return DPRequest(reproducible=p.reproducible)
+    z, epsilon = _declared_bounds(scenario)
+    return DPRequest(
+        mode=p.mode, clip_norm=max(p.clip_norm, float(config.get(keys.DP_CLIP, 0.0))),
+        noise_multiplier=z, epsilon=epsilon,
+        share_std=float(config.get(keys.DP_NOISE_STD, 0.0)), min_clients=p.min_clients,
+        secure_aggregation=p.secure_aggregation, reproducible=p.reproducible)
+
+
+def own_floor(context: Context, settings: ClientSettings) -> PrivacyFloor:
+    """This client's privacy floor: its node config (``fedtune client`` / the SDK), and
+    its device profile (a deployed client reads its own file; a simulated client has
+    the profile the scenario gave it). The strictest of them holds."""
+    config = context.node_config
+    floor = PrivacyFloor(**{field: float(config[key]) for key, field in FLOOR_KEYS.items()
+                            if key in config})
+    if not _deployed(context):
+        return floor.strictest(settings.privacy_floor)
+    profile = str(config.get(PROFILE, ""))
+    if profile:
+        from fedtune.planning.profiles import load_profile
+
+        floor = floor.strictest(load_profile(profile).privacy_floor)
+    return floor
+
+
+def _who(context: Context, settings: ClientSettings) -> str:
+    if _deployed(context):
+        return f"client {str(context.node_config.get(NAME, ''))!r}"
+    return f"client {settings.partition}"
+
+
+def refuse(message: Message, who: str, what: str, reason: str) -> Message:
+    """A clear refusal reply (not a crash): the server drops it and logs the reason."""
+    text = f"{who} refuses to {what}: {reason}"
+    log.warning("%s", text)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=text),
+                   reply_to=message)
 
 
 def _dpsgd(config: Any) -> DpSgd | None:
@@ -145,16 +221,17 @@ def _dpsgd(config: Any) -> DpSgd | None:
                  float(config[keys.DPSGD_DELTA]), str(config[keys.DPSGD_ACCOUNTANT]))
 
 
-def orders_of(config: Any, payload: ArrayRecord) -> Orders:
-    """What a train message's config asks of the session (defaults where unsaid)."""
+def orders_of(config: Any, payload: ArrayRecord, reproducible: bool = False) -> Orders:
+    """What a train message's config asks of the session (defaults where unsaid);
+    ``reproducible``: the run's DP draws come from the seed, not OS entropy."""
     return Orders(
         mode=str(config.get(keys.MODE, "continue")), init=str(config.get(keys.INIT, "fresh")),
         freeze_A=bool(config.get(keys.FREEZE_A, False)),
         prune_gamma=float(config.get(keys.PRUNE_GAMMA, 0.0)), upload=upload_spec(config),
         error_feedback=bool(config.get(keys.ERROR_FEEDBACK, True)),
         product_selection=config.get(keys.SELECTION, "tensor") == "product",
-        rounded_start=keys.is_packed(payload), client_dp=_client_dp(config),
-        dpsgd=_dpsgd(config), secure_noise=bool(config.get(keys.DP_SECURE, False)))
+        rounded_start=keys.is_packed(payload), client_dp=_client_dp(config, reproducible),
+        dpsgd=_dpsgd(config), reproducible=reproducible)
 
 
 def _kept(context: Context) -> Kept:
@@ -184,7 +261,8 @@ def train_session(scenario: Scenario, settings: ClientSettings, message: Message
     record = message.content.array_records[keys.ADAPTER]
     return TrainingSession(Trainee.of(scenario, settings),
                            client_seed(int(config[keys.SEED]), settings.partition),
-                           keys.record_to_state(record), orders_of(config, record),
+                           keys.record_to_state(record),
+                           orders_of(config, record, scenario.privacy.reproducible),
                            None if context is None else _kept(context))
 
 
@@ -195,8 +273,12 @@ def adapter_record(upload: Upload) -> ArrayRecord:
     return keys.blob_to_record(upload.blob)
 
 
-def _train_metrics(settings: ClientSettings, trainee: Trainee, result: SessionResult
-                   ) -> dict[str, float]:
+def _train_metrics(settings: ClientSettings, trainee: Trainee, result: SessionResult,
+                   private: bool = False) -> dict[str, float]:
+    """The reply's metrics; under client-level DP only those about no data (the loss,
+    example count, memory, timings and norms are all un-noised functions of the data)."""
+    if private:
+        return {keys.PARTITION: settings.partition, **ray_nodes.node_metrics()}
     named = {keys.SAMPLE_EPSILON: result.sample_epsilon,
              keys.DP_UPDATE_NORM: result.upload.update_norm,
              keys.RESIDUAL_NORM_IN: result.upload.residual_norm_in}
@@ -219,6 +301,17 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     (the LoRA or, when the server asks for compression, its compressed update)."""
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
+    config = message.content.config_records[keys.CONFIG]
+    declared = declared_dp(scenario, config)
+    reason = refusal(own_floor(context, settings), declared)
+    if declared.mode == "distributed" and keys.DP_NOISE_STD not in config:
+        reason = "the run is under distributed DP but the message asks for no noise share"
+    if reason is not None:
+        listener("refused", _round(message), {"reason": reason})
+        return refuse(message, _who(context, settings), "train", reason)
+    private = declared.mode != "none"
+    if private:
+        context.state[DP_RUN] = ConfigRecord({"mode": declared.mode})
     session = train_session(scenario, settings, message, context)
     data = _node_batch(scenario, context, settings.partition, settings.seq_len).train
     server_round, steps = _round(message), session.trainee.train.steps
@@ -227,13 +320,42 @@ def train_message(scenario: Scenario, message: Message, context: Context,
         listener("step", server_round, {"step": done, "steps": steps, "loss": loss})
     result = session.run(data, on_step)
     _keep(context, result.upload, result.dpsgd_history)
-    metrics = _train_metrics(settings, session.trainee, result)
+    metrics = _train_metrics(settings, session.trainee, result, private)
     if secagg.asks_secure_aggregation(message):  # keys now, the masked update later
         outgoing = secagg.train_reply(message, context, result.upload, session.start, metrics)
     else:
-        outgoing = keys.reply(message, metrics, adapter_record(result.upload))
+        outgoing = keys.reply(message, metrics, adapter_record(result.upload),
+                              assignment=assignment(session, private))
     listener("train", server_round, metrics)
     return outgoing
+
+
+def assignment(session: TrainingSession, private: bool) -> keys.Assignment:
+    """What the session was asked to send back: the LoRA it started from (keys and
+    shapes), ffa's frozen A unchanged, under DP no data-dependent metric."""
+    start, orders = session.start, session.orders
+    if orders.mode == "latent":  # fedsb: one r x r R per module, nothing else
+        return keys.Assignment(latent_shapes(start),
+                               metrics=DP_REPLY_METRICS if private else None)
+    frozen = {k: v for k, v in start.items() if ".lora_A." in k} if orders.freeze_A else {}
+    return keys.Assignment({k: tuple(v.shape) for k, v in start.items()},
+                           pruning=orders.prune_gamma > 0.0, frozen=frozen,
+                           metrics=DP_REPLY_METRICS if private else None)
+
+
+def eval_refusal(scenario: Scenario, message: Message, context: Context,
+                 settings: ClientSettings) -> str | None:
+    """Why this client does not send held-out numbers: under client-level DP they are
+    un-noised functions of its data, sent only when the scenario opted into it
+    (``privacy.federated_eval``) and the client has no floor of its own."""
+    if not (scenario.privacy.client_level or DP_RUN in context.state):
+        return None
+    opted_in = scenario.privacy.federated_eval
+    if opted_in and not own_floor(context, settings).is_set:
+        return None
+    return ("under client-level DP its held-out loss is an un-noised number about its data"
+            + (" and it has a privacy floor" if opted_in else
+               " (privacy.federated_eval is off)"))
 
 
 def evaluate_message(scenario: Scenario, message: Message, context: Context,
@@ -241,6 +363,10 @@ def evaluate_message(scenario: Scenario, message: Message, context: Context,
     """Handle one evaluate message: held-out loss of exactly the global adapter."""
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
+    reason = eval_refusal(scenario, message, context, settings)
+    if reason is not None:
+        listener("refused", _round(message), {"reason": reason})
+        return refuse(message, _who(context, settings), "evaluate", reason)
     began = time.perf_counter()
     held_out = _node_batch(scenario, context, settings.partition, settings.seq_len).eval
     result = evaluate_global(scenario, settings, _payload(message), held_out)

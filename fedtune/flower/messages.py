@@ -58,19 +58,8 @@ SELECTION = "upload-selection"  # "tensor" top-k, or "product" (effect on B @ A 
 DP_CLIP = "dp-clip-norm"  # distributed client-level DP: clip the update to this norm
 DP_NOISE_STD = "dp-noise-std"  # ... and add this client's share of the noise
 DP_FIELDS = "dp-fields"  # "A,B" or "B" (ffa): the factors the mechanism releases
-DP_SECURE = "dp-secure-noise"  # (old servers) noise from OS entropy; the client's default
-# what the run declares, so a client can hold it to its own floor (fedtune.privacy.floor)
-DP_MODE = "dp-mode"  # "central" | "distributed": client-level DP is on
-DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # z of the client-level mechanism
-DP_EPSILON = "dp-epsilon"  # the most epsilon the run may spend (its budget, else its plan)
-DP_MIN_CLIENTS = "dp-min-clients"  # distributed: the fewest shares that add up to z C
-DP_SECURE_AGG = "dp-secure-aggregation"  # the server sees only sums of masked shares
-#: a reproducible experiment run: the client's DP draws (noise share, DP-SGD batches and
-#: noise) come from the round seed; absent or false, from OS entropy
-DP_REPRODUCIBLE = "dp-reproducible"
-#: evaluate config under client-level DP: the scenario opted into un-noised federated
-#: evaluation (privacy.federated_eval); a client with a privacy floor still refuses it
-DP_EVAL_UNNOISED = "dp-eval-unnoised"
+DP_SECURE = "dp-secure-noise"  # noise from OS entropy (the client reads its scenario's
+#                                 privacy.reproducible: OS entropy unless it is true)
 DPSGD_NOISE = "dpsgd-noise-multiplier"  # > 0: train with DP-SGD (sample-level DP)
 DPSGD_CLIP = "dpsgd-clip-norm"
 DPSGD_DELTA = "dpsgd-delta"

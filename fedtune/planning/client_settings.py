@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedtune.aggregation import AggregationError, capabilities_of, get_aggregator
 from fedtune.config import ConfigError, LoraSpec, ModelSpec, Scenario, TrainConfig
+from fedtune.privacy.floor import PrivacyFloor
 
 if TYPE_CHECKING:
     from fedtune.planning.profiles import DeviceProfile
@@ -33,6 +34,15 @@ class ClientSettings:
     batch_size: int
     seq_len: int
     speed_factor: float = 1.0
+    #: simulation: the privacy floor of the client's profile (a deployed client holds
+    #: the server to its own profile file and command line, not to these)
+    min_noise_multiplier: float = 0.0
+    max_clip_norm: float = 0.0
+    max_epsilon: float = 0.0
+
+    @property
+    def privacy_floor(self) -> PrivacyFloor:
+        return PrivacyFloor(self.min_noise_multiplier, self.max_clip_norm, self.max_epsilon)
 
     def lora_spec(self, base: LoraSpec) -> LoraSpec:
         return replace(base, rank=self.rank, alpha=self.alpha)
@@ -103,6 +113,8 @@ def settings_from_profiles(scenario: Scenario, profiles: Sequence[DeviceProfile 
             quantization=resolved[name].quantization, batch_size=resolved[name].batch_size,
             seq_len=min(resolved[name].seq_len, scenario.data.seq_len),
             speed_factor=resolved[name].speed_factor,
+            min_noise_multiplier=profile.min_noise_multiplier,
+            max_clip_norm=profile.max_clip_norm, max_epsilon=profile.max_epsilon,
         ))
     return settings
 

@@ -29,6 +29,7 @@ from fedtune.model.memory import (
     ModelDims,
     plan,
 )
+from fedtune.privacy.floor import PrivacyFloor
 
 PROFILE_DIR = REPO_ROOT / "clients" / "profiles"
 AUTO = "auto"
@@ -58,6 +59,11 @@ class DeviceProfile:
     batch_size: int = 4
     seq_len: int = 128
     speed_factor: float = 1.0
+    #: the device owner's privacy floor (``fedtune.privacy.floor``): the client refuses
+    #: to train under weaker client-level DP; 0 = no bound
+    min_noise_multiplier: float = 0.0
+    max_clip_norm: float = 0.0
+    max_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         for key, (ok, allowed) in _RULES.items():
@@ -84,6 +90,10 @@ class DeviceProfile:
         except ProfileError as err:
             raise ProfileError(f"{origin}: {err}") from None
 
+    @property
+    def privacy_floor(self) -> PrivacyFloor:
+        return PrivacyFloor(self.min_noise_multiplier, self.max_clip_norm, self.max_epsilon)
+
 
 def _required(f: Field[Any]) -> bool:
     return f.default is MISSING and f.default_factory is MISSING
@@ -99,6 +109,10 @@ def _is_count(value: object) -> bool:
 
 def _is_positive(value: object) -> bool:
     return _is_number(value) and value > 0  # type: ignore[operator]
+
+
+def _is_non_negative(value: object) -> bool:
+    return _is_number(value) and value >= 0  # type: ignore[operator]
 
 
 def _is_text(value: object) -> bool:
@@ -117,6 +131,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_is_count, "an integer >= 1"),
     "seq_len": (_is_count, "an integer >= 1"),
     "speed_factor": (_is_positive, "a number > 0 (1.0 = reference device)"),
+    "min_noise_multiplier": (_is_non_negative, "a number >= 0 (0 = no floor)"),
+    "max_clip_norm": (_is_non_negative, "a number >= 0 (0 = no bound)"),
+    "max_epsilon": (_is_non_negative, "a number >= 0 (0 = no bound)"),
 }
 
 

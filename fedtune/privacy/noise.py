@@ -25,6 +25,12 @@ def _urandom_uniform(count: int) -> np.ndarray:
     return (raw.astype(np.float64) + 1.0) / _TWO_POW_53
 
 
+def os_uniform(count: int) -> Tensor:
+    """``count`` float64 uniforms in (0, 1] from the OS generator: random choices a DP
+    guarantee rests on (DP-SGD's Poisson batches) that nobody may redo from a seed."""
+    return torch.from_numpy(_urandom_uniform(count))
+
+
 def _urandom_normal(count: int) -> np.ndarray:
     """Standard normals by Box-Muller from OS-entropy uniforms."""
     pairs = (count + 1) // 2

@@ -6,6 +6,12 @@ every sequence's gradient of the trainable LoRA parameters to C, sums, adds
 N(0, (z C)^2) and divides by the expected batch size. Only LoRA parameters train, so only
 their per-sample gradients are materialised. The hooks are removed afterwards: the model
 is cached and serves later rounds without them.
+
+The guarantee rests on two random choices, which sequences join each batch and the
+noise, so both come from OS entropy (``fedtune.privacy.noise``) unless the caller asks
+for a reproducible experiment run; then both are drawn from the seed, and whoever knows
+it knows the batches and can subtract the noise. (Opacus' own ``secure_mode`` without a
+generator would draw from torch's global generator, which the training seeds.)
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from dataclasses import dataclass
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from fedtune.config import TrainConfig
+from fedtune.privacy.noise import GaussianNoise, os_uniform
 from fedtune.train.local import TrainResult, check_blocks, lr_at, resolve_device
 
 
@@ -41,20 +49,44 @@ def sample_rate(batch_size: int, examples: int) -> float:
     return min(1.0, batch_size / examples)
 
 
+class _OsEntropyDPOptimizer(DPOptimizer):
+    """Opacus' DP optimizer with its Gaussian noise drawn from OS entropy."""
+
+    def add_noise(self) -> None:
+        source = GaussianNoise(None)
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = source.sample(p.summed_grad.shape, std)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def _poisson_rows(n: int, rate: float, batches: torch.Generator | None) -> torch.Tensor:
+    """The rows of one Poisson batch: each joins with probability ``rate``."""
+    draws = os_uniform(n) if batches is None else torch.rand(n, generator=batches)
+    return (draws < rate).nonzero().squeeze(1)
+
+
 def _noise_only_step(params: list[nn.Parameter], dp: SampleLevelDP, expected: int,
                      generator: torch.Generator | None) -> None:
     """An empty Poisson batch still releases noise: grad = N(0, (z C)^2) / expected."""
+    source = GaussianNoise(None) if generator is None else None
     for p in params:
-        noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+        if source is not None:
+            noise = source.sample(p.shape, 1.0)
+        else:
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
         p.grad = (noise * dp.noise_multiplier * dp.clip_norm / expected).to(p.device, p.dtype)
 
 
 def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfig,
                       dp: SampleLevelDP, seed: int = 0, device: str | torch.device | None = None,
-                      secure: bool = False) -> TrainResult:
+                      reproducible: bool = False) -> TrainResult:
     """``cfg.steps`` DP-SGD steps (AdamW on the privatised gradient) on full packed blocks.
 
-    ``secure`` draws the optimizer's noise from OS entropy instead of a seeded generator.
+    Batches and noise come from OS entropy; ``reproducible`` draws both from ``seed``
+    (an experiment run: see the module's docstring).
     """
     check_blocks(sequences, None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -64,16 +96,17 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     n = sequences.shape[0]
     expected = cfg.batch_size * cfg.grad_accum
     rate = sample_rate(expected, n)
-    batches = torch.Generator().manual_seed(seed)
-    noise_gen = None if secure else torch.Generator(device=dev).manual_seed(seed + 1)
+    batches = torch.Generator().manual_seed(seed) if reproducible else None
+    noise_gen = torch.Generator(device=dev).manual_seed(seed + 1) if reproducible else None
+    optimizer_class = DPOptimizer if reproducible else _OsEntropyDPOptimizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the generator
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(torch.optim.AdamW(params, lr=cfg.lr,
-                                                  weight_decay=cfg.weight_decay),
-                                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.clip_norm,
-                                expected_batch_size=expected, loss_reduction="mean",
-                                generator=noise_gen, secure_mode=secure)
+        optimizer = optimizer_class(torch.optim.AdamW(params, lr=cfg.lr,
+                                                      weight_decay=cfg.weight_decay),
+                                    noise_multiplier=dp.noise_multiplier,
+                                    max_grad_norm=dp.clip_norm, expected_batch_size=expected,
+                                    loss_reduction="mean", generator=noise_gen)
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
@@ -88,7 +121,7 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 optimizer.zero_grad(set_to_none=True)
-                rows = (torch.rand(n, generator=batches) < rate).nonzero().squeeze(1)
+                rows = _poisson_rows(n, rate, batches)
                 if rows.numel() == 0:
                     _noise_only_step(params, dp, expected, noise_gen)
                     optimizer.original_optimizer.step()

@@ -103,7 +103,9 @@ class Orders:
     rounded_start: bool = False  # the payload came compressed: send the update
     client_dp: ClientDP | None = None
     dpsgd: DpSgd | None = None
-    secure_noise: bool = False  # DP-SGD noise from OS entropy (ClientDP has its own flag)
+    #: DP-SGD batches and noise from the seed, an experiment run (ClientDP has its own
+    #: flag); otherwise from OS entropy
+    reproducible: bool = False
 
 
 @dataclass
@@ -193,7 +195,8 @@ class TrainingSession:
         """DP-SGD, and the client's epsilon after it (its own accountant history)."""
         config = self.trainee.train
         result = train_local_dpsgd(self.model, data, config, dpsgd.dp, self.seed,
-                                   self.trainee.train_device, secure=self.orders.secure_noise)
+                                   self.trainee.train_device,
+                                   reproducible=self.orders.reproducible)
         rate = sample_rate(config.batch_size * config.grad_accum, data.shape[0])
         history = [*self.kept.dpsgd_history, (dpsgd.dp.noise_multiplier, rate, config.steps)]
         self.dpsgd_history = history

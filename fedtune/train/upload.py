@@ -29,7 +29,9 @@ class ClientDP:
     clip_norm: float
     noise_std: float
     fields: tuple[str, ...] = ("A", "B")
-    secure: bool = False  # noise from OS entropy instead of the client's seed
+    #: an experiment run: the share is drawn from the client's seed (whoever knows the
+    #: run seed can subtract it); otherwise from OS entropy
+    reproducible: bool = False
 
     def __post_init__(self) -> None:
         unknown = [f for f in self.fields if f not in ("A", "B")]
@@ -55,7 +57,7 @@ def privatize(state: State, start: State, dp: ClientDP, seed: int) -> tuple[Stat
     suffixes = tuple(A_SUFFIX if f == "A" else B_SUFFIX for f in dp.fields)
     begun = sliced_like(start, state)
     delta = {k: state[k] - begun[k] for k in state if k.endswith(suffixes)}
-    noise = GaussianNoise(None if dp.secure else client_noise_seed(seed))
+    noise = GaussianNoise(client_noise_seed(seed) if dp.reproducible else None)
     noisy, norm = local_release(delta, dp.clip_norm, dp.noise_std, noise)
     out = {k: begun[k] + noisy[k] if k in noisy else v for k, v in state.items()}
     return out, norm
