@@ -78,7 +78,9 @@ class FedSB(Aggregator):
     this is averaging R); A must be identical everywhere."""
 
     name = "fedsb"
-    capabilities = Capabilities(additive=True, client_mode="latent", freeze_A=True)
+    #: not ``additive`` although the mean of R is a sum: secure aggregation sums LoRA
+    #: factor entries, and a fedsb reply carries R instead (a secure sum of R is to do)
+    capabilities = Capabilities(client_mode="latent", freeze_A=True)
 
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None

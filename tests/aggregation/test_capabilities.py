@@ -24,7 +24,7 @@ from fedtune.config import FederationSpec
 #: name -> (mixed_ranks, additive, merges, pads, prunes, dp_form, client_mode, freeze_A)
 EXPECTED = {
     "fedavg": (False, True, True, False, False, "factor", "continue", False),
-    "fedsb": (False, True, False, False, False, None, "latent", True),
+    "fedsb": (False, False, False, False, False, None, "latent", True),
     "ffa": (False, True, True, False, False, "factor", "continue", True),
     "flexlora": (True, False, False, False, False, "dense", "continue", False),
     "flora": (True, False, False, False, False, "dense", "residual", False),

@@ -94,4 +94,4 @@ def test_fedsb_rejects_a_differing_A_and_mixed_ranks(gen) -> None:
 def test_fedsb_capabilities() -> None:
     caps = capabilities_of("fedsb")
     assert (caps.mixed_ranks, caps.additive, caps.client_mode, caps.freeze_A, caps.dp_form,
-            caps.merges) == (False, True, "latent", True, None, False)
+            caps.merges) == (False, False, "latent", True, None, False)
