@@ -2,8 +2,9 @@
 
 The BYU Chit Chat Challenge data ships in the ``chitchat-dataset`` PyPI package as one
 JSON file: conversations of turns, each turn a run of messages by one sender. Two
-consecutive turns by different senders make a prompt/response pair, and the pair belongs
-to the sender who responded: a client learns to answer the way its user answers. We read
+consecutive turns by different senders make an exchange, user message then assistant
+message, and it belongs to the sender who responded: a client learns to answer the way its
+user answers. As plain text (no chat template) an exchange is "prompt\nresponse". We read
 the file without importing the package.
 """
 
@@ -20,6 +21,7 @@ from fedtune.data.partition import (
     select_clients,
     split_train_eval,
 )
+from fedtune.data.records import Conversation
 from fedtune.data.types import ClientData, DataError
 
 PACKAGE = "chitchat_dataset"
@@ -41,17 +43,19 @@ def _turn_text(turn: list[dict[str, str]]) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def pairs_by_sender(path: str) -> dict[str, tuple[str, ...]]:
-    """Every sender's responses as ``prompt\\nresponse`` texts, in file order."""
+def pairs_by_sender(path: str) -> dict[str, tuple[Conversation, ...]]:
+    """Every sender's exchanges (the other's turn as the user's message, theirs as the
+    assistant's), in file order."""
     conversations = json.loads(Path(path).read_text(encoding="utf-8"))
-    pairs: dict[str, list[str]] = {}
+    pairs: dict[str, list[Conversation]] = {}
     for conversation in conversations.values():
         turns = [t for t in conversation.get("messages", []) if t]
         for previous, turn in zip(turns, turns[1:], strict=False):
             sender = turn[0].get("sender", "")
             prompt, response = _turn_text(previous), _turn_text(turn)
             if sender and prompt and response and previous[0].get("sender") != sender:
-                pairs.setdefault(sender, []).append(f"{prompt}\n{response}")
+                exchange = Conversation((("user", prompt), ("assistant", response)))
+                pairs.setdefault(sender, []).append(exchange)
     return {sender: tuple(texts) for sender, texts in pairs.items()}
 
 
@@ -75,7 +79,7 @@ def load_chitchat(num_clients: int | None, min_pairs: int = 64, eval_fraction: f
     return clients
 
 
-def grouped_pairs(group_by: str = "sender") -> list[tuple[str, str]]:
+def grouped_pairs(group_by: str = "sender") -> list[tuple[Conversation, str]]:
     """Every prompt/response pair as (text, sender) for pooled partitions."""
     if group_by != "sender":
         raise DataError(f"data.group_by = {group_by!r} is not a chitchat key; allowed: sender")

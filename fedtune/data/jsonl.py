@@ -1,7 +1,8 @@
 """Clients from JSON Lines: a folder with one file per client, or one file with a client field.
 
-Each record is ``{"text": ...}`` or ``{"prompt": ..., "response": ...}``. Errors name the
-file and line so a user can fix their data without reading our code.
+Each record has one of the shapes of ``fedtune.data.records`` (text, prompt/response, chat
+messages, Alpaca). Errors name the file, the line and the field so a user can fix their
+data without reading our code.
 """
 
 from __future__ import annotations
@@ -12,28 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.data.partition import check_eval_fraction, split_train_eval
+from fedtune.data.records import Record, as_text, parse_record
 from fedtune.data.types import ClientData, DataError
-
-RECORD_SHAPES = '{"text": str} or {"prompt": str, "response": str}'
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """The training text of one record; prompt/response pairs become "prompt\\nresponse"."""
-    if not isinstance(record, dict):
-        raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    if "text" in record:
-        return _string_field(record, "text")
-    if "prompt" in record and "response" in record:
-        return f"{_string_field(record, 'prompt')}\n{_string_field(record, 'response')}"
-    raise DataError(f"record has neither shape {RECORD_SHAPES}; keys: {sorted(record)}")
-
-
-def _string_field(record: dict[str, Any], key: str) -> str:
-    """A field that must hold a non-empty string."""
-    value = record[key]
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"field {key!r} must be a non-empty string, got {value!r:.60}")
-    return value
+    """The plain training text of one record (a conversation's turns joined by newlines)."""
+    return as_text(parse_record(record))
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -51,10 +37,10 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield lineno, record
 
 
-def _text_at(path: Path, lineno: int, record: dict[str, Any]) -> str:
-    """format_record, with the file and line added to any error."""
+def _record_at(path: Path, lineno: int, record: dict[str, Any]) -> Record:
+    """parse_record, with the file and line added to any error."""
     try:
-        return format_record(record)
+        return parse_record(record)
     except DataError as err:
         raise DataError(f"{path}:{lineno}: {err}") from None
 
@@ -69,27 +55,28 @@ def _client_id(path: Path, lineno: int, record: dict[str, Any], field: str) -> s
     return str(value)
 
 
-def read_client_file(path: Path) -> list[str]:
-    """All texts of a one-client file; an empty file is an error."""
-    texts = [_text_at(path, lineno, record) for lineno, record in _records(path)]
+def read_client_file(path: Path) -> list[Record]:
+    """All records of a one-client file; an empty file is an error."""
+    texts = [_record_at(path, lineno, record) for lineno, record in _records(path)]
     if not texts:
         raise DataError(f"{path}: client file has no records (every line is blank)")
     return texts
 
 
-def read_grouped_file(path: Path, client_field: str) -> dict[str, list[str]]:
-    """Texts per client of one file, clients in order of first appearance."""
-    groups: dict[str, list[str]] = {}
+def read_grouped_file(path: Path, client_field: str) -> dict[str, list[Record]]:
+    """Records per client of one file, clients in order of first appearance."""
+    groups: dict[str, list[Record]] = {}
     for lineno, record in _records(path):
         cid = _client_id(path, lineno, record, client_field)
-        groups.setdefault(cid, []).append(_text_at(path, lineno, record))
+        groups.setdefault(cid, []).append(_record_at(path, lineno, record))
     if not groups:
         raise DataError(f"{path}: file has no records (every line is blank)")
     return groups
 
 
-def _read_source(path: Path, client_field: str) -> tuple[dict[str, list[str]], dict[str, Path]]:
-    """Texts per client and the file each client came from."""
+def _read_source(path: Path, client_field: str
+                 ) -> tuple[dict[str, list[Record]], dict[str, Path]]:
+    """Records per client and the file each client came from."""
     if path.is_dir():
         files = sorted(path.glob("*.jsonl"))
         if not files:

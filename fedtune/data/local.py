@@ -13,15 +13,16 @@ from pathlib import Path
 
 from fedtune.data.jsonl import read_client_file
 from fedtune.data.partition import cap_samples, split_train_eval
+from fedtune.data.records import Record
 from fedtune.data.types import ClientData, DataError
 
 #: data-path prefix of texts an application handed over in memory (``register_texts``)
 MEMORY_PREFIX = "memory:"
-_held: dict[str, list[str]] = {}
+_held: dict[str, list[Record]] = {}
 _numbers = itertools.count(1)
 
 
-def register_texts(texts: list[str]) -> str:
+def register_texts(texts: list[Record]) -> str:
     """Keep an application's texts in this process under a data path that stands for
     them (the SDK: data that is never written to disk by fedtune)."""
     key = f"{MEMORY_PREFIX}{next(_numbers)}"
@@ -33,8 +34,9 @@ def unregister_texts(key: str) -> None:
     _held.pop(key, None)
 
 
-def read_local_texts(path: str | Path) -> list[str]:
-    """The texts of a client's data file, or a DataError that says what is wrong with it."""
+def read_local_texts(path: str | Path) -> list[Record]:
+    """The records of a client's data file (texts, or conversations from a *.jsonl), or a
+    DataError that says what is wrong with it."""
     if str(path).startswith(MEMORY_PREFIX):
         if str(path) not in _held:
             raise DataError(f"data path {path} names texts held by another process")

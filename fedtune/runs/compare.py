@@ -26,6 +26,7 @@ import torch
 from fedtune.config import ConfigError, Scenario
 from fedtune.core.seeds import client_seed
 from fedtune.core.seeds import round_seed as federation_round_seed
+from fedtune.data.tokenize import PackedData
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.runs.rundir import SUMMARY_FILE, atomic_write_text, new_run_dir, perplexity
 from fedtune.train import EvalResult, combine
@@ -195,7 +196,7 @@ class Alone:
     steps: int
 
 
-def _rounds_alone(scenario: Scenario, trainee: Any, data: torch.Tensor, partition: int = 0
+def _rounds_alone(scenario: Scenario, trainee: Any, data: PackedData, partition: int = 0
                   ) -> Iterator[Alone]:
     """One LoRA trained round after round by a federated client's own session, each round
     continuing from the last (fresh optimizer, schedule restarted) with the seed the
@@ -230,12 +231,12 @@ def centralised_baseline(scenario: Scenario, settings: Sequence[ClientSettings],
     from fedtune.train.batches import client_batch
     from fedtune.train.session import Trainee
 
-    ids = torch.cat([client_batch(scenario, s.partition).train for s in settings])
+    pooled = PackedData.cat([client_batch(scenario, s.partition).train for s in settings])
     trainee = Trainee.of(scenario)
     if steps is not None:
         trainee = replace(trainee, train=replace(trainee.train, steps=steps))
     history = [Scored(start)]
-    for server_round, alone in enumerate(_rounds_alone(scenario, trainee, ids), start=1):
+    for server_round, alone in enumerate(_rounds_alone(scenario, trainee, pooled), start=1):
         folded = _folded_state(alone.state, scenario.lora.scale)
         history.append(Scored(evaluate_adapter(scenario, settings, folded), alone.steps))
         _report(progress, name, server_round, history[-1].result)
@@ -366,6 +367,15 @@ def _table_row(m: dict[str, Any]) -> str:
             f"{up:,.0f} | {down:,.0f} |")
 
 
+def _baselines_said(report: dict[str, Any]) -> str:
+    """What the centralised rows are, when the comparison has them."""
+    if not {CENTRALISED, SAME_WALL} & set(report["methods"]):
+        return ""
+    return (" The centralised baselines pool every client's training data; 'centralised' is "
+            "compute-matched (per round as many optimizer steps as all sampled clients "
+            "together), 'centralised (same wall)' takes as many as one client.")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The comparison table plus what is needed to reproduce it (seed, command)."""
     lines = [
@@ -373,9 +383,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Held-out perplexity over every client's held-out data (token-weighted), after each "
         f"round of {report['steps_per_round']} optimizer steps per client; round 0 is the "
-        "base model. The centralised baseline pools every client's training data and is "
-        "compute-matched: per round it takes as many optimizer steps as all sampled clients "
-        "together; 'centralised (same wall)' takes as many as one client. "
+        f"base model.{_baselines_said(report)} "
         "Bytes are means per round (0 for the in-process baselines).",
         "",
         "| method | final held-out perplexity | perplexity per round "

@@ -16,8 +16,8 @@ from typing import Any
 
 import tomli_w
 
-from fedtune.data.jsonl import RECORD_SHAPES, format_record
 from fedtune.data.local import read_local_texts
+from fedtune.data.records import RECORD_SHAPES, Record, parse_record
 from fedtune.data.types import DataError
 from fedtune.planning.profiles import DeviceProfile, ProfileError, load_profile
 
@@ -26,9 +26,10 @@ DATA_SHAPES = ("a list of strings, an iterable of dicts shaped " + RECORD_SHAPES
                + ", or the path of a *.jsonl / text file")
 
 
-def texts_from(data: object) -> list[str]:
-    """The training texts of ``data`` (see ``DATA_SHAPES``); at least two, since one is
-    held out to measure the federation's progress on this device."""
+def texts_from(data: object) -> list[Record]:
+    """The training records of ``data`` (see ``DATA_SHAPES``: texts, or conversations
+    from dicts in any record shape); at least two, since one is held out to measure the
+    federation's progress on this device."""
     if isinstance(data, (str, Path)):
         if isinstance(data, str) and "\n" in data:
             raise DataError("data is one string with line breaks; pass a list of texts, or "
@@ -44,14 +45,14 @@ def texts_from(data: object) -> list[str]:
     return texts
 
 
-def _text_of(index: int, item: object) -> str:
+def _text_of(index: int, item: object) -> Record:
     if isinstance(item, str):
         if not item.strip():
             raise DataError(f"data[{index}] is an empty string")
         return item
     if isinstance(item, Mapping):
         try:
-            return format_record(dict(item))
+            return parse_record(dict(item))
         except DataError as err:
             raise DataError(f"data[{index}]: {err}") from None
     raise DataError(f"data[{index}] is a {type(item).__name__}; each item must be a string "

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import ModelSpec, Scenario, load_scenario
-from fedtune.data import PackedData, pack, pack_texts
+from fedtune.data import PackedData
+from fedtune.data.chat import pack_records
 from fedtune.data.partition import split_train_eval
+from fedtune.data.records import Record
 from fedtune.data.types import DataError
 
 if TYPE_CHECKING:
@@ -54,19 +56,22 @@ def _trainee(scenario: Scenario, source: str, lent: bool, steps: int | None,
     return Trainee(spec, lora, config, scenario.run.seed)
 
 
-def _own_blocks(texts: list[str], name: str, tokenizer: Any, scenario: Scenario
-                ) -> tuple[Any, PackedData]:
-    """This device's texts split (one part held out, seeded by its name) and packed."""
-    seed, seq_len = scenario.run.seed, scenario.data.seq_len
-    train, held = split_train_eval(texts, scenario.data.eval_fraction, f"{seed}:{name}")
-    blocks = pack_texts(train, tokenizer, seq_len)
-    if blocks.shape[0] == 0:
+def _own_blocks(texts: list[Record], name: str, tokenizer: Any, scenario: Scenario
+                ) -> tuple[PackedData, PackedData]:
+    """This device's records split (one part held out, seeded by its name) and packed as
+    the scenario's ``[data]`` says (chat template, assistant-only loss)."""
+    seed, seq_len, data = scenario.run.seed, scenario.data.seq_len, scenario.data
+    train, held = split_train_eval(texts, data.eval_fraction, f"{seed}:{name}")
+    blocks = pack_records(train, tokenizer, seq_len, data.chat_template,
+                          data.assistant_only_loss)
+    if len(blocks) == 0:
         raise DataError(f"the texts give no full training sequence of {seq_len} tokens; "
                         "give more text")
-    return blocks, pack(held, tokenizer, seq_len, pad_last=True)
+    return blocks, pack_records(held, tokenizer, seq_len, data.chat_template,
+                                data.assistant_only_loss, held_out=True)
 
 
-def train_alone(texts: list[str], name: str, out: Path, *, model: Any = None,
+def train_alone(texts: list[Record], name: str, out: Path, *, model: Any = None,
                 tokenizer: Any = None, federation: Scenario | None = None,
                 steps: int | None = None, lr: float | None = None, rank: int | None = None,
                 on_step: StepCallback | None = None) -> LocalResult:
@@ -91,8 +96,9 @@ def train_alone(texts: list[str], name: str, out: Path, *, model: Any = None,
             give_back(source)
 
 
-def _train_and_save(trainee: Trainee, scenario: Scenario, texts: list[str], name: str, out: Path,
-                    base_name: str | None, on_step: StepCallback | None) -> LocalResult:
+def _train_and_save(trainee: Trainee, scenario: Scenario, texts: list[Record], name: str,
+                    out: Path, base_name: str | None, on_step: StepCallback | None
+                    ) -> LocalResult:
     from fedtune.model.loading import base_model_name
     from fedtune.model.lora import adapter_state, save_peft_adapter
     from fedtune.train import evaluate
@@ -104,7 +110,7 @@ def _train_and_save(trainee: Trainee, scenario: Scenario, texts: list[str], name
 
     def held_out_loss() -> float:
         return float(evaluate(model, held_out.input_ids, trainee.train.batch_size,
-                              labels=held_out.labels).loss)
+                              labels=held_out.labels, position_ids=held_out.position_ids).loss)
 
     def step(done: int, loss: float) -> None:
         if on_step is not None:

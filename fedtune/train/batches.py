@@ -11,20 +11,20 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fedtune.config import DataSpec, Scenario
-from fedtune.data import ClientData, PackedData, clients_of, pack, pack_texts
+from fedtune.data import ClientData, PackedData, clients_of
+from fedtune.data.chat import pack_records
 from fedtune.model.loading import load_tokenizer
 
 
 @dataclass(frozen=True)
 class ClientBatch:
-    """One client's tokenised partition: packed training and held-out sequences."""
+    """One client's tokenised partition: packed training and held-out blocks (see
+    ``fedtune.data.chat.pack_records``: plain running text, or examples packed whole)."""
 
     client_id: str
-    train: torch.Tensor  # [n, seq_len] full packed blocks
-    eval: PackedData  # held-out blocks, the last one padded (labels mask the padding)
+    train: PackedData
+    eval: PackedData
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,16 +41,16 @@ def _tokenised(data: DataSpec, seed: int, source: str, partition_id: int, seq_le
         raise ValueError(
             f"partition-id {partition_id} is out of range: the scenario has {len(clients)} clients"
         )
-    return _pack_client(clients[partition_id], source, seq_len, data.max_eval_sequences)
+    return _pack_client(clients[partition_id], source, seq_len, data)
 
 
-def _pack_client(client: ClientData, source: str, seq_len: int, max_eval: int) -> ClientBatch:
+def _pack_client(client: ClientData, source: str, seq_len: int, data: DataSpec) -> ClientBatch:
     tokenizer = _tokenizer(source)
-    train = pack_texts(client.train, tokenizer, seq_len)
-    held_out = pack(client.eval, tokenizer, seq_len, pad_last=True)
-    cap = max_eval or None
-    held_out = PackedData(held_out.input_ids[:cap], held_out.labels[:cap])
-    if train.shape[0] == 0:
+    train, held_out = (pack_records(records, tokenizer, seq_len, data.chat_template,
+                                    data.assistant_only_loss, held_out=held)
+                       for records, held in ((client.train, False), (client.eval, True)))
+    held_out = held_out.rows(slice(0, data.max_eval_sequences or None))
+    if len(train) == 0:
         raise ValueError(
             f"client {client.client_id} has no full training sequence of {seq_len} tokens; "
             "lower data.seq_len or raise data.min_lines"
@@ -71,7 +71,7 @@ def _local_tokenised(path: str, name: str, data: DataSpec, seed: int, source: st
     from fedtune.data.local import load_local
 
     client = load_local(path, name, data.eval_fraction, seed, data.max_samples_per_client or None)
-    return _pack_client(client, source, seq_len, data.max_eval_sequences)
+    return _pack_client(client, source, seq_len, data)
 
 
 def local_batch(scenario: Scenario, path: str, name: str, seq_len: int | None = None

@@ -27,8 +27,9 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from fedtune.config import TrainConfig
+from fedtune.data.tokenize import IGNORE_INDEX
 from fedtune.privacy.noise import GaussianNoise, os_uniform
-from fedtune.train.local import TrainResult, check_blocks, lr_at, resolve_device
+from fedtune.train.local import TrainResult, check_blocks, lr_at, packed_inputs, resolve_device
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,17 @@ def _noise_only_step(params: list[nn.Parameter], dp: SampleLevelDP, expected: in
 
 def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfig,
                       dp: SampleLevelDP, seed: int = 0, device: str | torch.device | None = None,
-                      reproducible: bool = False) -> TrainResult:
+                      reproducible: bool = False, labels: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> TrainResult:
     """``cfg.steps`` DP-SGD steps (AdamW on the privatised gradient) on full packed blocks.
 
     Batches and noise come from OS entropy; ``reproducible`` draws both from ``seed``
-    (an experiment run: see the module's docstring).
+    (an experiment run: see the module's docstring). ``labels`` (default: the ids) and
+    ``position_ids`` as for ``train_local``: a block's loss, and so its clipped gradient,
+    counts its labelled tokens only.
     """
-    check_blocks(sequences, None)
+    check_blocks(sequences, labels)
+    labels = sequences if labels is None else labels
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters with requires_grad=True to train")
@@ -126,12 +131,13 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
                     _noise_only_step(params, dp, expected, noise_gen)
                     optimizer.original_optimizer.step()
                     continue
-                ids = sequences[rows].to(dev)
-                loss = wrapped(input_ids=ids, labels=ids).loss
+                ids, targets = sequences[rows].to(dev), labels[rows].to(dev)
+                positions = None if position_ids is None else position_ids[rows]
+                loss = wrapped(**packed_inputs(ids, positions), labels=targets).loss
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-                tokens += int(ids.numel() - ids.shape[0])
+                tokens += int((targets[:, 1:] != IGNORE_INDEX).sum())
     finally:
         optimizer.zero_grad(set_to_none=True)
         wrapped._close()  # removes the hooks and the grad_sample attributes

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedtune.train.local import IGNORE_INDEX, check_blocks, resolve_device
+from fedtune.train.local import IGNORE_INDEX, check_blocks, packed_inputs, resolve_device
 
 
 @dataclass
@@ -48,11 +48,13 @@ def evaluate(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> EvalResult:
     """Token-weighted causal LM loss of ``model`` on ``[n, seq_len]`` blocks.
 
-    ``labels`` defaults to ``sequences``; -100 marks positions not to score. The
-    model's train/eval mode is restored afterwards.
+    ``labels`` defaults to ``sequences``; -100 marks positions not to score.
+    ``position_ids``: examples packed whole (see ``packed_inputs``). The model's
+    train/eval mode is restored afterwards.
     """
     check_blocks(sequences, labels)
     if batch_size < 1:
@@ -65,7 +67,8 @@ def evaluate(
     try:
         for start in range(0, sequences.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            logits = model(input_ids=sequences[rows].to(dev)).logits
+            positions = None if position_ids is None else position_ids[rows]
+            logits = model(**packed_inputs(sequences[rows].to(dev), positions)).logits
             batch_total, batch_count = _summed_loss(logits, labels[rows].to(dev))
             total, count = total + batch_total, count + batch_count
     finally:

@@ -22,7 +22,8 @@ def evaluate_client(model: torch.nn.Module, scenario: Scenario, partition_id: in
     if held_out is None:
         held_out = client_batch(scenario, partition_id, seq_len).eval
     return evaluate(model, held_out.input_ids, batch_size or scenario.train.batch_size,
-                    Trainee.of(scenario).device, labels=held_out.labels)
+                    Trainee.of(scenario).device, labels=held_out.labels,
+                    position_ids=held_out.position_ids)
 
 
 def evaluate_global(scenario: Scenario, settings: ClientSettings,

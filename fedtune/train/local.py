@@ -80,11 +80,22 @@ def check_blocks(sequences: torch.Tensor, labels: torch.Tensor | None) -> None:
         raise ValueError(f"labels shape {tuple(labels.shape)} != ids {tuple(sequences.shape)}")
 
 
+def packed_inputs(ids: torch.Tensor, positions: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The forward's inputs. With position ids (examples packed whole) there is no
+    attention mask and no cache: transformers then reads the restarts of the position
+    ids as example boundaries and attends block-diagonally (``find_packed_sequence_indices``
+    in ``transformers.masking_utils``); a cache would turn that detection off."""
+    if positions is None:
+        return {"input_ids": ids}
+    return {"input_ids": ids, "position_ids": positions.to(ids.device), "use_cache": False}
+
+
 def _micro_step(
-    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, scale: float
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, scale: float,
+    positions: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """Forward + backward on one micro-batch; returns its loss and label-token count."""
-    loss = model(input_ids=ids, labels=labels).loss
+    loss = model(**packed_inputs(ids, positions), labels=labels).loss
     (loss * scale).backward()
     return float(loss.detach()), int((labels != IGNORE_INDEX).sum())
 
@@ -97,11 +108,13 @@ def train_local(
     device: str | torch.device | None = None,
     labels: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` AdamW steps on the model's trainable parameters.
 
     ``labels`` defaults to ``sequences`` (packed blocks, no padding); pass
-    ``PackedData.labels`` when blocks are padded. The model should already be on
+    ``PackedData.labels`` when blocks are padded or masked, and its ``position_ids``
+    when examples are packed whole. The model should already be on
     ``device`` (default: where its parameters are); it is left in eval mode.
     ``on_step(steps done, loss)`` runs after every step: progress for an application,
     and the place to stop early (an exception it raises ends training).
@@ -129,7 +142,8 @@ def train_local(
                 for _ in range(cfg.grad_accum):
                     rows = next(batches)
                     ids, lab = sequences[rows].to(dev), labels[rows].to(dev)
-                    loss, count = _micro_step(model, ids, lab, 1.0 / cfg.grad_accum)
+                    positions = None if position_ids is None else position_ids[rows]
+                    loss, count = _micro_step(model, ids, lab, 1.0 / cfg.grad_accum, positions)
                     step_loss += loss / cfg.grad_accum
                     tokens += count
                 if cfg.max_grad_norm is not None:

@@ -22,6 +22,7 @@ from fedtune.aggregation.fedsb import latent_key
 from fedtune.aggregation.start import client_start
 from fedtune.config import LoraSpec, ModelSpec, Scenario, TrainConfig
 from fedtune.core.compress import CompressionSpec
+from fedtune.data.tokenize import PackedData
 from fedtune.model.cache import get_peft_model
 from fedtune.model.device import pick_device
 from fedtune.model.loading import LENT_PREFIX
@@ -180,24 +181,28 @@ class TrainingSession:
         self.seconds_load = time.perf_counter() - began
         return model
 
-    def train(self, data: torch.Tensor, on_step: Callable[[int, float], None] | None = None
-              ) -> TrainResult:
-        """``train_local`` on the packed blocks, or DP-SGD when ordered (which reports no
-        steps: it runs under Opacus' hooks)."""
+    def train(self, data: PackedData | torch.Tensor,
+              on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+        """``train_local`` on the packed blocks (a tensor: full blocks of running text), or
+        DP-SGD when ordered (which reports no steps: it runs under Opacus' hooks)."""
         if self.model is None:
             raise RuntimeError("TrainingSession.train before prepare: no model to train")
+        if isinstance(data, torch.Tensor):
+            data = PackedData.blocks(data)
         if self.orders.dpsgd is not None:
             return self._train_dpsgd(data, self.orders.dpsgd)
-        return train_local(self.model, data, self.trainee.train, self.seed,
-                           self.trainee.train_device, on_step=on_step)
+        return train_local(self.model, data.input_ids, self.trainee.train, self.seed,
+                           self.trainee.train_device, labels=data.labels, on_step=on_step,
+                           position_ids=data.position_ids)
 
-    def _train_dpsgd(self, data: torch.Tensor, dpsgd: DpSgd) -> TrainResult:
+    def _train_dpsgd(self, data: PackedData, dpsgd: DpSgd) -> TrainResult:
         """DP-SGD, and the client's epsilon after it (its own accountant history)."""
         config = self.trainee.train
-        result = train_local_dpsgd(self.model, data, config, dpsgd.dp, self.seed,
+        result = train_local_dpsgd(self.model, data.input_ids, config, dpsgd.dp, self.seed,
                                    self.trainee.train_device,
-                                   reproducible=self.orders.reproducible)
-        rate = sample_rate(config.batch_size * config.grad_accum, data.shape[0])
+                                   reproducible=self.orders.reproducible,
+                                   labels=data.labels, position_ids=data.position_ids)
+        rate = sample_rate(config.batch_size * config.grad_accum, len(data))
         history = [*self.kept.dpsgd_history, (dpsgd.dp.noise_multiplier, rate, config.steps)]
         self.dpsgd_history = history
         self.sample_epsilon = epsilon_after(history, dpsgd.delta, dpsgd.accountant)
@@ -242,13 +247,13 @@ class TrainingSession:
         uninstall_latent(self.model)
         return Upload(state={latent_key(module): r for module, r in R.items()})
 
-    def run(self, data: torch.Tensor, on_step: Callable[[int, float], None] | None = None
-            ) -> SessionResult:
+    def run(self, data: PackedData | torch.Tensor,
+            on_step: Callable[[int, float], None] | None = None) -> SessionResult:
         """Prepare, train on ``data`` ([n, seq_len] packed blocks), and make the upload."""
         self.prepare()
         trained = self.train(data, on_step)
         began = time.perf_counter()
         upload = self.upload(adapter_state(self.model))
-        return SessionResult(upload, trained, int(data.shape[0]), self.seconds_load,
+        return SessionResult(upload, trained, len(data), self.seconds_load,
                              time.perf_counter() - began, self.sample_epsilon,
                              self.dpsgd_history)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.data import DataError, format_record, load_clients, load_jsonl
+from fedtune.data.records import as_text
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:
@@ -17,13 +18,13 @@ def write_jsonl(path: Path, records: list[object]) -> Path:
 
 def texts(clients, cid: str) -> list[str]:
     client = next(c for c in clients if c.client_id == cid)
-    return sorted(client.train + client.eval)
+    return sorted(as_text(r) for r in client.train + client.eval)
 
 
 def test_format_record_shapes() -> None:
     assert format_record({"text": "hello"}) == "hello"
     assert format_record({"prompt": "Q?", "response": "A.", "client": "x"}) == "Q?\nA."
-    with pytest.raises(DataError, match="neither shape"):
+    with pytest.raises(DataError, match="none of the shapes"):
         format_record({"prompt": "only a prompt"})
 
 
@@ -60,7 +61,8 @@ def test_single_file_mode_groups_by_client_field(tmp_path: Path) -> None:
 
 BAD_CASES = {
     "bad json": (['{"text": "ok"}', '{"text": '], 2, "invalid JSON"),
-    "neither shape": (['{"text": "ok"}', '{"text": "ok2"}', '{"body": "x"}'], 3, "neither shape"),
+    "none of the shapes": (['{"text": "ok"}', '{"text": "ok2"}', '{"body": "x"}'], 3,
+                           "none of the shapes"),
     "not an object": (['{"text": "ok"}', "[1, 2]"], 2, "JSON object"),
     "text not a string": (['{"text": 5}'], 1, "non-empty string"),
 }

@@ -6,6 +6,7 @@ import pytest
 
 from fedtune.data import DataError
 from fedtune.data.local import load_local, read_local_texts
+from fedtune.data.records import Conversation
 
 
 def test_text_file_gives_one_text_per_non_blank_line(tmp_path):
@@ -18,7 +19,7 @@ def test_jsonl_file_uses_the_record_shapes(tmp_path):
     path = tmp_path / "bob.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
         {"text": "hello"}, {"prompt": "q", "response": "a"}]))
-    assert read_local_texts(path) == ["hello", "q\na"]
+    assert read_local_texts(path) == ["hello", Conversation((("user", "q"), ("assistant", "a")))]
 
 
 def test_split_is_seeded_by_the_client_name_and_keeps_every_text(tmp_path):

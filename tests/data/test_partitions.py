@@ -76,7 +76,8 @@ def test_chitchat_natural_partition_is_one_user_each() -> None:
         own = set(by_sender[c.client_id])
         assert set(c.train) <= own and set(c.eval) <= own and len(own) >= 100
         assert len(c.train) <= 50
-        assert all("\n" in t for t in c.train)  # prompt \n response
+        assert all([r for r, _ in t.messages] == ["user", "assistant"] for t in c.train)
+        assert all(t.text == f"{t.messages[0][1]}\n{t.messages[1][1]}" for t in c.train)
     with pytest.raises(DataError, match="users have >= 100000 responses"):
         load_clients("chitchat", num_clients=2, min_lines=100000)
 

@@ -15,6 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import fedtune
 from fedtune.config import load_scenario
 from fedtune.data.local import read_local_texts
+from fedtune.data.records import Conversation
 from fedtune.model.compat import check_compatible, describe_base
 from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
 from fedtune.planning.profiles import DeviceProfile, load_profile
@@ -26,7 +27,8 @@ TINY = load_scenario("tiny")
 # ---- data ------------------------------------------------------------------------------
 def test_texts_from_every_accepted_shape(tmp_path: Path) -> None:
     assert texts_from(["a b", "c d"]) == ["a b", "c d"]
-    assert texts_from(iter([{"text": "x"}, {"prompt": "q", "response": "r"}])) == ["x", "q\nr"]
+    exchange = Conversation((("user", "q"), ("assistant", "r")))
+    assert texts_from(iter([{"text": "x"}, {"prompt": "q", "response": "r"}])) == ["x", exchange]
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
     assert texts_from(jsonl) == ["one", "two"] == texts_from(str(jsonl))
@@ -38,8 +40,8 @@ def test_texts_from_every_accepted_shape(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("data", "message"), [
     ([], "0 text"),
     (["only one"], "1 text"),
-    ([{"title": "no text"}, "ok"], r"data\[0\].*neither shape"),
-    (["ok", {"prompt": "q"}], r"data\[1\].*neither shape"),
+    ([{"title": "no text"}, "ok"], r"data\[0\].*none of the shapes"),
+    (["ok", {"prompt": "q"}], r"data\[1\].*none of the shapes"),
     (["ok", 42], r"data\[1\] is a int"),
     (["ok", "   "], r"data\[1\] is an empty string"),
     ({"text": "a dict, not a list of them"}, "got dict"),
