@@ -241,6 +241,13 @@ def client(
     state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
     connect_wait: float = typer.Option(
         30.0, "--connect-wait", help="Seconds to keep trying to reach the server at start."),
+    min_noise_multiplier: float = typer.Option(
+        0.0, "--min-noise-multiplier", help="Refuse to train under client-level DP with a "
+        "smaller noise multiplier (or without DP); 0 = no floor. See docs/privacy.md."),
+    max_clip_norm: float = typer.Option(
+        0.0, "--max-clip-norm", help="Refuse a client-level DP clip norm above this (0 = any)."),
+    max_epsilon: float = typer.Option(
+        0.0, "--max-epsilon", help="Refuse a run whose declared epsilon is above this (0 = any)."),
     per_message_process: bool = typer.Option(
         False, "--per-message-process",
         help="Flower's default: a fresh ClientApp process (and model load) per message."),
@@ -253,12 +260,18 @@ def client(
     import threading
 
     from fedtune.deploy.client import ClientError, ClientOptions, run_client
+    from fedtune.privacy.floor import PrivacyFloor, PrivacyFloorError
 
+    try:
+        floor = PrivacyFloor(min_noise_multiplier, max_clip_norm, max_epsilon)
+    except PrivacyFloorError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        raise typer.Exit(2) from None
     options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
                             root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, state_dir=state_dir, app=client_app,
                             connect_wait=connect_wait, long_lived=not per_message_process,
-                            model=model)
+                            model=model, privacy_floor=floor)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

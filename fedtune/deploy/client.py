@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from fedtune.deploy.seal import RunPin
 from fedtune.deploy.server import flower_bin, flower_env, free_port, stop_process, tail
 from fedtune.deploy.task import TOKEN_VARIABLE, load_app
 from fedtune.deploy.task import command as task_command
+from fedtune.privacy.floor import PrivacyFloor
 
 log = logging.getLogger("fedtune")
 
@@ -63,6 +64,9 @@ class ClientOptions:
     #: False: a fresh ClientApp process (imports + model load) per message, Flower's
     #: default cost; kept to measure what the long-lived worker saves
     long_lived: bool = True
+    #: the weakest client-level DP this client trains under (docs/privacy.md, "What a
+    #: client enforces"); unset bounds nothing
+    privacy_floor: PrivacyFloor = field(default_factory=PrivacyFloor)
 
     @property
     def client_name(self) -> str:
@@ -164,6 +168,7 @@ def node_config(options: ClientOptions) -> str:
               or options.profile.endswith(".toml") else options.profile}
     if options.model:
         values["model"] = options.model
+    values.update(options.privacy_floor.node_config())
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 

@@ -86,9 +86,6 @@ def _check_own_base(own: str, base: str, targets: tuple[str, ...]) -> None:
 
 #: node_config keys of a deployed client (``fedtune client`` / the SDK set them)
 DATA_PATH, NAME, PROFILE, MODEL = "data-path", "name", "profile", "model"
-#: node_config keys of a client's own privacy floor -> PrivacyFloor fields
-FLOOR_KEYS = {"min-noise-multiplier": "min_noise_multiplier",
-              "max-clip-norm": "max_clip_norm", "max-epsilon": "max_epsilon"}
 #: node state: this node has trained under client-level DP in this run (its evaluation
 #: must then not leak what the noise protects, whatever a later message says)
 DP_RUN = "fedtune.dp-run"
@@ -184,12 +181,12 @@ def declared_dp(scenario: Scenario, config: Any) -> DPRequest:
 
 
 def own_floor(context: Context, settings: ClientSettings) -> PrivacyFloor:
-    """This client's privacy floor: its node config (``fedtune client`` / the SDK), and
+    """This client's privacy floor: its node config (``fedtune client`` / the SDK, keys
+    ``fedtune.privacy.floor.NODE_CONFIG_KEYS``), and
     its device profile (a deployed client reads its own file; a simulated client has
     the profile the scenario gave it). The strictest of them holds."""
     config = context.node_config
-    floor = PrivacyFloor(**{field: float(config[key]) for key, field in FLOOR_KEYS.items()
-                            if key in config})
+    floor = PrivacyFloor.from_node_config(config)
     if not _deployed(context):
         return floor.strictest(settings.privacy_floor)
     profile = str(config.get(PROFILE, ""))

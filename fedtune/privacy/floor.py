@@ -15,9 +15,14 @@ Pure numbers: no Flower, no torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 DP_MODES = ("central", "distributed")
+#: how a deployed client's node config carries its floor (``fedtune client``, the SDK)
+NODE_CONFIG_KEYS = {"min-noise-multiplier": "min_noise_multiplier",
+                    "max-clip-norm": "max_clip_norm", "max-epsilon": "max_epsilon"}
 
 
 class PrivacyFloorError(ValueError):
@@ -46,6 +51,16 @@ class PrivacyFloor:
                     or not math.isfinite(value) or value < 0:
                 raise PrivacyFloorError(f"privacy floor {name} = {value!r} is not allowed; "
                                         "expected a finite number >= 0 (0 = no bound)")
+
+    @classmethod
+    def from_node_config(cls, config: Mapping[str, Any]) -> PrivacyFloor:
+        return cls(**{field: float(config[key]) for key, field in NODE_CONFIG_KEYS.items()
+                      if key in config})
+
+    def node_config(self) -> dict[str, float]:
+        """The floor as node config entries (only the bounds that are set)."""
+        return {key: float(getattr(self, field)) for key, field in NODE_CONFIG_KEYS.items()
+                if getattr(self, field)}
 
     @property
     def is_set(self) -> bool:

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import Scenario, load_scenario
+from fedtune.privacy.floor import PrivacyFloor
 from fedtune.sdk.inputs import check_lendable, client_name, profile_file, texts_from
 
 log = logging.getLogger("fedtune")
@@ -92,6 +93,16 @@ def _serially(message: Any, context: Any, call_next: Callable[[Any, Any], Any]) 
         return call_next(message, context)
 
 
+def _floor(value: PrivacyFloor | Mapping[str, float] | None) -> PrivacyFloor:
+    if isinstance(value, PrivacyFloor):
+        return value
+    try:
+        return PrivacyFloor(**dict(value or {}))
+    except TypeError:
+        raise ValueError(f"privacy_floor = {value!r}: expected a PrivacyFloor or a dict of "
+                         "min_noise_multiplier, max_clip_norm, max_epsilon") from None
+
+
 class Client:
     """A device that takes part in federated fine-tuning from inside an application.
 
@@ -104,13 +115,17 @@ class Client:
     and rank). ``federation``: the federation's scenario (path, bundled name or
     ``Scenario``), to check model compatibility now instead of at the first message.
     ``state_dir``: where the client keeps its name, Flower's state and the adapters it
-    receives (default: a new temporary folder).
+    receives (default: a new temporary folder). ``privacy_floor``: the weakest
+    client-level DP this device trains under, a ``fedtune.privacy.floor.PrivacyFloor`` or
+    a dict of its fields (``{"min_noise_multiplier": 1.0}``); a weaker run is refused
+    (docs/privacy.md, "What a client enforces").
     """
 
     def __init__(self, data: object, model: object = None, *, tokenizer: Any = None,
                  profile: object = None, name: str | None = None,
                  state_dir: str | Path | None = None,
-                 federation: str | Path | Scenario | None = None) -> None:
+                 federation: str | Path | Scenario | None = None,
+                 privacy_floor: PrivacyFloor | Mapping[str, float] | None = None) -> None:
         self.texts = texts_from(data)
         self.state_dir = Path(state_dir) if state_dir else Path(
             tempfile.mkdtemp(prefix="fedtune-sdk-"))
@@ -120,6 +135,7 @@ class Client:
         rank = self.federation.lora.rank if self.federation is not None else None
         self.profile = profile_file(profile, self.state_dir, rank)  # type: ignore[arg-type]
         self.name = client_name(name, self.state_dir)
+        self.privacy_floor = _floor(privacy_floor)
         if self.federation is not None:
             self.check(self.federation)
 
@@ -153,7 +169,8 @@ class Client:
             server=server, data=session.data_key, name=self.name, profile=self.profile,
             insecure=insecure, root_certificates=str(root_certificates or ""),
             auth_key=str(auth_key or ""), state_dir=str(self.state_dir / "flower"),
-            connect_wait=connect_wait, model=session.model_source)
+            connect_wait=connect_wait, model=session.model_source,
+            privacy_floor=self.privacy_floor)
         try:
             check_local(options)
         except ClientError as err:
