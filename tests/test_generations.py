@@ -119,11 +119,11 @@ def test_the_report_shows_the_replies_escaped(tmp_path):
     from html import escape
 
     assert escape(pair.adapter) in page and escape(pair.prompt) in page
-    hostile = {"client": "c", "prompt": "<script>alert(1)</script>", "base": "a & b",
+    hostile = {"client": "c", "prompt": "<script>alert(1)</script>", "base": "a & b\x1b[2J",
                "adapter": "</td></table>"}
     page = render_report(json.loads((run_dir / SUMMARY_FILE).read_text()), [hostile])
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "a &amp; b" in page and "&lt;/td&gt;&lt;/table&gt;" in page
+    assert "a &amp; b\ufffd[2J" in page and "&lt;/td&gt;&lt;/table&gt;" in page
 
 
 def test_zero_generations_writes_nothing(tmp_path):
@@ -174,7 +174,8 @@ def test_prompt_of_plain_text_and_of_messages():
         prompt_of(42, tokenizer)
 
 
-def test_pair_lines_are_short_single_lines():
-    pair = Generation("c1", "a\nb", "x" * 500, "y")
+def test_pair_lines_are_short_single_lines_a_terminal_cannot_act_on():
+    pair = Generation("c1", "a\nb", "x" * 500, "\x1b[2Jy\rz\x08")
     lines = pair_lines(pair, limit=40)
     assert lines[0].endswith("a ⏎ b") and len(lines[1]) < 70 and lines[1].endswith("…")
+    assert lines[2].endswith("\ufffd[2Jy\ufffdz\ufffd")

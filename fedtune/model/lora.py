@@ -8,6 +8,7 @@ export to a folder that ``PeftModel.from_pretrained`` understands.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -123,7 +124,10 @@ def attach_lora(
     _check_targets(model, spec.target_modules)
     if _is_kbit(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    with torch.random.fork_rng(devices=[]):  # peft's own init must not shift the caller's RNG
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft's own init must not shift the caller's RNG; and peft asks every model it
+        # wraps transformers' deprecated ``is_gradient_checkpointing`` (nothing a user can do)
+        warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         peft_model = get_peft_model(model, _lora_config(spec), adapter_name=adapter)
     _seeded_init(peft_model, seed, adapter)
     return peft_model.eval()

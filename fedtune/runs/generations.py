@@ -40,6 +40,7 @@ import torch
 from fedtune.config import Scenario
 from fedtune.core.files import atomic_file
 from fedtune.core.seeds import stream
+from fedtune.runs.report import printable
 from fedtune.runs.rundir import ADAPTER_DIR, GENERATIONS_FILE, SUMMARY_FILE, write_report
 
 log = logging.getLogger("fedtune")
@@ -223,8 +224,9 @@ def write_generations(scenario: Scenario, run_dir: Path) -> list[Generation]:
 
 
 def _one_line(text: str, limit: int) -> str:
-    """``text`` on one line (newlines shown as ⏎), cut to ``limit`` characters."""
-    flat = text.strip().replace("\r", "").replace("\n", " ⏎ ")
+    """``text`` on one line (newlines shown as ⏎, other control characters as U+FFFD),
+    cut to ``limit`` characters."""
+    flat = printable(text.strip().replace("\n", " ⏎ "), keep="")
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 

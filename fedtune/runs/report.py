@@ -145,8 +145,14 @@ def _scenario_toml(scenario: dict[str, Any]) -> str:
     return tomli_w.dumps(plain(scenario))
 
 
+def printable(text: str, keep: str = "\n\t") -> str:
+    """``text`` with control characters (but those in ``keep``) shown as U+FFFD: a
+    model's reply may hold any byte, and a terminal or a page must not act on it."""
+    return "".join(c if c.isprintable() or c in keep else "\ufffd" for c in text)
+
+
 def _text_cell(text: Any) -> str:
-    return f"<td>{html.escape(str(text))}</td>"
+    return f"<td>{html.escape(printable(str(text)))}</td>"
 
 
 def generations_table(pairs: list[dict[str, Any]]) -> str:
