@@ -6,12 +6,16 @@ engine's own mapping is read, see ``fedtune.flower.simulated_nodes``), a deploye
 says its name, and names get partitions in order. Sampling, simulated faults and the
 evaluation subset are seeded from ``run.seed`` (``fedtune.core.seeds``), so a seeded run
 picks the same clients every time, and a resumed one (``state``/``load_state``) goes on
-with the same draws.
+with the same draws. Under client-level DP the sample is Poisson
+(``fedtune.privacy.sampling``) and drawn from OS entropy unless the run is a
+reproducible experiment: who was sampled is then a secret the server keeps to itself.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -26,6 +30,7 @@ from fedtune.flower import messages as keys
 from fedtune.flower.identity import Claim, NameKeys
 from fedtune.planning.client_settings import ClientSettings, client_settings
 from fedtune.planning.faults import RoundFaults
+from fedtune.privacy.sampling import PoissonCohort, poisson_cohort
 
 log = logging.getLogger("fedtune")
 
@@ -49,6 +54,16 @@ def _with_fixed_rank(profile: str, rank: int) -> str | None:
     return tomli_w.dumps({**fields, "rank": rank})
 
 
+def client_sampler(scenario: Scenario) -> random.Random:
+    """Who takes part in a round: the run's seeded stream, or, under client-level DP
+    (unless ``privacy.reproducible``), the OS's generator, so that knowing the seed
+    reveals nothing about who was sampled."""
+    privacy = scenario.privacy
+    if privacy.client_level and privacy.os_entropy:
+        return secrets.SystemRandom()
+    return sampler(scenario.run.seed)
+
+
 class Population:
     """The clients of one run: node <-> partition, names, declared profiles, settings."""
 
@@ -63,7 +78,7 @@ class Population:
         #: deployment with node authentication: which key owns which name
         self.name_keys: NameKeys | None = NameKeys() if scenario.server.auth_keys else None
         self.pruned_rank: dict[int, int] = {}  # partition -> rank after HetLoRA self-pruning
-        self.rng = sampler(scenario.run.seed)
+        self.rng = client_sampler(scenario)
 
     # ---- discovery -----------------------------------------------------------------------
     def _wait_for_nodes(self, grid: Grid, wanted: int, timeout: float) -> list[int]:
@@ -195,16 +210,31 @@ class Population:
         self.settings = tuple(settings)
 
     # ---- who takes part --------------------------------------------------------------------
-    def sample(self, grid: Grid, wanted: int) -> list[int]:
-        """Seeded sample of clients by partition id (node ids are random per run) among
-        the identified nodes connected now (:meth:`discover` first); fewer than ``wanted``
-        when some are gone (a round still needs its minimum of replies)."""
+    def available(self, grid: Grid) -> dict[int, int]:
+        """partition -> node of the identified clients connected now (:meth:`discover`
+        first); RoundFailedError when fewer than the minimum of replies."""
         live = set(grid.get_node_ids())
         by_partition = {p: n for n, p in self.node_partition.items() if n in live}
         minimum, rule = self.minimum_replies()
         if len(by_partition) < minimum:
             raise RoundFailedError(
                 f"{len(by_partition)} identified clients are connected, fewer than {rule}")
+        return by_partition
+
+    def poisson_sample(self, by_partition: dict[int, int], expected: int
+                       ) -> tuple[list[int], PoissonCohort]:
+        """Client-level DP: every available client (``available``'s partition -> node)
+        joins with probability q = expected / available (a shrinking population raises q;
+        the caller charges the accountant with it). The cohort holds partitions and must
+        never be written anywhere."""
+        cohort = poisson_cohort(list(by_partition), expected, self.rng)
+        return [by_partition[p] for p in cohort.members], cohort
+
+    def sample(self, grid: Grid, wanted: int) -> list[int]:
+        """Seeded sample of clients by partition id (node ids are random per run) among
+        the identified nodes connected now; fewer than ``wanted`` when some are gone (a
+        round still needs its minimum of replies)."""
+        by_partition = self.available(grid)
         if len(by_partition) < wanted:
             log.warning("only %d of the %d clients to sample are connected; sampling them",
                         len(by_partition), wanted)
@@ -271,7 +301,8 @@ class Population:
         """What a resumed server needs (node ids are not kept: they change on restart)."""
         from fedtune.flower.checkpoint import rng_to_state
 
-        return {"rng": rng_to_state(self.rng.getstate()),
+        secret = isinstance(self.rng, secrets.SystemRandom)  # no state to keep
+        return {"rng": None if secret else rng_to_state(self.rng.getstate()),
                 "pruned_rank": dict(self.pruned_rank),
                 "names": dict(self.names),
                 "declared": dict(self.declared),
@@ -280,7 +311,8 @@ class Population:
     def load_state(self, state: dict[str, Any]) -> None:
         from fedtune.flower.checkpoint import rng_from_state
 
-        self.rng.setstate(rng_from_state(state["rng"]))
+        if state["rng"] is not None and not isinstance(self.rng, secrets.SystemRandom):
+            self.rng.setstate(rng_from_state(state["rng"]))
         self.pruned_rank = {int(k): int(v) for k, v in state["pruned_rank"].items()}
         self.names = {str(k): int(v) for k, v in state["names"].items()}
         self.declared = {int(k): str(v) for k, v in state["declared"].items()}

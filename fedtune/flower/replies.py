@@ -267,6 +267,8 @@ class TrainRules:
     keep_start: bool = False
     #: this round's train payload per (rank, alpha), before download compression
     sent: Mapping[tuple[int, float], Mapping[str, Tensor]] = field(default_factory=dict)
+    #: client-level DP: a reply carries only its update (no loss, no example count)
+    client_dp: bool = False
 
 
 def client_start_state(settings: ClientSettings, reply: Mapping[str, Tensor],
@@ -287,13 +289,20 @@ def client_start_state(settings: ClientSettings, reply: Mapping[str, Tensor],
     return sliced_like(trainable, reply)
 
 
-def train_metrics(content: RecordDict, max_examples: int) -> tuple[dict[str, Any], int]:
+def train_metrics(content: RecordDict, max_examples: int, client_dp: bool = False
+                  ) -> tuple[dict[str, Any], int]:
     """A train reply's metrics (every one a number, the loss finite) and its checked
-    number of examples."""
-    if keys.ADAPTER not in content.array_records or keys.METRICS not in content.metric_records:
-        raise ValueError("reply has no adapter or no metrics")
-    metrics = dict(content.metric_records[keys.METRICS])
+    number of examples. Under client-level DP neither is required (a private client
+    sends only its update; the release weighs every client equally): count 1."""
+    if keys.ADAPTER not in content.array_records:
+        raise ValueError("reply has no adapter")
+    record = content.metric_records.get(keys.METRICS)
+    if record is None and not client_dp:
+        raise ValueError("reply has no metrics")
+    metrics = dict(record or {})
     check_metrics(metrics)
+    if client_dp:
+        return metrics, 1
     loss = metrics.get(keys.TRAIN_LOSS)
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise ValueError(f"train-loss must be a finite number, got {loss!r}")
@@ -373,7 +382,7 @@ def train_update(content: RecordDict, settings: ClientSettings, rules: TrainRule
     decoder ran into: the caller drops the reply either way). A packed reply is an
     update: it is added to the start the server rebuilt. The update's ``rank`` metric
     is the rank it came back with (smaller than assigned after HetLoRA pruning)."""
-    metrics, num_examples = train_metrics(content, rules.max_examples)
+    metrics, num_examples = train_metrics(content, rules.max_examples, rules.client_dp)
     record = content.array_records[keys.ADAPTER]
     if rules.client_mode == "latent":
         factors, start = latent_factors(record, settings, rules)

@@ -36,21 +36,27 @@ class RoundStats:
     message_node: dict[str, int] = field(default_factory=dict)
     client_records: list[dict[str, Any]] = field(default_factory=list)
 
-    def count_faults(self, faults: RoundFaults) -> None:
+    def count_faults(self, faults: RoundFaults, keep_who: bool = True) -> None:
+        """Count a round's simulated faults; ``keep_who=False`` (client-level DP, where
+        the sample is secret) keeps the counts only."""
         self.dropouts = len(faults.dropped)
         self.stragglers += len(faults.stragglers)
-        self.dropped_out, self.late = list(faults.dropped), list(faults.stragglers)
+        if keep_who:
+            self.dropped_out, self.late = list(faults.dropped), list(faults.stragglers)
 
-    def count_stragglers(self, server_round: int, answered: set[int], timeout: float) -> None:
+    def count_stragglers(self, server_round: int, answered: set[int], timeout: float,
+                         name_nodes: bool = True) -> None:
         """Nodes sent work that sent nothing before the round deadline (slow, crashed or
-        disconnected): dropped from the round and counted."""
+        disconnected): dropped from the round and counted (``name_nodes=False``: without
+        saying which, under client-level DP)."""
         for node in self.nodes:
             if node not in answered:
                 self.stragglers += 1
+                who = f"node {node}" if name_nodes else "a sampled client"
                 self.dropped.append(
-                    f"node {node}: no reply within federation.round_timeout = {timeout:g} s")
-                log.warning("round %d: node %s sent no reply before the deadline",
-                            server_round, node)
+                    f"{who}: no reply within federation.round_timeout = {timeout:g} s")
+                log.warning("round %d: %s sent no reply before the deadline",
+                            server_round, who)
 
 
 def client_time_breakdown(records: list[dict[str, Any]]) -> dict[str, float]:

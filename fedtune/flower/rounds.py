@@ -31,7 +31,7 @@ from fedtune.core.codec import scale_folded_state_dict
 from fedtune.flower import messages as keys
 from fedtune.flower import secagg
 from fedtune.flower.round_stats import client_time_breakdown
-from fedtune.flower.strategy import FedtuneStrategy
+from fedtune.flower.strategy import BudgetStop, FedtuneStrategy
 
 log = logging.getLogger("fedtune")
 
@@ -121,9 +121,10 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
         aggregate_done = time.perf_counter()
     eval_loss = evaluate(strategy, grid, server_round, on_replies)
     stats, name_keys = strategy.stats, strategy.population.name_keys
+    loss = train_metrics.get("train-loss")  # none under client-level DP
     return {
         "round": server_round,
-        "train_loss": float(train_metrics["train-loss"]),
+        "train_loss": None if loss is None else float(loss),
         "eval_loss": eval_loss,
         "bytes_up": stats.bytes_up,
         "bytes_down": stats.bytes_down,
@@ -134,9 +135,7 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
         "refused_names": name_keys.take_refused() if name_keys else [],
         "stragglers": stats.stragglers,
         "dropouts": stats.dropouts,
-        "sampled_partitions": stats.partitions,
-        "dropped_out": stats.dropped_out,
-        "late": stats.late,
+        **_who(strategy),
         **{k.replace("-", "_"): v for k, v in train_metrics.items()
            if k not in ("train-loss", "num-clients", "seconds-aggregate")},
         "seconds": time.perf_counter() - start,
@@ -145,6 +144,16 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
         "seconds_eval_phase": time.perf_counter() - aggregate_done,
         **client_time_breakdown(stats.client_records),
     }
+
+
+def _who(strategy: FedtuneStrategy) -> dict[str, list[int]]:
+    """Which partitions were sampled and which a simulated fault took out; nothing under
+    client-level DP, whose guarantee needs the sample to stay secret (counts only)."""
+    if strategy.dp is not None:
+        return {}
+    stats = strategy.stats
+    return {"sampled_partitions": stats.partitions, "dropped_out": stats.dropped_out,
+            "late": stats.late}
 
 
 def run_rounds(strategy: FedtuneStrategy, grid: Grid, on_round: RoundCallback,
@@ -159,7 +168,12 @@ def run_rounds(strategy: FedtuneStrategy, grid: Grid, on_round: RoundCallback,
         if reason is not None:
             log.warning("stopping before round %d: %s", server_round, reason)
             break
-        on_round(train_round(strategy, grid, server_round, on_replies))
+        try:
+            record = train_round(strategy, grid, server_round, on_replies)
+        except BudgetStop as stop:  # fewer clients available than planned: q rose
+            log.warning("stopping before round %d: %s", server_round, stop)
+            break
+        on_round(record)
 
 
 def announce_end(strategy: FedtuneStrategy, grid: Grid, last_round: int) -> int:

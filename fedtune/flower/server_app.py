@@ -75,6 +75,10 @@ def run_federation(
 
     strategy.on_client = on_client
     recorder.privacy = privacy_report(strategy)
+    if scenario.privacy.reproducible and strategy.dp is not None:
+        log.warning("fedtune: privacy.reproducible = true: the client sample and the noise "
+                    "follow run.seed; this is an experiment, its epsilon does not hold "
+                    "against anyone who knows the seed")
     try:
         run_rounds(strategy, grid, on_round, first_round, on_replies)
         save_global_adapter(strategy, scenario, run_dir)
@@ -119,9 +123,14 @@ def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
     if not (p.client_level or p.sample_level or p.secure_aggregation):
         return None
     report: dict[str, Any] = {"mode": p.mode, "delta": p.delta, "accountant": p.accountant,
-                              "secure_noise": p.secure_noise}
+                              "reproducible": p.reproducible}
     if strategy.dp is not None:
         report.update(strategy.dp.report())
+        report["federated_evaluation"] = (
+            "on, NOT covered by epsilon (privacy.federated_eval = true: the clients' "
+            "held-out losses are un-noised)" if strategy.federated_eval else "off")
+        report["published_counts"] = ("clients sampled, replied, dropped per round (not "
+                                      "covered by epsilon); never who")
     report.update(secagg.server_view(p, strategy.dp))
     if p.sample_level:
         report.update(sample_noise_multiplier=p.sample_noise_multiplier,

@@ -6,6 +6,12 @@ seeded sampling, simulated faults), what a reply is worth to ``replies`` (pure c
 a bad reply is dropped with a logged reason and the round goes on), client-level DP to
 ``fedtune.privacy.wrapper``. It keeps the global adapter in factored form (core types)
 and the bytes each round moved. The round loop is the ServerApp's (``rounds``).
+
+Under client-level DP (``self.dp``) a round is DP-FedAvg's: a Poisson sample (secret:
+nothing here logs or records who was in it, only counts), no minimum of replies (a
+small or empty cohort still releases, with the noise of any other round: whether a
+round is released must not depend on who was drawn), no per-client records, and no
+federated evaluation unless ``privacy.federated_eval`` asks for it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -23,19 +30,31 @@ from torch import Tensor
 from fedtune.aggregation import get_aggregator
 from fedtune.config import ConfigError, Scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
-from fedtune.core.codec import scale_folded_state_dict, state_dict_from_factors
+from fedtune.core.codec import (
+    A_SUFFIX,
+    B_SUFFIX,
+    factors_from_state_dict,
+    scale_folded_state_dict,
+    state_dict_from_factors,
+)
 from fedtune.core.seeds import round_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.population import Population, RoundFailedError
 from fedtune.flower.round_stats import RoundStats
 from fedtune.planning.client_settings import ClientSettings
+from fedtune.privacy.sampling import PoissonCohort, rate_for
 from fedtune.privacy.wrapper import ClientLevelDPAggregator, DPSettings
 
 log = logging.getLogger("fedtune")
 
 RoundCallback = Callable[[dict[str, Any]], None]
-__all__ = ["FedtuneStrategy", "RoundFailedError", "RoundStats"]
+__all__ = ["BudgetStop", "FedtuneStrategy", "RoundFailedError", "RoundStats"]
+
+
+class BudgetStop(RuntimeError):
+    """The round about to be sampled would take epsilon past the budget at the sampling
+    rate the clients available now impose."""
 
 
 def dp_settings(scenario: Scenario, settings: Iterable[ClientSettings]) -> DPSettings | None:
@@ -64,7 +83,9 @@ class FedtuneStrategy(Strategy):
         self.population = Population(scenario)
         dp = dp_settings(scenario, self.population.settings)
         self.dp = None if dp is None else ClientLevelDPAggregator(
-            self.aggregator, dp, scenario.run.seed, keys.DP_UPDATE_NORM)
+            self.aggregator, dp, scenario.run.seed)
+        #: this round's Poisson draw under client-level DP (never written anywhere)
+        self.cohort: PoissonCohort | None = None
         self.global_adapter: GlobalAdapter | None = None
         #: module -> (in, out) of every adapted module, from the base model's config
         self.expected = checks.expected_modules(scenario.model.source,
@@ -106,20 +127,41 @@ class FedtuneStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.stats = RoundStats()
-        nodes = self._sample_nodes(grid, self.scenario.sampled_per_round)
+        if self.dp is None:
+            nodes = self._sample_nodes(grid, self.scenario.sampled_per_round)
+        else:
+            nodes = self._dp_sample(grid, server_round)
         self.stats.sampled = len(nodes)
         nodes = self._without_simulated_faults(nodes, server_round)
         self.stats.nodes = list(nodes)
         return self._train_messages(nodes, server_round)
 
+    def _dp_sample(self, grid: Grid, server_round: int) -> list[int]:
+        """DP-FedAvg's Poisson sample of the clients available now, after checking that
+        the budget pays for a round at the rate they impose (``BudgetStop`` if not)."""
+        self.discover(grid)
+        available = self.population.available(grid)
+        expected = self.scenario.sampled_per_round
+        assert self.dp is not None
+        reason = self.dp.stop_before(server_round, rate_for(expected, len(available)))
+        if reason is not None:
+            raise BudgetStop(reason)
+        nodes, self.cohort = self.population.poisson_sample(available, expected)
+        if self.cohort.rate > self.dp.settings.sample_rate * (1 + 1e-9):
+            log.warning("round %d: %d clients available, fewer than planned: sampling rate "
+                        "%.4g instead of %.4g (charged as such)", server_round,
+                        len(available), self.cohort.rate, self.dp.settings.sample_rate)
+        return nodes
+
     def _without_simulated_faults(self, nodes: list[int], server_round: int) -> list[int]:
         """The sampled nodes (in partition order) that neither drop out nor miss the
         deadline in this round's seeded draw; the others are counted and not sent work."""
-        self.stats.partitions = sorted(self.node_partition[n] for n in nodes)
+        if self.dp is None:  # under client-level DP who was sampled is a secret
+            self.stats.partitions = sorted(self.node_partition[n] for n in nodes)
         faults = self.population.simulated_faults(nodes, server_round)
         if faults is None:
             return nodes
-        self.stats.count_faults(faults)
+        self.stats.count_faults(faults, keep_who=self.dp is None)
         if faults.lost:
             log.info("round %d: simulated faults: %d dropped out, %d past the %.0f s deadline",
                      server_round, len(faults.dropped), len(faults.stragglers),
@@ -179,7 +221,7 @@ class FedtuneStrategy(Strategy):
                         keys.DPSGD_CLIP: p.sample_clip_norm, keys.DPSGD_DELTA: p.delta,
                         keys.DPSGD_ACCOUNTANT: p.accountant})
         if out:
-            out[keys.DP_SECURE] = p.secure_noise
+            out[keys.DP_SECURE] = p.os_entropy
         return out
 
     def record_sent(self, messages: Iterable[Message]) -> None:
@@ -192,7 +234,8 @@ class FedtuneStrategy(Strategy):
         return checks.TrainRules(
             self.expected, self.scenario.run.seed, self.aggregator.capabilities.client_mode,
             fed.flora_init, fed.max_examples, fed.max_update_norm, fed.prune_gamma > 0.0,
-            keep_start=self.dp is not None or fed.merge == "ties", sent=self.sent)
+            keep_start=self.dp is not None or fed.merge == "ties", sent=self.sent,
+            client_dp=self.dp is not None)
 
     def _decode(self, message: Message) -> ClientUpdate:
         """One reply as a ClientUpdate, or an exception that says why it is dropped."""
@@ -225,31 +268,22 @@ class FedtuneStrategy(Strategy):
             try:
                 update = self._decode(message)
             except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
-                reason = checks.drop_reason(err)
-                self.stats.dropped.append(f"node {node}: {reason}")
-                log.warning("round %d: dropped reply from node %s: %s", server_round, node,
-                            reason)
+                self._drop(server_round, node, checks.drop_reason(err))
                 continue
             updates.append(update)
             self._record_client(server_round, node, update, message)
         updates.sort(key=lambda u: int(u.client_id))  # arrival order must not matter
         self.stats.count_stragglers(server_round, answered,
-                                    self.scenario.federation.round_timeout)
-        minimum, rule = self.population.minimum_replies()
-        if len(updates) < minimum:
-            raise RoundFailedError(
-                f"round {server_round}: {len(updates)} valid replies, fewer than {rule}; "
-                f"dropped: {self.stats.dropped}")
+                                    self.scenario.federation.round_timeout,
+                                    name_nodes=self.dp is None)
         start = time.perf_counter()
         if self.dp is None:
+            self._check_minimum(server_round, updates)
             self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
         else:
-            self.global_adapter = self.dp.aggregate(updates, self.global_adapter, server_round,
-                                                    self.stats.sampled,
-                                                    [s.rank for s in self.settings])
-        total = sum(u.num_examples for u in updates)
+            self.global_adapter = self._dp_release(server_round, updates)
         metrics = MetricRecord({
-            "train-loss": sum(u.metrics[keys.TRAIN_LOSS] * u.num_examples for u in updates) / total,
+            **self._train_loss(updates),
             "num-clients": len(updates),
             "seconds-aggregate": time.perf_counter() - start,
             **{k.replace("_", "-"): float(v) for k, v in (self.dp or self.aggregator)
@@ -258,14 +292,66 @@ class FedtuneStrategy(Strategy):
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics
 
+    def _drop(self, server_round: int, node: int, reason: str) -> None:
+        """Count a reply that is not used (under client-level DP without naming its node:
+        that a node was sent work says it was sampled)."""
+        if self.dp is None:
+            self.stats.dropped.append(f"node {node}: {reason}")
+            log.warning("round %d: dropped reply from node %s: %s", server_round, node,
+                        reason)
+        else:
+            self.stats.dropped.append("a sampled client's reply was not used")
+            log.warning("round %d: dropped a reply: %s", server_round, reason)
+
+    def _check_minimum(self, server_round: int, updates: list[ClientUpdate]) -> None:
+        minimum, rule = self.population.minimum_replies()
+        if len(updates) < minimum:
+            raise RoundFailedError(
+                f"round {server_round}: {len(updates)} valid replies, fewer than {rule}; "
+                f"dropped: {self.stats.dropped}")
+
+    def _dp_release(self, server_round: int, updates: list[ClientUpdate]) -> GlobalAdapter:
+        """The DP wrapper's release: the clipped sum over the expected cohort q * N (not
+        the replies), the accountant charged at the q this round was drawn with."""
+        assert self.dp is not None and self.cohort is not None
+        empty_base = None
+        if not updates and self.global_adapter is None:
+            empty_base = self._seeded_start()
+        return self.dp.aggregate(updates, self.global_adapter, server_round,
+                                 self.cohort.expected, [s.rank for s in self.settings],
+                                 sample_rate=self.cohort.rate, empty_base=empty_base)
+
+    def _seeded_start(self) -> dict[str, LoraFactors]:
+        """The start a client of the widest rank has in the first round (the seeded init):
+        what a first round's noise goes on when no update arrived."""
+        settings = max(self.settings, key=lambda s: s.rank)
+        like = {}
+        for module, (size_in, size_out) in self.expected.items():
+            like[module + A_SUFFIX] = torch.empty(settings.rank, size_in)
+            like[module + B_SUFFIX] = torch.empty(size_out, settings.rank)
+        state = checks.client_start_state(settings, like, self._rules())
+        return factors_from_state_dict(state, settings.alpha / settings.rank)
+
+    def _train_loss(self, updates: list[ClientUpdate]) -> dict[str, float]:
+        """The example-weighted training loss, never under client-level DP (an un-noised
+        number about the clients' data)."""
+        total = sum(u.num_examples for u in updates)
+        if self.dp is not None or not total:
+            return {}
+        loss = sum(u.metrics[keys.TRAIN_LOSS] * u.num_examples for u in updates) / total
+        return {"train-loss": loss}
+
     def _record_client(self, server_round: int, node: int, update: ClientUpdate,
                        message: Message) -> None:
         """Count the reply's bytes and report the client (the server's own measurements
-        last: a client's metric cannot overwrite them)."""
+        last: a client's metric cannot overwrite them). Under client-level DP only the
+        round's totals: a per-client record would say who was sampled."""
         up = keys.record_nbytes(message.content.array_records[keys.ADAPTER])
         dense = 4 * sum(f.A.numel() + f.B.numel() for f in update.factors.values())
         self.stats.bytes_up += up
         self.stats.bytes_up_dense += dense
+        if self.dp is not None:
+            return
         record = {**{k.replace("-", "_"): v for k, v in update.metrics.items()},
                   "round": server_round, "phase": "train", "node_id": node,
                   "client": update.client_id, "bytes_up": up,
@@ -280,6 +366,8 @@ class FedtuneStrategy(Strategy):
         every = self.scenario.federation.eval_every
         last = server_round == self.scenario.run.rounds
         if server_round % every and not last and server_round != 0:
+            return []
+        if not self.federated_eval:
             return []
         self.discover(grid)
         return self._eval_messages(self.population.eval_nodes(), server_round)
@@ -317,6 +405,12 @@ class FedtuneStrategy(Strategy):
         if tokens == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens})
+
+    @property
+    def federated_eval(self) -> bool:
+        """Under client-level DP the clients' held-out losses are un-noised numbers about
+        their data: evaluation runs only when ``privacy.federated_eval`` says so."""
+        return self.dp is None or self.scenario.privacy.federated_eval
 
     def summary(self) -> None:
         log.info("fedtune strategy: aggregator=%s rounds=%d clients/round=%d",

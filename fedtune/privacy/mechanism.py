@@ -48,7 +48,7 @@ class ClientLevelDP:
 
     clip_norm: float
     noise_multiplier: float
-    sampled: int
+    sampled: float  # the fixed denominator: the expected cohort q * N, never the replies
     clip: bool = True
     add_noise: bool = True
 
@@ -57,8 +57,8 @@ class ClientLevelDP:
             raise ValueError(f"clip norm must be > 0, got {self.clip_norm}")
         if self.noise_multiplier < 0:
             raise ValueError(f"noise multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.sampled < 1:
-            raise ValueError(f"at least one client must be sampled, got {self.sampled}")
+        if not self.sampled > 0:
+            raise ValueError(f"the expected cohort must be > 0 clients, got {self.sampled}")
 
     @property
     def noise_std(self) -> float:
@@ -134,8 +134,12 @@ def factor_base(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFact
 def factor_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None,
                    dp: ClientLevelDP, noise: GaussianNoise, trainable: Sequence[str] = ("A", "B")
                    ) -> Release:
-    """base + (sum of clipped factor updates) / m + N(0, (z C / m)^2) on trainable entries."""
-    base = factor_base(updates, previous)
+    """base + (sum of clipped factor updates) / m + N(0, (z C / m)^2) on trainable entries.
+    With no update (nobody sampled, or nobody replied) the base is ``previous`` and the
+    release is pure noise on it: a round that touched no data still looks like any other."""
+    if not updates and previous is None:
+        raise PrivacyError("a round without updates needs the adapter to add noise to")
+    base = factor_base(updates, previous) if updates else dict(previous)
     total = {f"{m}/{f}": torch.zeros_like(getattr(ref, f), dtype=torch.float64)
              for m, ref in base.items() for f in trainable}
     release = Release(factors={})
@@ -174,7 +178,9 @@ def dense_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFa
                   dp: ClientLevelDP, noise: GaussianNoise, rank: int | None) -> Release:
     """Truncated SVD (to ``rank``, or the largest client rank) of
     previous + (sum of clipped weight updates) / m + dense N(0, (z C / m)^2)."""
-    modules = sorted(updates[0].factors)
+    if not updates and previous is None:
+        raise PrivacyError("a round without updates needs the adapter to add noise to")
+    modules = sorted(updates[0].factors) if updates else sorted(previous)
     release = Release(factors={})
     total: dict[str, Tensor] = {}
     for update in updates:
@@ -190,16 +196,19 @@ def dense_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFa
             total[m] = total[m] + dense if m in total else dense
     std = dp.noise_std if dp.add_noise else 0.0
     release.noise_std = std
-    keep = rank or max(u.factors[m].rank for u in updates for m in modules)
+    keep = rank or max([u.factors[m].rank for u in updates for m in modules]
+                       or [previous[m].rank for m in modules])
     for m in modules:
-        summed = total[m] / dp.sampled
+        like = updates[0].factors[m] if updates else previous[m]
+        shape = (like.B.shape[0], like.A.shape[1])
+        summed = total.get(m, torch.zeros(shape, dtype=torch.float64)) / dp.sampled
         summed += noise.sample(summed.shape, std, torch.float64)
         release.released += summed.numel()
         if previous is not None and m in previous:
             summed += previous[m].delta().double()
         identity = torch.eye(summed.shape[1], dtype=torch.float64)
         cut = truncate(summed, identity, keep)
-        dtype = updates[0].factors[m].A.dtype
+        dtype = like.A.dtype
         release.factors[m] = LoraFactors(A=cut.A.to(dtype), B=cut.B.to(dtype), scale=1.0)
     return release
 

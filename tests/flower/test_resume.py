@@ -96,12 +96,15 @@ def test_resume_refuses_a_directory_without_checkpoint_or_with_another_scenario(
 
 
 def test_checkpoint_state_round_trips_the_accountant_and_the_sampler(tmp_path):
+    """A reproducible experiment's seeded sampler goes on where it stopped; a private
+    run's sampler is the OS's and leaves no state (nothing to replay the sample from)."""
     from fedtune.flower.checkpoint import save_checkpoint
     from fedtune.flower.strategy import FedtuneStrategy
 
-    scenario = load_scenario("tiny", ["run.rounds=3", "federation.clients_per_round=2",
-                                      "privacy.mode='central'", "privacy.noise_multiplier=1.0",
-                                      "privacy.min_clients=2", "privacy.max_epsilon=0"])
+    dp = ["run.rounds=3", "federation.clients_per_round=2", "privacy.mode='central'",
+          "privacy.noise_multiplier=1.0", "privacy.min_clients=2", "privacy.max_epsilon=0"]
+    assert FedtuneStrategy(load_scenario("tiny", dp)).state_dict()["rng"] is None
+    scenario = load_scenario("tiny", [*dp, "privacy.reproducible=true"])
     strategy = FedtuneStrategy(scenario)
     strategy.accountant.step(1.0, 0.5)
     strategy.accountant.step(1.0, 0.5)

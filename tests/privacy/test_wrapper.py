@@ -101,7 +101,9 @@ def test_a_dense_release_is_truncated_to_the_rank_the_aggregator_names():
     torch.testing.assert_close(adapter.factors["m"].delta(), expected.factors["m"].delta())
 
 
-def test_distributed_mode_neither_clips_nor_noises_and_reports_the_clients_norms():
+def test_distributed_mode_neither_clips_nor_noises_nor_publishes_the_clients_norms():
+    """Enough shares arrived: the server only sums; the clients' own norms (un-noised
+    numbers about their data) are never published."""
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(mode="distributed", min_clients=2),
                                  RUN_SEED)
     updates = _updates()
@@ -110,10 +112,63 @@ def test_distributed_mode_neither_clips_nor_noises_and_reports_the_clients_norms
                                                         add_noise=False), GaussianNoise(0))
     assert torch.equal(adapter.factors["m"].B, plain.factors["m"].B)
     metrics = dp.metrics()
-    assert metrics["dp_update_norm_max"] == 3.0 and metrics["dp_clipped_fraction"] == 1.0
+    assert not {"dp_update_norm_max", "dp_update_norm_mean", "dp_clipped_fraction"} & set(metrics)
     share = 1.0 * 1.0 / math.sqrt(2)
     assert dp.settings.client_noise_std == pytest.approx(share)
     assert metrics["dp_noise_std"] == pytest.approx(share * math.sqrt(2) / 2)
+
+
+def test_distributed_mode_tops_the_noise_up_when_fewer_shares_than_min_clients_arrive():
+    """One share of four: the server adds the three missing ones (std z C sqrt(3/4) / m),
+    so a small Poisson cohort never means less noise."""
+    z, m = 2.0, 3.0
+    dp = ClientLevelDPAggregator(_Aggregator(), _settings(
+        mode="distributed", min_clients=4, noise_multiplier=z, secure_noise=False), RUN_SEED)
+    updates = _updates(clients=1)
+    adapter = dp.aggregate(updates, None, server_round=2, sampled=m, ranks=[2])
+    topped = factor_release(updates, None, ClientLevelDP(1.0, z * math.sqrt(3 / 4), m,
+                                                         clip=False), _noise(2))
+    assert torch.equal(adapter.factors["m"].B, topped.factors["m"].B)
+    assert dp.metrics()["dp_noise_std"] == pytest.approx(z * 1.0 / m)  # z C / m in all
+
+
+def test_the_accountant_is_charged_the_rate_used_and_the_divisor_is_the_expected_cohort():
+    dp = ClientLevelDPAggregator(_Aggregator(), _settings(), RUN_SEED)
+    updates = _updates(clients=1)  # one client replied of an expected cohort of 2.5
+    adapter = dp.aggregate(updates, None, server_round=1, sampled=2.5, ranks=[2],
+                           sample_rate=0.8)
+    expected = factor_release(updates, None, ClientLevelDP(1.0, 1.0, 2.5), _noise(1))
+    assert torch.equal(adapter.factors["m"].A, expected.factors["m"].A)
+    assert dp.accountant.history == [(1.0, 0.8, 1)]
+    assert dp.report()["sample_rate_max_used"] == 0.8
+    assert "Poisson" in dp.report()["neighbouring"]
+
+
+def test_a_round_without_updates_releases_noise_and_is_charged():
+    """Nobody sampled: the release is the base plus the round's noise, as in any round
+    (whether a round releases must not depend on who was drawn)."""
+    dp = ClientLevelDPAggregator(_Aggregator(), _settings(), RUN_SEED)
+    base = {"m": _updates(clients=1)[0].start["m"]}
+    adapter = dp.aggregate([], None, server_round=1, sampled=2, ranks=[2], empty_base=base)
+    noise = _noise(1)
+    A = base["m"].A.double() + noise.sample(base["m"].A.shape, 0.5, torch.float64)
+    B = base["m"].B.double() + noise.sample(base["m"].B.shape, 0.5, torch.float64)
+    assert torch.equal(adapter.factors["m"].A, A.to(base["m"].A.dtype))
+    assert torch.equal(adapter.factors["m"].B, B.to(base["m"].B.dtype))
+    assert dp.accountant.history == [(1.0, 0.5, 1)]
+
+
+def test_norm_statistics_only_in_a_reproducible_experiment_and_from_clipped_norms():
+    """Both raw norms are above the clip norm 1.0: an experiment sees mean = max = 1.0,
+    a private run no norm statistic at all."""
+    experiment = ClientLevelDPAggregator(_Aggregator(), _settings(secure_noise=False), RUN_SEED)
+    experiment.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2])
+    metrics = experiment.metrics()
+    assert metrics["dp_update_norm_max"] == metrics["dp_update_norm_mean"] == 1.0
+    assert metrics["dp_clipped_fraction"] == 1.0
+    private = ClientLevelDPAggregator(_Aggregator(), _settings(secure_noise=True), RUN_SEED)
+    private.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2])
+    assert "dp_update_norm_max" not in private.metrics()
 
 
 def test_the_budget_stops_before_the_round_that_would_overspend_and_survives_a_restart():
