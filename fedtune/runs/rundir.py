@@ -62,6 +62,17 @@ def perplexity(loss: float | None) -> float | None:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
+def eval_tokens(scenario: dict[str, Any]) -> str:
+    """Which tokens the held-out loss and perplexity are over: "assistant" (a chat template
+    with assistant-only loss) or "all" (see ``DataSpec.loss_tokens``)."""
+    from fedtune.config import DataSpec
+
+    try:
+        return DataSpec(**scenario.get("data", {})).loss_tokens
+    except (TypeError, ValueError):  # a scenario written by another fedtune version
+        return "all"
+
+
 @dataclass
 class RunRecorder:
     """Collects per-client and per-round metrics and keeps the run directory current."""
@@ -118,6 +129,7 @@ class RunRecorder:
                 "eval_perplexity": last_eval.get("eval_perplexity"),
             },
             "totals": self.totals(),
+            "eval_tokens": eval_tokens(self.scenario),
             **({"privacy": self.privacy} if self.privacy is not None else {}),
         }
 
