@@ -635,10 +635,13 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
     each client's record counts the bytes of all four stages."""
     stats = strategy.stats
     losses, examples = [], []
+    private = strategy.dp is not None  # client-level DP: who took part is a secret
     for node in outcome.survivors:
         metrics = dict(outcome.train_replies[node].content.metric_records[keys.METRICS])
         losses.append(float(metrics.get(keys.TRAIN_LOSS, math.nan)))
         examples.append(max(1, int(metrics.get(keys.NUM_EXAMPLES, 1))))
+        if private:  # counts only (docs/privacy.md, "the mechanism as run")
+            continue
         record = {**{k.replace("-", "_"): v for k, v in metrics.items()},
                   "round": server_round, "phase": "train", "node_id": node,
                   "client": str(strategy.node_partition.get(node, node)),
@@ -647,8 +650,8 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                   + outcome.bytes_down.get(node, 0), "bytes_up_dense": 0}
         stats.client_records.append(record)
         strategy.on_client(record)
-    stats.dropped.extend(f"node {n}: secure aggregation, {why}"
-                         for n, why in sorted(outcome.dropped.items()))
+    stats.dropped.extend(f"{'a sampled client' if private else f'node {n}'}: secure "
+                         f"aggregation, {why}" for n, why in sorted(outcome.dropped.items()))
     stats.bytes_up += sum(outcome.bytes_up.values())
     stats.bytes_down += sum(outcome.bytes_down.values())
     total = sum(examples)
