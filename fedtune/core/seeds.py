@@ -22,7 +22,8 @@ nowhere else is a seed computed::
 
 The arithmetic ones keep the formulas of the first releases (so seeded results stay
 what they were); they are injective on the ranges a run uses (rounds < 1000,
-partitions < 100,003). Secure-noise options bypass this tree with OS entropy.
+partitions < 100,003). Under DP the draws the guarantee rests on (client sample,
+noise, DP-SGD batches) bypass this tree with OS entropy unless ``privacy.reproducible``.
 """
 
 from __future__ import annotations
