@@ -32,8 +32,9 @@ def _fmt_bytes(n: float) -> str:
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
     """One human line per round for the progress display."""
-    eval_loss = record.get("eval_loss")
+    eval_loss, train_loss = record.get("eval_loss"), record.get("train_loss")
     held_out = "n/a" if eval_loss is None else f"{eval_loss:.4f}"
+    trained = "n/a" if train_loss is None else f"{train_loss:.4f}"  # none under DP
     if record["round"] == 0:
         return f"[bold]round 0/{rounds}[/] (before training)  held-out loss {held_out}"
     dropped = f"  dropped {len(record['dropped'])}" if record.get("dropped") else ""
@@ -42,7 +43,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     if record.get("sample_epsilon_max") is not None:
         dropped += f"  DP-SGD epsilon <= {record['sample_epsilon_max']:.3g}"
     return (
-        f"[bold]round {record['round']}/{rounds}[/]  train loss {record['train_loss']:.4f}  "
+        f"[bold]round {record['round']}/{rounds}[/]  train loss {trained}  "
         f"held-out loss {held_out}  clients {record['clients_replied']}/"
         f"{record['clients_sampled']}{dropped}  up {_fmt_bytes(record['bytes_up'])}  "
         f"down {_fmt_bytes(record['bytes_down'])}  {record['seconds']:.1f} s"

@@ -72,3 +72,15 @@ def test_cli_runs_a_one_round_simulation(tmp_path, in_process):
 
     for line in pair_lines(Generation(**pairs[0])):
         assert line in proc.stderr
+
+
+def test_a_round_line_under_client_level_dp_shows_no_train_loss():
+    """Under client-level DP the server aggregates no training loss (it is an un-noised
+    number about the clients' data): the progress line says n/a instead of failing."""
+    from fedtune.cli import round_line
+
+    record = {"round": 1, "train_loss": None, "eval_loss": None, "clients_replied": 1,
+              "clients_sampled": 2, "bytes_up": 0, "bytes_down": 0, "seconds": 1.0,
+              "epsilon": 1.5, "delta": 1e-3}
+    line = round_line(record, 2)
+    assert "train loss n/a" in line and "epsilon 1.5" in line
