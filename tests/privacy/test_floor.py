@@ -94,3 +94,20 @@ def test_a_profile_floor_key_is_validated():
     assert DeviceProfile.from_dict({**base, "max_epsilon": 4}).privacy_floor.max_epsilon == 4
     with pytest.raises(ProfileError, match="min_noise_multiplier = -1"):
         DeviceProfile.from_dict({**base, "min_noise_multiplier": -1})
+
+
+def test_fedtune_client_takes_its_floor_from_the_command_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    seen = []
+    monkeypatch.setattr("fedtune.deploy.client.run_client",
+                        lambda options, say=None, stop=None: seen.append(options) or 0)
+    base = ["client", "--server", "h:1", "--data", "x.txt", "--insecure"]
+    result = CliRunner().invoke(app, [*base, "--min-noise-multiplier", "1.5",
+                                      "--max-epsilon", "8"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].privacy_floor == PrivacyFloor(min_noise_multiplier=1.5, max_epsilon=8.0)
+    refused = CliRunner().invoke(app, [*base, "--max-clip-norm", "-1"])
+    assert refused.exit_code == 2 and "max_clip_norm" in refused.output
