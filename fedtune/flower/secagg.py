@@ -514,9 +514,11 @@ def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: se
 
 
 # ---- the round on the server: plan, protocol, aggregate --------------------------------------
-def round_settings(strategy: Any, nodes: Sequence[int]) -> SecAggSettings:
-    """The layout and range every client of this round gets."""
+def round_settings(strategy: Any, messages: Sequence[Message]) -> SecAggSettings:
+    """The layout and range every client of this round gets; the noise std is the one
+    the train messages ask the clients for (distributed DP), 0 without."""
     p = strategy.scenario.privacy
+    nodes = [m.metadata.dst_node_id for m in messages]
     ranks = {strategy.population.settings_for(n).rank for n in nodes}
     scales = {strategy.population.settings_for(n).alpha / strategy.population.settings_for(n)
               .rank for n in nodes}
@@ -525,9 +527,8 @@ def round_settings(strategy: Any, nodes: Sequence[int]) -> SecAggSettings:
                           f"clients, got {sorted(scales)}: updates at different scales "
                           "cannot be summed entry by entry")
     fields = ("B",) if strategy.aggregator.capabilities.freeze_A else ("A", "B")
-    noise = 0.0
-    if strategy.dp is not None:  # distributed mode (central is refused with secagg)
-        noise = strategy.dp.settings.client_noise_std
+    noise = max(float(m.content.config_records[keys.CONFIG].get(keys.DP_NOISE_STD, 0.0))
+                for m in messages)
     return SecAggSettings(0, max(ranks), fields, p.clip_norm, noise, p.secagg_bits)
 
 
@@ -544,7 +545,7 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     nodes = [m.metadata.dst_node_id for m in messages]
     if len(nodes) < MIN_CLIENTS:
         return _too_few(strategy, server_round, len(nodes))
-    settings = round_settings(strategy, nodes)
+    settings = round_settings(strategy, messages)
     entries = layout(strategy.expected, settings.rank, settings.fields)
     size = sum(a * b for _, (a, b) in entries)
     settings.quantizer.check_capacity(len(nodes))
