@@ -225,7 +225,9 @@ def server(
 @app.command()
 def client(
     server_address: str = typer.Option(..., "--server", help="The server's HOST:PORT."),
-    data: str = typer.Option(..., "--data", help="This client's data: a *.jsonl or text file."),
+    data: str = typer.Option(..., "--data", help=(
+        "This client's data: a text file, or a *.jsonl of text, prompt/response, chat "
+        "messages or Alpaca records.")),
     profile: str = typer.Option(
         "", "--profile", help="Device profile: a bundled name or a .toml path."),
     name: str = typer.Option(
