@@ -323,7 +323,8 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     else:
         outgoing = keys.reply(message, metrics, adapter_record(result.upload),
                               assignment=assignment(session, private))
-    listener("train", server_round, metrics)
+    # the listener is on this device: it hears every number, sent or not
+    listener("train", server_round, _train_metrics(settings, session.trainee, result))
     return outgoing
 
 

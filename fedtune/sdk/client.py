@@ -40,7 +40,8 @@ class Cancelled(Exception):  # noqa: N818 - it is what happened, not an error
 
 @dataclass(frozen=True)
 class RoundReport:
-    """This client's part in one round: its training metrics as it sent them."""
+    """This client's part in one round: its training metrics (all of them: under
+    client-level DP the server gets none of those about the data, the device keeps them)."""
 
     round: int
     metrics: dict[str, float]

@@ -17,9 +17,12 @@ from fedtune.flower.server_app import run_federation
 from fedtune.planning.client_settings import client_settings
 
 
-def _federate(scenario, tmp_path, node_configs=None) -> list[tuple[str, Message]]:
-    """Run ``scenario`` on the in-process Grid; every (message type, reply) a node sent."""
-    app = make_client_app(scenario)
+def _federate(scenario, tmp_path, node_configs=None, heard=None
+              ) -> list[tuple[str, Message]]:
+    """Run ``scenario`` on the in-process Grid; every (message type, reply) a node sent
+    (and, in ``heard``, every event the nodes' listener heard)."""
+    sink = [] if heard is None else heard
+    app = make_client_app(scenario, lambda *event: sink.append(event))
     sent: list[tuple[str, Message]] = []
 
     def recording(message: Message, context) -> Message:
@@ -69,9 +72,13 @@ def test_a_floored_client_refuses_a_weaker_run_and_the_round_goes_on(tmp_path, c
 ], ids=["central", "distributed+compressed+dpsgd"])
 def test_under_client_level_dp_no_reply_carries_a_number_about_the_data(tmp_path, overrides):
     """Every train reply's metrics are the partition id (and where Ray ran it) only: no
-    loss, example count, memory, timing or norm; no evaluation numbers at all."""
+    loss, example count, memory, timing or norm; no evaluation numbers at all. The
+    device's own listener still hears its loss (it never leaves)."""
     scenario = load_scenario("tiny", overrides)
-    sent = _federate(scenario, tmp_path)
+    heard = []
+    sent = _federate(scenario, tmp_path, heard=heard)
+    assert all(keys.TRAIN_LOSS in details for kind, _, details in heard if kind == "train")
+    assert any(kind == "train" for kind, _, _ in heard)
     train = [reply for kind, reply in sent if kind == "train" and not reply.has_error()]
     assert len(train) == scenario.data.num_clients
     for reply in train:
