@@ -171,7 +171,8 @@ class RunRecorder:
         ax.set_ylabel("loss (nats / token)")
         ax.set_title(str(self.scenario.get("run", {}).get("name", "fedtune")))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if train_points or eval_points:  # under client-level DP there may be neither
+            ax.legend()
         with atomic_file(self.path / PLOT_FILE, "wb") as handle:
             fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
