@@ -49,6 +49,8 @@ def pilot_clip_norm(scenario: str, aggregator: str, extra: list[str], out: Path)
         f'federation.aggregator="{aggregator}"', 'privacy.mode="central"',
         "privacy.target_epsilon=0", "privacy.noise_multiplier=1e-12", "privacy.clip_norm=1e6",
         'privacy.on_budget="stop"', "run.rounds=1", f'run.name="{aggregator}-pilot"',
+        # norm statistics are published only in a reproducible experiment
+        "privacy.reproducible=true", "privacy.federated_eval=true",
         f'run.out_dir="{out / "runs"}"', *extra])
 
 
@@ -56,7 +58,8 @@ def run_one(scenario: str, aggregator: str, epsilon: float | None, clip: float,
             extra: list[str], out: Path) -> dict:
     name = f"{aggregator}-eps{epsilon}" if epsilon else f"{aggregator}-nodp"
     privacy = (['privacy.mode="none"'] if epsilon is None else
-               [f"privacy.target_epsilon={epsilon}", f"privacy.clip_norm={clip}"])
+               [f"privacy.target_epsilon={epsilon}", f"privacy.clip_norm={clip}",
+                "privacy.federated_eval=true"])  # utility is measured: an experiment
     return simulate(scenario, [f'federation.aggregator="{aggregator}"', *privacy,
                                f'run.name="{name}"', f'run.out_dir="{out / "runs"}"', *extra])
 
