@@ -40,6 +40,7 @@ from fedtune.flower import ray_nodes, secagg
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal
+from fedtune.privacy.wrapper import DPSettings
 from fedtune.train.batches import ClientBatch, client_batch, local_batch
 from fedtune.train.dpsgd import SampleLevelDP
 from fedtune.train.held_out import evaluate_global
@@ -158,12 +159,15 @@ def _client_dp(config: Any, reproducible: bool) -> ClientDP | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _declared_bounds(scenario: Scenario) -> tuple[float, float]:
-    """(z, epsilon) the run declares: its z (given, or planned for its target), and its
-    budget, or without one the epsilon its plan expects."""
+def _declared_bounds(scenario: Scenario) -> tuple[float, float, float]:
+    """(z, epsilon, noise share) the run declares: its z (given, or planned for its
+    target), its budget (or without one the epsilon its plan expects), and in
+    distributed mode the std of one client's share (the wrapper's own formula)."""
     plan = scenario.privacy_plan()
     budget = scenario.privacy.budget
-    return plan.noise_multiplier, budget if math.isfinite(budget) else plan.planned_epsilon
+    share = DPSettings.planned(scenario.privacy, plan).client_noise_std
+    return (plan.noise_multiplier, budget if math.isfinite(budget) else plan.planned_epsilon,
+            share)
 
 
 def declared_dp(scenario: Scenario, config: Any) -> DPRequest:
@@ -172,7 +176,7 @@ def declared_dp(scenario: Scenario, config: Any) -> DPRequest:
     p = scenario.privacy
     if not p.client_level:
         return DPRequest(reproducible=p.reproducible)
-    z, epsilon = _declared_bounds(scenario)
+    z, epsilon, _ = _declared_bounds(scenario)
     return DPRequest(
         mode=p.mode, clip_norm=max(p.clip_norm, float(config.get(keys.DP_CLIP, 0.0))),
         noise_multiplier=z, epsilon=epsilon,
@@ -195,6 +199,24 @@ def own_floor(context: Context, settings: ClientSettings) -> PrivacyFloor:
 
         floor = floor.strictest(load_profile(profile).privacy_floor)
     return floor
+
+
+def train_refusal(scenario: Scenario, config: Any, floor: PrivacyFloor) -> str | None:
+    """Why this client does not train this round (None: it does). Floor or not, a
+    distributed-DP message must ask for the noise share and clip norm the run declares:
+    less noise or a larger clip than the scenario says is refused."""
+    declared = declared_dp(scenario, config)
+    if declared.mode == "distributed":
+        if keys.DP_NOISE_STD not in config or keys.DP_CLIP not in config:
+            return "the run is under distributed DP but the message asks for no noise share"
+        share = _declared_bounds(scenario)[2]
+        if declared.share_std < share * (1 - 1e-9):
+            return (f"the message asks for a noise share of std {declared.share_std:.4g}, "
+                    f"less than the {share:.4g} the run declares")
+        if float(config[keys.DP_CLIP]) > scenario.privacy.clip_norm * (1 + 1e-9):
+            return (f"the message asks for clip norm {float(config[keys.DP_CLIP]):.4g}, "
+                    f"more than the {scenario.privacy.clip_norm:g} the run declares")
+    return refusal(floor, declared)
 
 
 def _who(context: Context, settings: ClientSettings) -> str:
@@ -299,16 +321,13 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
     config = message.content.config_records[keys.CONFIG]
-    declared = declared_dp(scenario, config)
-    reason = refusal(own_floor(context, settings), declared)
-    if declared.mode == "distributed" and keys.DP_NOISE_STD not in config:
-        reason = "the run is under distributed DP but the message asks for no noise share"
+    reason = train_refusal(scenario, config, own_floor(context, settings))
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
         return refuse(message, _who(context, settings), "train", reason)
-    private = declared.mode != "none"
+    private = scenario.privacy.client_level
     if private:
-        context.state[DP_RUN] = ConfigRecord({"mode": declared.mode})
+        context.state[DP_RUN] = ConfigRecord({"mode": scenario.privacy.mode})
     session = train_session(scenario, settings, message, context)
     data = _node_batch(scenario, context, settings.partition, settings.seq_len).train
     server_round, steps = _round(message), session.trainee.train.steps

@@ -130,3 +130,35 @@ def test_client_noise_comes_from_os_entropy_unless_the_run_is_reproducible(repro
     b, _ = privatize(start, start, second.orders.client_dp, second.seed)
     assert first.seed == second.seed
     assert torch.equal(a["m.lora_A.weight"], b["m.lora_A.weight"]) is same
+
+
+DISTRIBUTED = ['privacy.mode="distributed"', "privacy.noise_multiplier=2.0",
+               "privacy.clip_norm=0.5", "privacy.min_clients=4"]
+
+
+@pytest.mark.parametrize(("config", "reason"), [
+    ({keys.DP_CLIP: 0.5, keys.DP_NOISE_STD: 0.5}, None),  # z C / sqrt(4) = 0.5
+    ({keys.DP_CLIP: 0.5, keys.DP_NOISE_STD: 0.25}, "noise share of std 0.25, less than the 0.5"),
+    ({keys.DP_CLIP: 2.0, keys.DP_NOISE_STD: 0.5}, "clip norm 2, more than the 0.5"),
+    ({}, "asks for no noise share"),
+])
+def test_a_distributed_message_must_ask_for_what_the_run_declares(config, reason):
+    """Floor or not: a server that sends less noise or a larger clip than its scenario
+    declares (the run config every node holds) is refused."""
+    from fedtune.flower.client_app import train_refusal
+    from fedtune.privacy.floor import PrivacyFloor
+
+    got = train_refusal(load_scenario("tiny", DISTRIBUTED), config, PrivacyFloor())
+    assert (got is None) if reason is None else (reason in got)
+
+
+def test_the_declared_dp_is_the_scenarios():
+    """z planned for the target, epsilon the budget: what a floor is compared with."""
+    from fedtune.flower.client_app import declared_dp
+
+    scenario = load_scenario("tiny", ['privacy.mode="central"', "privacy.target_epsilon=8"])
+    declared = declared_dp(scenario, {})
+    assert declared.mode == "central"
+    assert declared.noise_multiplier == scenario.privacy_plan().noise_multiplier
+    assert declared.epsilon == 8.0
+    assert declared_dp(load_scenario("tiny"), {}).mode == "none"
