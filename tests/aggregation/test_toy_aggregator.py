@@ -1,10 +1,13 @@
-"""An aggregator added through the registry alone runs a real simulation.
+"""An aggregator added through the registry alone runs a whole federation.
 
 The toy rule is unlike every built-in one: the next global adapter is the update of
 the client with the smallest id, unweighted ("first client wins"). The class lives only
-in this file: the ServerApp (this process) builds it from the registry; the ClientApps
-(Ray workers, which never import this file) learn how to train from the message
-config (client mode, frozen A), so they do not need it.
+in this file: the ServerApp builds it from the registry; the ClientApps learn how to
+train from the message config (client mode, frozen A), so they do not need it. The run
+is ``fedtune.runs.simulate.simulate`` on the in-process Grid (the real ServerApp loop
+and ClientApp handlers; the engine is under test in tests/flower/test_simulation.py),
+and every client message is handled while the registry does not know the toy, as in a
+client process that never imported this file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fedtune.aggregation.base import example_weights, next_round
 from fedtune.config import load_scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.codec import factors_from_state_dict
+from tests.support.engine import engine_in_process
 
 TOY = "toy-first-client"
 
@@ -44,18 +48,40 @@ def dense(factors: LoraFactors) -> torch.Tensor:
     return factors.scale * factors.B.double() @ factors.A.double()
 
 
+def unknown_to_clients(make_client_app):
+    """``make_client_app`` whose app handles each message with the toy unregistered (the
+    Grid has one handler thread and the server waits for its replies meanwhile)."""
+
+    def make(scenario):
+        app = make_client_app(scenario)
+
+        def handle(message, context):
+            unregister(TOY)
+            try:
+                return app(message, context)
+            finally:
+                register(FirstClientWins)
+        return handle
+    return make
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from fedtune.runs.simulate import simulate
+    import fedtune.flower.client_app as client_app
+    import fedtune.runs.simulate as runs
 
     register(FirstClientWins)
     FirstClientWins.seen.clear()
     try:
-        scenario = load_scenario("tiny", [
-            f'federation.aggregator="{TOY}"', "run.rounds=2", "data.num_clients=2",
-            "federation.min_clients=2", "train.steps=2", "data.max_samples_per_client=16",
-            "data.max_eval_sequences=4"])
-        run_dir = simulate(scenario, out_dir=tmp_path_factory.mktemp("runs"))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(client_app, "make_client_app",
+                          unknown_to_clients(client_app.make_client_app))
+            with engine_in_process():
+                scenario = load_scenario("tiny", [
+                    f'federation.aggregator="{TOY}"', "run.rounds=2", "data.num_clients=2",
+                    "federation.min_clients=2", "train.steps=2",
+                    "data.max_samples_per_client=16", "data.max_eval_sequences=4"])
+                run_dir = runs.simulate(scenario, out_dir=tmp_path_factory.mktemp("runs"))
         yield scenario, run_dir
     finally:
         unregister(TOY)
