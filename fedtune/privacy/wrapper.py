@@ -134,6 +134,8 @@ class ClientLevelDPAggregator:
         """False when one more release (at ``sample_rate``, default the planned q) would
         take epsilon past the budget."""
         s = self.settings
+        if math.isinf(s.budget):  # no budget: nothing to compute
+            return True
         after = self.accountant.epsilon_if(s.noise_multiplier, sample_rate or s.sample_rate)
         return after <= s.budget * (1 + 1e-3)
 
