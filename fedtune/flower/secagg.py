@@ -541,10 +541,10 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     """The round's train phase under secure aggregation; the new global adapter goes to
     ``strategy.global_adapter``, the round's metrics are returned. A round with fewer
     than ``MIN_CLIENTS`` sends no work: under DP it releases noise only, else it fails."""
-    p = strategy.scenario.privacy
     nodes = [m.metadata.dst_node_id for m in messages]
     if len(nodes) < MIN_CLIENTS:
         return _too_few(strategy, server_round, len(nodes))
+    p = strategy.scenario.privacy
     settings = round_settings(strategy, messages)
     entries = layout(strategy.expected, settings.rank, settings.fields)
     size = sum(a * b for _, (a, b) in entries)

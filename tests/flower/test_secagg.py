@@ -157,8 +157,8 @@ def test_a_client_never_reveals_both_secrets_of_one_node():
 def test_stages_out_of_order_are_refused():
     context = Context(1, 1, {}, RecordDict(), {})
     context.state[secagg.STATE] = ConfigRecord({"stage": secagg.TRAIN})
-    message = Message(RecordDict({secagg.SECAGG: ConfigRecord({"stage": secagg.UNMASK})}),
-                      dst_node_id=1, message_type=MessageType.TRAIN)
+    message = SimpleNamespace(content=RecordDict({
+        secagg.SECAGG: ConfigRecord({"stage": secagg.UNMASK})}))
     with pytest.raises(ValueError, match="stage 'unmask' after 'train'"):
         secagg.client_step(message, context)
 
@@ -166,6 +166,7 @@ def test_stages_out_of_order_are_refused():
 @pytest.mark.parametrize("overrides,message", [
     (['federation.aggregator="flora"'], "need each client's own factors"),
     (['federation.aggregator="flexlora"'], "need each client's own factors"),
+    (['federation.aggregator="hetlora"'], "need each client's own factors"),
     (['privacy.mode="central"', "privacy.noise_multiplier=1"], "never sees"),
     (["compression.upload_density=0.5"], "upload_density = 1"),
     (['federation.merge="ties"'], "merge = 'mean'"),
@@ -175,6 +176,18 @@ def test_stages_out_of_order_are_refused():
 def test_what_secure_aggregation_cannot_serve_is_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_scenario("tiny", ["privacy.secure_aggregation=true", *overrides])
+
+
+def test_a_round_of_two_clients_sends_no_work():
+    """With two clients the sum tells each the other's update: the round fails before
+    anything is sent (under DP it would release noise only)."""
+    strategy = SimpleNamespace(dp=None)
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=n)) for n in (1, 2)]
+
+    def send(batch):
+        raise AssertionError("work was sent")
+    with pytest.raises(RoundFailedError, match="2 clients sampled, fewer than the 3"):
+        secagg.secure_train(strategy, send, 1, messages)
 
 
 @pytest.mark.parametrize("overrides", [
