@@ -36,7 +36,7 @@ def _scenario(tmp_path, count: int = 2, *extra: str):
     data.mkdir(exist_ok=True)
     for name in CLIENTS:
         (data / f"{name}.jsonl").write_text("".join(
-            json.dumps({"prompt": f"{name} asks question {i}?", "response": f"answer {i}"})
+            json.dumps({"text": f"{name} asks question {i}?\nanswer {i}"})
             + "\n" for i in range(4)))
     return load_scenario("tiny", ["data.source='jsonl'", f"data.path='{data}'",
                                   "data.num_clients=3", "data.eval_fraction=0.5",
@@ -140,7 +140,8 @@ def test_prompts_are_seeded_and_one_per_client_first(tmp_path):
     assert first == held_out_prompts(scenario, tokenizer, 5)
     clients = [c for c, _ in first]
     assert sorted(clients[:3]) == list(CLIENTS) and clients[3:] == clients[:2]  # then again
-    assert all(p.startswith(f"{c} asks question") and p.endswith("?\n") for c, p in first)
+    assert all(p.text.startswith(f"{c} asks question") and p.text.endswith("?\n")
+               and p.shown == p.text for c, p in first)
     orders = {tuple(c for c, _ in held_out_prompts(_scenario(tmp_path, 2, f"run.seed={s}"),
                                                    tokenizer, 3)) for s in range(6)}
     assert len(orders) > 1  # the order comes from the run's seed
@@ -158,18 +159,19 @@ class _Conversation:
 
 def test_prompt_of_plain_text_and_of_messages():
     tokenizer = build_byte_tokenizer()
-    assert prompt_of("How are you?\nFine, thanks.", tokenizer) == "How are you?\n"
-    assert prompt_of("abcdefgh", tokenizer) == "abcd"  # one line: its first half
+    assert prompt_of("How are you?\nFine, thanks.", tokenizer).text == "How are you?\n"
+    assert prompt_of("abcdefgh", tokenizer) == ("abcd", "abcd")  # one line: its first half
     template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
     turns = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"),
              ("user", "Bye?"), ("assistant", "Bye.")]
     expected = "<system>Be brief.<user>Hi<assistant>Hello<user>Bye?<assistant>"
     as_json = {"messages": [{"role": r, "content": c} for r, c in turns]}
-    assert prompt_of(as_json, tokenizer, template) == expected
-    assert prompt_of(_Conversation(turns), tokenizer, template) == expected
+    shown = "system: Be brief.\nuser: Hi\nassistant: Hello\nuser: Bye?"
+    assert prompt_of(as_json, tokenizer, template) == (shown, expected)
+    assert prompt_of(_Conversation(turns), tokenizer, template) == (shown, expected)
     # without a template conversations train as their turns, one line each
-    assert prompt_of(_Conversation(turns), tokenizer) == "Be brief.\nHi\nHello\nBye?\n"
+    assert prompt_of(_Conversation(turns), tokenizer).text == "Be brief.\nHi\nHello\nBye?\n"
     with pytest.raises(ValueError, match="neither text nor messages"):
         prompt_of(42, tokenizer)
 

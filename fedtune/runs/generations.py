@@ -19,6 +19,10 @@ A prompt is what the record's author wrote before the reply to be predicted:
 - a plain text: its first line, newline included (a prompt / response pair is joined
   by a newline, so this is the prompt); a one-line text: the first half of its tokens.
 
+The model sees at most the prompt's last ``data.seq_len`` tokens (what it trained on);
+the report and the terminal show a conversation's turns as "role: content" lines, not
+the template's markup.
+
 Privacy: the prompts are records of the clients' held-out sets, which in a simulation
 are the operator's own data (the simulation holds every client's data); showing them
 releases nothing new. Under DP the adapter side is the released adapter, and replies
@@ -33,7 +37,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -48,7 +52,8 @@ log = logging.getLogger("fedtune")
 
 @dataclass(frozen=True)
 class Generation:
-    """One held-out prompt and the two greedy replies to it."""
+    """One held-out prompt (as people read it, see ``Prompt``) and the two greedy
+    replies to it."""
 
     client: str
     prompt: str
@@ -86,18 +91,28 @@ def _text_prompt(text: str, tokenizer: Any) -> str:
     return str(tokenizer.decode(ids[: max(1, len(ids) // 2)]))
 
 
-def prompt_of(record: Any, tokenizer: Any, template: str = "") -> str:
+class Prompt(NamedTuple):
+    """A held-out prompt as people read it (``shown``: a conversation's turns as
+    "role: content" lines) and as the model gets it (``text``: through the template)."""
+
+    shown: str
+    text: str
+
+
+def prompt_of(record: Any, tokenizer: Any, template: str = "") -> Prompt:
     """The prompt of one held-out record (module docstring: which part and why).
     ``template``: the Jinja chat template conversations were trained with; without one
     they were trained as plain text, their turns joined by newlines."""
     turns = _turns(record)
     if turns is None:
-        return _text_prompt(record, tokenizer)
+        text = _text_prompt(record, tokenizer)
+        return Prompt(text, text)
     before = _before_last_reply(turns)
+    shown = "\n".join(f"{t['role']}: {t['content']}" for t in before)
     if not template:
-        return "".join(t["content"] + "\n" for t in before)
-    return str(tokenizer.apply_chat_template(before, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True))
+        return Prompt(shown, "".join(t["content"] + "\n" for t in before))
+    return Prompt(shown, str(tokenizer.apply_chat_template(
+        before, chat_template=template, tokenize=False, add_generation_prompt=True)))
 
 
 def _template(scenario: Scenario, tokenizer: Any) -> str:
@@ -110,7 +125,8 @@ def _template(scenario: Scenario, tokenizer: Any) -> str:
     return resolve_template(name, tokenizer)
 
 
-def held_out_prompts(scenario: Scenario, tokenizer: Any, count: int) -> list[tuple[str, str]]:
+def held_out_prompts(scenario: Scenario, tokenizer: Any, count: int
+                     ) -> list[tuple[str, Prompt]]:
     """(client id, prompt) for ``count`` held-out records: the first record of clients in
     a seeded order, then their second records, and so on."""
     from fedtune.data import clients_of
@@ -187,7 +203,7 @@ def generate(scenario: Scenario, run_dir: Path) -> list[Generation]:
     chosen = held_out_prompts(scenario, tokenizer, spec.generations)
     if not chosen:
         return []
-    prompts = [prompt for _, prompt in chosen]
+    prompts = [prompt.text for _, prompt in chosen]
     reply = {"max_new_tokens": spec.max_new_tokens,
              "max_prompt_tokens": scenario.data.seq_len}
     active = list(model.active_adapters)
@@ -201,7 +217,7 @@ def generate(scenario: Scenario, run_dir: Path) -> list[Generation]:
             tuned = greedy_replies(model, tokenizer, prompts, **reply)
         finally:
             model.base_model.set_adapter(active)
-    return [Generation(client, prompt, b, a)
+    return [Generation(client, prompt.shown, b, a)
             for (client, prompt), b, a in zip(chosen, base, tuned, strict=True)]
 
 
