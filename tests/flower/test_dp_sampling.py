@@ -4,6 +4,7 @@ of the run directory and no log line gives away, the accountant charged with the
 sampling rate actually used when clients are missing, and a reproducible experiment
 mode that repeats its sample and says so."""
 
+import contextlib
 import json
 import logging
 
@@ -62,9 +63,9 @@ def _run(scenario, tmp_path, lose_after_round_1=0):
     return run_dir, grid
 
 
-@pytest.fixture(scope="module")
-def private_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("runs")
+@contextlib.contextmanager
+def _fedtune_log():
+    """Every message of the "fedtune" logger, down to DEBUG, while the block runs."""
     logger = logging.getLogger("fedtune")
     lines: list[str] = []
     handler = logging.Handler(logging.DEBUG)
@@ -73,10 +74,16 @@ def private_run(tmp_path_factory):
     old_level = logger.level
     logger.setLevel(logging.DEBUG)
     try:
-        run_dir, grid = _run(load_scenario("tiny", DP), tmp)
+        yield lines
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory):
+    with _fedtune_log() as lines:
+        run_dir, grid = _run(load_scenario("tiny", DP), tmp_path_factory.mktemp("runs"))
     return run_dir, grid, "\n".join(lines)
 
 
@@ -122,7 +129,10 @@ def test_epsilon_follows_the_sampling_rate_used_when_clients_are_missing(tmp_pat
     q = 2 / 2 = 1 (expected cohort kept at 2), and is charged at q = 1. A reproducible
     experiment, which the summary and the log say."""
     scenario = load_scenario("tiny", [*DP, "privacy.reproducible=true"])
-    run_dir, _ = _run(scenario, tmp_path, lose_after_round_1=2)
+    with _fedtune_log() as lines:
+        run_dir, _ = _run(scenario, tmp_path, lose_after_round_1=2)
+    assert any("privacy.reproducible = true" in line for line in lines)
+    assert any("sampling rate 1 instead of 0.5" in line for line in lines)
     summary = json.loads((run_dir / "summary.json").read_text())
     first, second = summary["rounds"]
     assert first["epsilon"] == pytest.approx(epsilon_after([(Z, 0.5, 1)], DELTA))
