@@ -5,6 +5,7 @@ protocol's own cost is not hidden behind Ray's).
 
   python benchmarks/bench_secagg.py [--scenario tiny] [--clients 3 10] [--rounds 3]
       [--set KEY=VALUE ...] [--out benchmarks/secagg]
+  python benchmarks/bench_secagg.py --protocol-only smollm2 [--rank 8] [--clients 3 10]
 
 Bytes are counted at the Grid: the protobuf size of every message's content each way
 (train phase and evaluation, all four protocol stages), the same measure for both runs.
@@ -71,6 +72,69 @@ def one_run(scenario_name: str, clients: int, rounds: int, secure: bool, sets: l
             "final_eval_loss": trained[-1].get("eval_loss"), "run_dir": str(run_dir)}
 
 
+def protocol_only(model: str, targets: tuple[str, ...], rank: int, clients: int,
+                  bits: int = 22) -> dict:
+    """The protocol alone (no training) on one model's LoRA layout: clients with random
+    updates in this process, one at a time, so a stage's seconds are the sum of every
+    client's work plus the server's. Bytes: what the four stages add, against the fp32
+    adapter a plain reply carries."""
+    import numpy as np
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedtune.flower import secagg
+    from fedtune.flower.replies import expected_modules
+    from fedtune.flower.rounds import exchange
+    from fedtune.train.session import Upload
+
+    modules = expected_modules(model, targets)
+    entries = secagg.layout(modules, rank, ("A", "B"))
+    size = sum(a * b for _, (a, b) in entries)
+    app = ClientApp()
+
+    @app.train()
+    def train(message, context):
+        if secagg.is_protocol_step(message):
+            return secagg.client_step(message, context)
+        g = torch.Generator().manual_seed(int(context.node_config["partition-id"]))
+        state = {k: torch.randn(shape, generator=g) * 1e-3 for k, shape in entries}
+        start = {k: torch.zeros(shape) for k, shape in entries}
+        return secagg.train_reply(message, context, Upload(state=state), start,
+                                  {"num-examples": 1, "train-loss": 1.0})
+
+    settings = secagg.SecAggSettings(0, rank, ("A", "B"), 1.0, 0.0, bits)
+    plain_up = recorddict_to_proto(RecordDict({"adapter": ArrayRecord(
+        {k: torch.zeros(shape) for k, shape in entries})})).ByteSize()
+    with InProcessGrid(app, clients) as grid:
+        messages = [Message(RecordDict({"config": ConfigRecord({"round": 1})}),
+                            dst_node_id=n, message_type=MessageType.TRAIN)
+                    for n in grid.get_node_ids()]
+        began = time.perf_counter()
+        outcome = secagg.run_protocol(lambda batch: exchange(grid, batch, 600), messages, 1,
+                                      0, 0, settings, size)
+        wall = time.perf_counter() - began
+    assert len(outcome.survivors) == clients and not outcome.dropped
+    assert np.isfinite(settings.quantizer.dequantize_sum(outcome.total, clients)).all()
+    return {"model": model, "entries": size, "clients": clients, "protocol_wall_s": wall,
+            "seconds": outcome.seconds,
+            "bytes_up_per_client": sum(outcome.bytes_up.values()) / clients,
+            "bytes_down_per_client": sum(outcome.bytes_down.values()) / clients,
+            "plain_bytes_up_per_client": plain_up}
+
+
+def protocol_table(results: list[dict]) -> str:
+    lines = ["| model (entries) | clients | protocol wall s (sequential) | of it, stage 0 "
+             "(keys, quantise) s | bytes up / client (plain fp32 reply) | protocol bytes "
+             "down / client |", "|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['model']} ({r['entries']:,}) | {r['clients']} | "
+                     f"{r['protocol_wall_s']:.2f} | {r['seconds']['train']:.2f} | "
+                     f"{r['bytes_up_per_client']:,.0f} ({r['plain_bytes_up_per_client']:,}) | "
+                     f"{r['bytes_down_per_client']:,.0f} |")
+    return "\n".join(lines)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| clients | secure aggregation | train phase s / round | of it, stages 1-3 s | "
              "bytes up / round | bytes down / round | final eval loss |",
@@ -91,7 +155,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/secagg"))
+    parser.add_argument("--protocol-only", metavar="MODEL", help="time the protocol alone "
+                        "on MODEL's LoRA layout (e.g. smollm2), no training")
+    parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
+    if args.protocol_only:
+        results = [protocol_only(args.protocol_only, ("q_proj", "v_proj"), args.rank, n)
+                   for n in args.clients]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"protocol-{args.protocol_only}.json").write_text(
+            json.dumps(results, indent=2))
+        print(protocol_table(results))
+        return
     results = [one_run(args.scenario, n, args.rounds, secure, args.sets, args.out / "runs")
                for n in args.clients for secure in (False, True)]
     args.out.mkdir(parents=True, exist_ok=True)
