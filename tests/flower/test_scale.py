@@ -78,7 +78,7 @@ def test_each_sampled_client_trained_on_its_own_partition_only(run: SimpleNamesp
         assert partitions == sorted(set(r["sampled_partitions"]) - lost)
         for rec in trained:
             own = client_batch(run.scenario, int(rec["partition_id"])).train
-            assert rec["num_examples"] == own.shape[0]
+            assert rec["num_examples"] == len(own)
             assert rec["client"] == str(rec["partition_id"])
 
 
