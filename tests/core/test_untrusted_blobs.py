@@ -1,8 +1,10 @@
 """A packed blob from someone else costs its receiver memory in proportion to what the
 receiver expects and to the blob's own length, never to what the blob declares: shapes
-are checked before anything is allocated. Each case runs in a fresh process whose peak
-resident memory is measured (torch's allocations are invisible to tracemalloc), under
-an address-space limit so that a regression fails instead of swapping the machine."""
+are checked before anything is allocated. The cases run one after the other in a fresh
+process whose peak resident memory is measured around each (torch's allocations are
+invisible to tracemalloc; a case that regresses raises the peak in its own measurement,
+and a later case is measured from there), under an address-space limit so that a
+regression fails instead of swapping the machine."""
 
 import json
 import struct
@@ -28,9 +30,9 @@ from fedtune.core.compress import (
 NAME = "m.q.lora_A.weight"
 EXPECTED = {NAME: (8, 576)}
 
-# Builds the blob named by argv[1] with the real encoder (or, for what the encoder will
-# not write, the documented layout), decodes it with the expected shapes and prints how
-# much the peak RSS grew while decoding.
+# For each blob named in argv[1:]: builds it with the real encoder (or, for what the
+# encoder will not write, the documented layout), decodes it with the expected shapes and
+# prints how much the peak RSS grew while decoding (one JSON line per blob).
 _PROBE = r"""
 import json, resource, struct, sys
 import torch
@@ -38,37 +40,41 @@ from fedtune.core.codec import CodecError
 from fedtune.core.compress import CompressionSpec, decode_state, encode_indexed, pack_records
 
 name, expected = "m.q.lora_A.weight", {"m.q.lora_A.weight": (8, 576)}
-kind = sys.argv[1]
-if kind == "int8-block":  # one int8 value whose block declares 2**32 - 1 entries
-    record = (struct.pack("<B2I", 2, 8, 576) + struct.pack("<BBBII", 2, 1, 2, 1, 2**32 - 1)
-              + struct.pack("<H", 5) + struct.pack("<b", 100) + struct.pack("<f", 1.0))
-else:  # a sparse record of this shape with no values at all
-    shape = tuple(int(d) for d in kind.split("x"))
-    record = encode_indexed(shape, torch.zeros(0, dtype=torch.int64), torch.zeros(0),
-                            CompressionSpec(density=0.5))
-blob = pack_records([name], [record])
 resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    decoded = decode_state(blob, expected)
-    outcome = "decoded " + str(tuple(decoded.values[name].shape))
-except CodecError as err:
-    outcome = "refused: " + str(err)
-grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-print(json.dumps({"bytes": blob.numel(), "grew_mb": grew, "outcome": outcome}))
+for kind in sys.argv[1:]:
+    if kind == "int8-block":  # one int8 value whose block declares 2**32 - 1 entries
+        record = (struct.pack("<B2I", 2, 8, 576) + struct.pack("<BBBII", 2, 1, 2, 1, 2**32 - 1)
+                  + struct.pack("<H", 5) + struct.pack("<b", 100) + struct.pack("<f", 1.0))
+    else:  # a sparse record of this shape with no values at all
+        shape = tuple(int(d) for d in kind.split("x"))
+        record = encode_indexed(shape, torch.zeros(0, dtype=torch.int64), torch.zeros(0),
+                                CompressionSpec(density=0.5))
+    blob = pack_records([name], [record])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        decoded = decode_state(blob, expected)
+        outcome = "decoded " + str(tuple(decoded.values[name].shape))
+    except CodecError as err:
+        outcome = "refused: " + str(err)
+    grew = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    print(json.dumps({"kind": kind, "bytes": blob.numel(), "grew_mb": grew,
+                      "outcome": outcome}))
 """
+KINDS = ["40000x40000", f"{2**20}x{2**20}", "int8-block"]  # 1.6e9 and 2**40 entries
 
 
-def _probe(kind):
-    done = subprocess.run([sys.executable, "-c", _PROBE, kind], capture_output=True,
+@pytest.fixture(scope="module")
+def probed():
+    done = subprocess.run([sys.executable, "-c", _PROBE, *KINDS], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    results = [json.loads(line) for line in done.stdout.strip().splitlines()[-len(KINDS):]]
+    return {r["kind"]: r for r in results}
 
 
-@pytest.mark.parametrize("kind", ["40000x40000", f"{2**20}x{2**20}"])  # 1.6e9 and 2**40
-def test_a_tiny_blob_declaring_a_huge_tensor_is_refused_without_allocating_it(kind):
-    result = _probe(kind)
+@pytest.mark.parametrize("kind", KINDS[:2])
+def test_a_tiny_blob_declaring_a_huge_tensor_is_refused_without_allocating_it(kind, probed):
+    result = probed[kind]
     assert result["bytes"] < 100  # what the sender spent
     assert result["outcome"].startswith("refused: ")
     assert f"declared shape {[int(d) for d in kind.split('x')]}, expected [8, 576]" in (
@@ -76,9 +82,9 @@ def test_a_tiny_blob_declaring_a_huge_tensor_is_refused_without_allocating_it(ki
     assert result["grew_mb"] < 200, result
 
 
-def test_an_int8_block_declaring_four_billion_entries_costs_nothing():
+def test_an_int8_block_declaring_four_billion_entries_costs_nothing(probed):
     """The shape is the expected one; the header's block size is not a size to allocate."""
-    result = _probe("int8-block")
+    result = probed["int8-block"]
     assert result["outcome"] == "decoded (8, 576)"
     assert result["grew_mb"] < 200, result
 

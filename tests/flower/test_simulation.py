@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -84,3 +85,20 @@ def test_saved_adapter_loads_with_peft_and_reproduces_final_loss(tiny_run):
     bare = combine([evaluate_client(base_only, scenario, pid)
                     for pid in range(scenario.data.num_clients)])
     assert bare.loss > summary["final"]["eval_loss"] + 0.05
+
+
+def test_the_in_process_grid_ends_exactly_where_the_engine_does(tiny_run, tmp_path):
+    """What lets the rest of the suite (and test_ray_cluster's one-machine reference)
+    run federations on the in-process Grid: the same scenario gives the bit-identical
+    adapter and the same losses as Flower's engine."""
+    from fedtune.flower.inprocess_grid import simulate_in_process
+
+    scenario, engine_dir = tiny_run
+    grid_dir = simulate_in_process(scenario, out_dir=tmp_path)
+    on_engine = load_file(engine_dir / "adapter" / "adapter_model.safetensors")
+    on_grid = load_file(grid_dir / "adapter" / "adapter_model.safetensors")
+    assert on_engine.keys() == on_grid.keys()
+    assert all(torch.equal(on_engine[k], on_grid[k]) for k in on_engine)
+    losses = [[r["eval_loss"] for r in json.loads((d / "summary.json").read_text())["rounds"]]
+              for d in (engine_dir, grid_dir)]
+    assert losses[0] == losses[1]
