@@ -458,16 +458,41 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
         ("destinations", "ciphertexts"))
     live = set(shared)
     _enough(live, graph, t, SHARE)
-    mail: dict[int, list[tuple[int, bytes]]] = {n: [] for n in live}
+    mail = _mailboxes(shared, graph)
+    keyed_set = set(live)  # nodes whose shares are out: their masks are in others' vectors
+    masked = exchange(COLLECT, [_stage_message(n, server_round, {
+        "stage": COLLECT, "sources": [s for s, _ in mail[n]],
+        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("masked",))
+    vectors = _vectors(masked, size, exchange)
+    live = set(vectors)
+    _enough(live, graph, t, COLLECT)
+    dead = keyed_set - live
+    asked = {n: {"active": [p for p in graph[n] if p in live],
+                 "dead": [p for p in graph[n] if p in dead]} for n in sorted(live)}
+    unmasked = exchange(UNMASK, [_stage_message(n, server_round, {"stage": UNMASK, **ask})
+                                 for n, ask in asked.items()], ("nodes", "shares"))
+    shares = _shares(unmasked, asked, live | dead)
+    total = modular_sum([vectors[n] for n in sorted(live)])
+    outcome.total = _remove_masks(total, shares, live, dead, graph, pks, t)
+    outcome.survivors = sorted(live)
+    return outcome
+
+
+def _mailboxes(shared: Mapping[int, Message], graph: Mapping[int, list[int]]
+               ) -> dict[int, list[tuple[int, bytes]]]:
+    """Each node's incoming (source, ciphertext) pairs, from neighbours only."""
+    mail: dict[int, list[tuple[int, bytes]]] = {n: [] for n in shared}
     for source, reply in shared.items():
         record = reply.content.config_records[SECAGG]
         for dst, text in zip(record["destinations"], record["ciphertexts"], strict=True):
             if int(dst) in mail and int(dst) in graph[source] and int(dst) != source:
                 mail[int(dst)].append((source, bytes(text)))
-    keyed_set = set(live)  # nodes whose shares are out: their masks are in others' vectors
-    masked = exchange(COLLECT, [_stage_message(n, server_round, {
-        "stage": COLLECT, "sources": [s for s, _ in mail[n]],
-        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("masked",))
+    return mail
+
+
+def _vectors(masked: Mapping[int, Message], size: int, exchange: _Exchange
+             ) -> dict[int, np.ndarray]:
+    """The masked vectors of the right length (a node that sent another is lost)."""
     vectors = {}
     for node, reply in masked.items():
         raw = bytes(reply.content.config_records[SECAGG]["masked"])
@@ -475,23 +500,21 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
             exchange._lose(node, COLLECT, f"masked vector of {len(raw)} bytes, not {4 * size}")
             continue
         vectors[node] = np.frombuffer(raw, dtype="<u4")
-    live = set(vectors)
-    _enough(live, graph, t, COLLECT)
-    dead = keyed_set - live
-    unmasked = exchange(UNMASK, [_stage_message(n, server_round, {
-        "stage": UNMASK, "active": [p for p in graph[n] if p in live],
-        "dead": [p for p in graph[n] if p in dead]}) for n in sorted(live)],
-        ("nodes", "shares"))
-    shares: dict[int, list[bytes]] = {n: [] for n in live | dead}
-    for reply in unmasked.values():
+    return vectors
+
+
+def _shares(unmasked: Mapping[int, Message], asked: Mapping[int, Mapping[str, list[int]]],
+            owners: set[int]) -> dict[int, list[bytes]]:
+    """owner -> the shares of its secret the survivors sent; only those each was asked
+    for (a share of the other kind would spoil the reconstruction)."""
+    shares: dict[int, list[bytes]] = {n: [] for n in owners}
+    for node, reply in unmasked.items():
         record = reply.content.config_records[SECAGG]
+        wanted = set(asked[node]["active"]) | set(asked[node]["dead"])
         for owner, share in zip(record["nodes"], record["shares"], strict=True):
-            if int(owner) in shares:
+            if int(owner) in wanted:
                 shares[int(owner)].append(bytes(share))
-    total = modular_sum([vectors[n] for n in sorted(live)])
-    total = _remove_masks(total, shares, live, dead, graph, pks, t)
-    outcome.total, outcome.survivors = total, sorted(live)
-    return outcome
+    return shares
 
 
 def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: set[int],
