@@ -206,7 +206,7 @@ def test_a_tiny_federation_aggregates_the_sum_it_never_saw(tmp_path, monkeypatch
         return vectors[-1]
     monkeypatch.setattr(secagg, "update_vector", spy)
     scenario = load_scenario("tiny", ["privacy.secure_aggregation=true", "run.rounds=1",
-                                      "privacy.clip_norm=0.05", *overrides])
+                                      "privacy.clip_norm=0.05", "train.steps=2", *overrides])
     run_dir = simulate_in_process(scenario, out_dir=tmp_path)
     assert len(vectors) == 4
     summary = json.loads((run_dir / "summary.json").read_text())
