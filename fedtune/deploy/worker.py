@@ -145,6 +145,7 @@ def handle_task(address: str, token: str, app: ClientApp | Callable[[], ClientAp
 
 def serve_forever(address: str, app: ClientApp, insecure: bool = True,
                   root_certificates: bytes | None = None, poll_interval: float = 0.1,
+                  idle_poll: float = 1.0,
                   max_disconnected: float | None = None, stop: threading.Event | None = None,
                   on_task: Callable[[str, float], None] | None = None,
                   pin: RunPin | None = None,
@@ -152,14 +153,16 @@ def serve_forever(address: str, app: ClientApp, insecure: bool = True,
     """Claim and run the SuperNode's ClientApp tasks until ``stop`` is set or the
     SuperNode has been unreachable for ``max_disconnected`` seconds; returns the count.
     ``run_task(token)`` runs a task elsewhere (a fresh process per message) in place of
-    ``app`` here."""
+    ``app`` here. An idle worker asks every ``poll_interval`` seconds at first, then less
+    often, up to every ``idle_poll`` seconds: the SuperNode itself fetches new messages
+    only every 3 s when idle, so a tight loop would spend CPU on both sides for nothing."""
     stop = stop or threading.Event()
     acquire = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
         retry_invoker=None)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-    served, down_since, backoff = 0, None, poll_interval
+    served, down_since, backoff, idle = 0, None, poll_interval, poll_interval
     try:
         while not stop.is_set():
             try:
@@ -176,8 +179,10 @@ def serve_forever(address: str, app: ClientApp, insecure: bool = True,
                 continue
             down_since, backoff = None, poll_interval
             if not (response.HasField("task") and response.token):
-                stop.wait(poll_interval)
+                stop.wait(idle)
+                idle = min(idle * 1.5, max(idle_poll, poll_interval))
                 continue
+            idle = poll_interval
             begun = time.perf_counter()
             status = (run_task(response.token) if run_task is not None else
                       handle_task(address, response.token, app, insecure, root_certificates,

@@ -9,6 +9,7 @@ probability q), the standard approximation for a fixed-size uniform sample.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -90,11 +91,13 @@ class PrivacyAccountant:
         return {"delta": self.delta, "kind": self.kind, "history": [list(s) for s in self.history]}
 
 
+@functools.lru_cache(maxsize=64)
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                          kind: str = "rdp") -> float:
     """The smallest noise multiplier (to Opacus' tolerance) whose ``steps`` releases at
     ``sample_rate`` stay within ``target_epsilon`` at ``delta``; BudgetError when even
-    ``MAX_NOISE_MULTIPLIER`` is not enough."""
+    ``MAX_NOISE_MULTIPLIER`` is not enough. Cached: the search costs seconds and a run asks
+    it for the same plan several times (loading the scenario, the strategy, the clients)."""
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
         raise BudgetError(f"target epsilon must be a finite number > 0, got {target_epsilon}")
     floor = epsilon_after([(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta, kind)

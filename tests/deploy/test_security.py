@@ -5,8 +5,10 @@ can reach the clients' port (it has the CA certificate, no registered key) tries
 submit its own Flower app and to register its own key, then to join; a rogue run is
 submitted on the server machine itself (through the loopback Control API) with the real
 run's seal over another config; once every client has its name, the operator registers a
-fourth key with ``fedtune keys add`` and its holder claims an existing client's name. The same
-federation run again without any attacker must end with the bit-identical adapter.
+fourth key with ``fedtune keys add`` and its holder claims an existing client's name; a client
+that trusts another CA and one that does not speak TLS are refused. The same federation run
+again without any attacker (and with every client long-lived, where the attacked run has one
+client in a fresh process per message) must end with the bit-identical adapter.
 """
 
 from __future__ import annotations
@@ -51,13 +53,24 @@ def _server(tmp: Path, port: int, keys) -> h.Proc:
                                 f"server.auth_keys='{allowed}'"])
 
 
-def _clients(tmp: Path, port: int, keys, files: list[Path]) -> list[h.Proc]:
-    """client0 and client1 long-lived, client2 a fresh process per message."""
+def _clients(tmp: Path, port: int, keys, files: list[Path], per_message: bool) -> list[h.Proc]:
+    """client0 and client1 long-lived, client2 too or a fresh process per message."""
     made, _ = keys
     tls = ["--root-certificates", str(made.ca_cert)]
     return [h.client(tmp, port, f, [*tls, "--auth-key", str(k)]
-                     + (["--per-message-process"] if i == 2 else []))
+                     + (["--per-message-process"] if per_message and i == 2 else []))
             for i, (f, k) in enumerate(zip(files, made.node_keys[:3], strict=True))]
+
+
+def _refused(tmp: Path, port: int, files: list[Path]) -> dict[str, h.Proc]:
+    """A client that trusts another CA, and one that does not speak TLS at all."""
+    from fedtune.deploy.certs import make_certificates
+
+    other = make_certificates(tmp / "other-ca")  # a CA the server never used
+    return {"wrong_ca": h.client(tmp, port, files[0],
+                                 ["--root-certificates", str(other.ca_cert)], name="wrong-ca"),
+            "plain": h.client(tmp, port, files[1], ["--insecure", "--connect-wait", "1"],
+                              name="plain")}
 
 
 def _adapter(run_dir: Path) -> dict:
@@ -159,7 +172,8 @@ def attacked(tmp_path_factory, keys):
     stranger = h.client(tmp, port, files[0], ["--root-certificates", str(made.ca_cert),
                                               "--auth-key", str(made.node_keys[4])],
                         name="outsider")
-    clients = _clients(tmp, port, keys, files)
+    refused = _refused(tmp, port, files)
+    clients = _clients(tmp, port, keys, files, per_message=True)
     impostor = None
     try:
         rogue = _rogue_run(tmp, run_dir)
@@ -174,13 +188,14 @@ def attacked(tmp_path_factory, keys):
             "--root-certificates", str(made.ca_cert), "--auth-key", str(made.node_keys[3]),
             "--name", files[0].stem], name="impostor")
         assert server.wait(400) == 0, server.output()[-3000:]
-        assert stranger.wait(120) == 1
+        codes = {"unknown_key": stranger.wait(120),
+                 **{name: proc.wait(120) for name, proc in refused.items()}}
     finally:
-        for c in [*clients, stranger, *([impostor] if impostor else [])]:
+        for c in [*clients, stranger, *refused.values(), *([impostor] if impostor else [])]:
             c.stop()
     return dict(tmp=tmp, run_dir=run_dir, server=server, outsider=outsider,
                 stranger=stranger, clients=clients, impostor=impostor, rogue=rogue,
-                added=added, listed=listed, churn=churn)
+                added=added, listed=listed, churn=churn, refused=refused, codes=codes)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +206,7 @@ def reference(tmp_path_factory, keys):
     files = h.client_files(tmp / "data", 3)
     server = _server(tmp, port, keys)
     run_dir = h.run_dir_of(server)
-    clients = _clients(tmp, port, keys, files)
+    clients = _clients(tmp, port, keys, files, per_message=False)
     try:
         assert server.wait(400) == 0, server.output()[-3000:]
     finally:
@@ -214,6 +229,19 @@ def test_an_outsider_cannot_submit_a_run_and_its_code_never_runs(attacked):
 def test_an_outsider_cannot_register_its_key_nor_join(attacked):
     assert isinstance(attacked["outsider"]["register"], Exception)
     assert "did not accept this client" in attacked["stranger"].output()
+
+
+def test_tls_with_node_auth_completes_and_refuses_the_wrong_certificate_or_key(attacked):
+    codes, refused = attacked["codes"], attacked["refused"]
+    assert codes["wrong_ca"] == 1
+    wrong_ca = refused["wrong_ca"].output()
+    assert "TLS with" in wrong_ca and "failed" in wrong_ca
+    assert codes["unknown_key"] == 1
+    assert "did not accept this client" in attacked["stranger"].output()
+    assert codes["plain"] == 1
+    assert "probably uses TLS" in refused["plain"].output()
+    assert "(TLS, node authentication)" in attacked["server"].output()
+    assert h.summary(attacked["run_dir"])["status"] == "completed"
 
 
 def test_clients_refuse_the_rogue_run_and_the_real_run_is_unchanged(attacked, reference):
