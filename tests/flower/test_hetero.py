@@ -61,9 +61,17 @@ def test_hetero_completes_under_every_aggregator(aggregator, hetero_comparison):
         assert mine.loss == pytest.approx(expected, abs=1e-4)
 
 
-def test_flora_download_is_bounded_by_the_rank_budget(tmp_path):
-    scenario = hetero("flora", "federation.rank_budget=8")
-    run_dir = simulate_in_process(scenario, out_dir=tmp_path)
+@pytest.fixture(scope="module")
+def flora_global(tmp_path_factory):
+    """One flora run whose clients start from the global top components under a rank
+    budget, for the two tests below."""
+    scenario = hetero("flora", 'federation.flora_init="global"', "federation.rank_budget=8",
+                      "run.rounds=3")
+    return scenario, simulate_in_process(scenario, out_dir=tmp_path_factory.mktemp("flora"))
+
+
+def test_flora_download_is_bounded_by_the_rank_budget(flora_global):
+    scenario, run_dir = flora_global
     summary = json.loads((run_dir / "summary.json").read_text())
     round2 = summary["rounds"][1]
     # tiny model: 2 layers x (q 64x64, v 32x64): rank-8 adapter = 8*(64+64+64+32)*2 floats
@@ -86,9 +94,8 @@ def test_rank_larger_than_the_model_allows_is_a_configuration_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_flora_clients_can_start_from_the_global_top_components(tmp_path):
-    scenario = hetero("flora", 'federation.flora_init="global"', "run.rounds=3")
-    run_dir = simulate_in_process(scenario, out_dir=tmp_path)
+def test_flora_clients_can_start_from_the_global_top_components(flora_global):
+    scenario, run_dir = flora_global
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [r["eval_loss"] for r in summary["rounds"]]
     assert summary["status"] == "completed" and losses[-1] < summary["initial"]["eval_loss"]
