@@ -21,6 +21,7 @@ from ray_harness import LocalRayCluster, free_port
 from safetensors.torch import load_file
 
 from fedtune.config import ConfigError, load_scenario
+from fedtune.flower.inprocess_grid import simulate_in_process
 from fedtune.flower.ray_nodes import describe
 from fedtune.runs.cluster import ClusterError, NodeSize, check_fits, joined, resolve_address
 from fedtune.runs.simulate import simulate
@@ -160,9 +161,10 @@ def test_clients_run_on_both_nodes_and_the_adapter_equals_one_machines(two_nodes
     assert {r["ray_node_id"] for r in records} == ids  # each record names its node
     assert all(r["node_ip"].count(".") == 3 for r in records)
 
-    # The same seed on one machine (a private Ray instance): each client's training is
-    # deterministic and the strategy sorts replies by client, so the result is exact.
-    local_dir = simulate(_scenario("local"), out_dir=tmp_path / "local")
+    # The same seed on one machine: each client's training is deterministic and the
+    # strategy sorts replies by client, so the result is exact. One machine is the
+    # in-process Grid, which test_simulation.py holds bit-identical to a private engine.
+    local_dir = simulate_in_process(_scenario("local"), out_dir=tmp_path / "local")
     assert not any("ray_node_id" in r and r["ray_node_id"] in ids
                    for r in _train_records(local_dir))
     on_cluster, on_one = _adapter(run_dir), _adapter(local_dir)
