@@ -68,7 +68,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fedtune.aggregation.start import sliced_like
 from fedtune.config import ConfigError
-from fedtune.core.adapters import ClientUpdate, GlobalAdapter
+from fedtune.core.adapters import ClientUpdate
 from fedtune.core.codec import A_SUFFIX, B_SUFFIX, factors_from_state_dict
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
@@ -586,21 +586,10 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
         strategy.global_adapter = strategy.aggregator.aggregate([update],
                                                                 strategy.global_adapter)
     else:  # one equal part of the sum per survivor: the wrapper counts the noise shares
-        strategy.global_adapter = _dp_release(strategy, server_round,
+        strategy.global_adapter = strategy.dp_release(server_round,
                                               [update] * len(outcome.survivors))
     return _round_metrics(strategy, server_round, outcome, settings,
                           time.perf_counter() - start)
-
-
-def _dp_release(strategy: Any, server_round: int, updates: list[ClientUpdate]
-                ) -> GlobalAdapter:
-    """The strategy's own call of the DP wrapper, or (a strategy without one) the
-    wrapper's with the clients sampled as the denominator."""
-    release = getattr(strategy, "_dp_release", None)
-    if release is not None:
-        return release(server_round, updates)
-    return strategy.dp.aggregate(updates, strategy.global_adapter, server_round,
-                                 strategy.stats.sampled, [s.rank for s in strategy.settings])
 
 
 def _too_few(strategy: Any, server_round: int, clients: int) -> MetricRecord:
@@ -610,7 +599,7 @@ def _too_few(strategy: Any, server_round: int, clients: int) -> MetricRecord:
     if strategy.dp is None:
         raise RoundFailedError(reason)
     log.warning("%s; no work sent, the round releases noise only", reason)
-    strategy.global_adapter = _dp_release(strategy, server_round, [])
+    strategy.global_adapter = strategy.dp_release(server_round, [])
     return MetricRecord({"num-clients": 0, "seconds-aggregate": 0.0,
                          **{k.replace("_", "-"): float(v)
                             for k, v in strategy.dp.metrics().items()}})

@@ -281,7 +281,7 @@ class FedtuneStrategy(Strategy):
             self._check_minimum(server_round, updates)
             self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
         else:
-            self.global_adapter = self._dp_release(server_round, updates)
+            self.global_adapter = self.dp_release(server_round, updates)
         metrics = MetricRecord({
             **self._train_loss(updates),
             "num-clients": len(updates),
@@ -310,7 +310,7 @@ class FedtuneStrategy(Strategy):
                 f"round {server_round}: {len(updates)} valid replies, fewer than {rule}; "
                 f"dropped: {self.stats.dropped}")
 
-    def _dp_release(self, server_round: int, updates: list[ClientUpdate]) -> GlobalAdapter:
+    def dp_release(self, server_round: int, updates: list[ClientUpdate]) -> GlobalAdapter:
         """The DP wrapper's release: the clipped sum over the expected cohort q * N (not
         the replies), the accountant charged at the q this round was drawn with."""
         assert self.dp is not None and self.cohort is not None
