@@ -16,14 +16,12 @@ generator would draw from torch's global generator, which the training seeds.)
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from fedtune.config import TrainConfig
@@ -50,17 +48,27 @@ def sample_rate(batch_size: int, examples: int) -> float:
     return min(1.0, batch_size / examples)
 
 
-class _OsEntropyDPOptimizer(DPOptimizer):
-    """Opacus' DP optimizer with its Gaussian noise drawn from OS entropy."""
+@functools.cache
+def _dp_optimizer(reproducible: bool) -> type:
+    """Opacus' DP optimizer, or (not ``reproducible``) one whose Gaussian noise comes from
+    OS entropy. Opacus is imported here, on first use: it loads scipy.stats, about a
+    second that every client process not running DP-SGD would pay for nothing."""
+    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    def add_noise(self) -> None:
-        source = GaussianNoise(None)
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            noise = source.sample(p.summed_grad.shape, std)
-            p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
-            _mark_as_processed(p.summed_grad)
+    if reproducible:
+        return DPOptimizer
+
+    class OsEntropyDPOptimizer(DPOptimizer):
+        def add_noise(self) -> None:
+            source = GaussianNoise(None)
+            std = self.noise_multiplier * self.max_grad_norm
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                noise = source.sample(p.summed_grad.shape, std)
+                p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
+                _mark_as_processed(p.summed_grad)
+    return OsEntropyDPOptimizer
 
 
 def _poisson_rows(n: int, rate: float, batches: torch.Generator | None) -> torch.Tensor:
@@ -103,7 +111,9 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     rate = sample_rate(expected, n)
     batches = torch.Generator().manual_seed(seed) if reproducible else None
     noise_gen = torch.Generator(device=dev).manual_seed(seed + 1) if reproducible else None
-    optimizer_class = DPOptimizer if reproducible else _OsEntropyDPOptimizer
+    from opacus import GradSampleModule
+
+    optimizer_class = _dp_optimizer(reproducible)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the generator
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
