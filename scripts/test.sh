@@ -10,12 +10,13 @@ set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 PROCESS_DIRS=(tests/deploy tests/sdk tests/examples)
-# the attacked deployment (the longest module: two federations, one after the other),
+# the attacked deployment (the longest module: two federations side by side),
 # the SDK's documented snippets and the example app
 GROUP_A=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples)
 # every other process test: the hostile client, the deployment's failures and restarts
-# (two federations at a time), the SDK
-GROUP_B=("${PROCESS_DIRS[@]}" "${GROUP_A[@]/#/--ignore=}")
+# (two federations at a time), the SDK (tests/examples is not named here: pytest does
+# not apply --ignore to a folder given on the command line, so it ran twice)
+GROUP_B=(tests/deploy tests/sdk --ignore=tests/deploy/test_security.py --ignore=tests/sdk/test_docs.py)
 
 log_a="$(mktemp)"
 log_b="$(mktemp)"

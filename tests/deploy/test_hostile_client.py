@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -70,14 +71,23 @@ def _federation(tmp, third: list[str]) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
-    return _federation(tmp_path_factory.mktemp("hostile"),
-                       ["--app", "tests.deploy.hostile_app:app"])
+def federations(tmp_path_factory):
+    """The attacked federation and the honest one, side by side (each mostly waits on
+    Flower's polling; each server's memory is its own process tree's)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {"hostile": pool.submit(_federation, tmp_path_factory.mktemp("hostile"),
+                                      ["--app", "tests.deploy.hostile_app:app"]),
+               "honest": pool.submit(_federation, tmp_path_factory.mktemp("honest"), PATIENT)}
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory):
-    return _federation(tmp_path_factory.mktemp("honest"), PATIENT)
+def hostile(federations):
+    return federations["hostile"].result()
+
+
+@pytest.fixture(scope="module")
+def honest(federations):
+    return federations["honest"].result()
 
 
 def test_each_attack_is_dropped_with_its_reason_and_the_honest_clients_keep_their_place(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -160,9 +161,7 @@ def _keys_cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=h.REPO, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def attacked(tmp_path_factory, keys):
-    tmp = tmp_path_factory.mktemp("attacked")
+def _attacked(tmp: Path, keys) -> dict:
     made, _ = keys
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
@@ -177,7 +176,7 @@ def attacked(tmp_path_factory, keys):
     impostor = None
     try:
         rogue = _rogue_run(tmp, run_dir)
-        _wait_for_initial_evaluation(run_dir, 240)  # every client has its name by then
+        _wait_for_initial_evaluation(run_dir, 400)  # every client has its name by then
         added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
         listed = _keys_cli("list", "--run", str(run_dir))
         extra = str(made.node_public_keys[5])
@@ -198,10 +197,8 @@ def attacked(tmp_path_factory, keys):
                 added=added, listed=listed, churn=churn, refused=refused, codes=codes)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, keys):
+def _reference(tmp: Path, keys) -> Path:
     """The same federation with nobody attacking it."""
-    tmp = tmp_path_factory.mktemp("reference")
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = _server(tmp, port, keys)
@@ -214,6 +211,29 @@ def reference(tmp_path_factory, keys):
             c.stop()
     return run_dir
 
+
+
+@pytest.fixture(scope="module")
+def federations(request, tmp_path_factory, keys):
+    """The attacked federation and, when a selected test compares with it, the unattacked
+    one, side by side (each mostly waits on Flower's polling)."""
+    selected = {i.originalname for i in request.session.items if i.module is request.module}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {"attacked": pool.submit(_attacked, tmp_path_factory.mktemp("attacked"), keys)}
+        if "test_clients_refuse_the_rogue_run_and_the_real_run_is_unchanged" in selected:
+            runs["reference"] = pool.submit(_reference, tmp_path_factory.mktemp("reference"),
+                                            keys)
+        yield runs
+
+
+@pytest.fixture(scope="module")
+def attacked(federations) -> dict:
+    return federations["attacked"].result()
+
+
+@pytest.fixture(scope="module")
+def reference(federations) -> Path:
+    return federations["reference"].result()
 
 def test_an_outsider_cannot_submit_a_run_and_its_code_never_runs(attacked):
     outsider = attacked["outsider"]

@@ -14,8 +14,8 @@ from fedtune.flower.inprocess_grid import simulate_in_process
 @pytest.mark.e2e
 def test_chat_scenario_lowers_held_out_assistant_token_perplexity(tmp_path):
     scenario = load_scenario("simulations/chat.toml", [
-        "data.num_clients=2", "run.rounds=1", "train.steps=4", "data.max_samples_per_client=32",
-        "data.max_eval_sequences=2", "report.generations=0",
+        "data.num_clients=2", "run.rounds=1", "train.steps=2", "train.batch_size=2",
+        "data.max_samples_per_client=16", "data.max_eval_sequences=2", "report.generations=0",
     ])
     assert scenario.data.chat_template == "base" and scenario.data.assistant_only_loss
     run_dir = simulate_in_process(scenario, out_dir=tmp_path)
