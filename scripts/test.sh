@@ -9,10 +9,10 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-PROCESS_DIRS=(tests/deploy tests/sdk tests/examples)
-# the attacked deployment (the longest module: two federations side by side),
-# the SDK's documented snippets and the example app
-GROUP_A=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples)
+# the attacked deployment (the longest module: two federations side by side), the SDK's
+# documented snippets, the example app, and `flwr run` (a SuperLink and Flower's engine)
+GROUP_A=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples
+         tests/flower/test_flwr_run.py)
 # every other process test: the hostile client, the deployment's failures and restarts
 # (two federations at a time), the SDK (tests/examples is not named here: pytest does
 # not apply --ignore to a folder given on the command line, so it ran twice)
@@ -29,11 +29,13 @@ timed() {  # NAME COMMAND...: run it, append "NAME SECONDS" to $times, keep its 
     echo "$name $((SECONDS - start))" >>"$times"
     return "$status"
 }
-timed "security+docs+example" "$PY" -m pytest -q "${GROUP_A[@]}" "$@" >"$log_a" 2>&1 &
+timed "security+docs+example+flwr-run" "$PY" -m pytest -q "${GROUP_A[@]}" "$@" >"$log_a" 2>&1 &
 group_a=$!
 timed "processes" "$PY" -m pytest -q "${GROUP_B[@]}" "$@" >"$log_b" 2>&1 &
 group_b=$!
-timed "rest" "$PY" -m pytest -q "${PROCESS_DIRS[@]/#/--ignore=}" "$@"
+# the rest: everything the two groups above do not name
+timed "rest" "$PY" -m pytest -q --ignore=tests/deploy --ignore=tests/sdk --ignore=tests/examples \
+    --ignore=tests/flower/test_flwr_run.py "$@"
 rest=$?
 wait "$group_b"
 procs=$?
