@@ -84,3 +84,41 @@ def test_a_round_line_under_client_level_dp_shows_no_train_loss():
               "epsilon": 1.5, "delta": 1e-3}
     line = round_line(record, 2)
     assert "train loss n/a" in line and "epsilon 1.5" in line
+
+
+def _readme_commands(subcommands: tuple[str, ...]) -> list[list[str]]:
+    """The README's `.venv/bin/fedtune SUB ...` lines (continuations joined, comments cut)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == [".venv/bin/fedtune"] and words[1:2] and words[1] in subcommands:
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_simulate_and_compare_line_of_the_readme_parses_and_its_scenario_loads():
+    """What a newcomer copies from the README: the CLI accepts its options (parsed by the
+    real command, not run) and the scenario with its overrides loads (a bundled one; the
+    README's `my.toml` stands for the reader's own file)."""
+    import typer
+
+    from fedtune.cli import app
+    from fedtune.config import load_scenario
+
+    commands = _readme_commands(("simulate", "compare"))
+    assert len(commands) >= 8, commands
+    group = typer.main.get_command(app)
+    for words in commands:
+        command = group.get_command(None, words[0])
+        context = command.make_context(words[0], list(words[1:]))  # raises on a bad option
+        params = context.params
+        if params.get("scenario") == "my.toml":
+            continue
+        load_scenario(params.get("scenario") or "default", list(params.get("overrides") or []))
