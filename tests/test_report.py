@@ -62,3 +62,12 @@ def test_round_axes_tick_whole_rounds_only():
     ticks = [t for t in ax.get_xticks() if 0 <= t <= 3]
     plt.close(fig)
     assert ticks and all(t == int(t) for t in ticks)
+
+
+def test_the_report_says_which_tokens_the_perplexity_is_over() -> None:
+    summary = _summary(with_dp=False)
+    assert "over the" not in render_report(summary)  # a run from before the key: nothing
+    summary["eval_tokens"] = "assistant"
+    assert "164.00 → 120.00 (over the assistant's tokens)" in render_report(summary)
+    summary["eval_tokens"] = "all"
+    assert "164.00 → 120.00 (over every token)" in render_report(summary)

@@ -176,6 +176,14 @@ padding:1em;overflow:auto}table.text td{text-align:left;vertical-align:top;
 white-space:pre-wrap;width:33%}"""
 
 
+def _over_tokens(summary: dict[str, Any]) -> str:
+    """Which tokens the perplexity is over (summary.json's ``eval_tokens``): a chat run's
+    is over the assistant's replies only, not comparable with one over every token."""
+    tokens = summary.get("eval_tokens")
+    return {"assistant": " (over the assistant's tokens)",
+            "all": " (over every token)"}.get(tokens, "")
+
+
 def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | None = None
                   ) -> str:
     """The page; ``generations``: the run's held-out replies (generations.json's items)."""
@@ -194,7 +202,7 @@ def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | N
     ]
     if initial.get("eval_perplexity") is not None and final.get("eval_perplexity") is not None:
         facts.append(f"held-out perplexity {initial['eval_perplexity']:.2f} → "
-                     f"{final['eval_perplexity']:.2f}")
+                     f"{final['eval_perplexity']:.2f}{_over_tokens(summary)}")
     if totals:
         facts.append(f"traffic {totals.get('bytes_up', 0) / MB:.2f} MB up, "
                      f"{totals.get('bytes_down', 0) / MB:.2f} MB down")
