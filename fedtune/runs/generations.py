@@ -193,13 +193,11 @@ def _adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def generate(scenario: Scenario, run_dir: Path) -> list[Generation]:
     """Base and adapter replies to ``report.generations`` held-out prompts."""
-    from fedtune.model.cache import get_peft_model
     from fedtune.model.lora import GLOBAL_ADAPTER, load_frozen_global
+    from fedtune.train.session import Trainee
 
     spec = scenario.report
-    # the cache entry of Trainee.of(scenario).cached_model(), without importing the
-    # training stack (Opacus) into a driver process that only generates
-    model, tokenizer = get_peft_model(scenario.model, scenario.lora, scenario.run.seed)
+    model, tokenizer = Trainee.of(scenario).cached_model()  # the run's cached base
     chosen = held_out_prompts(scenario, tokenizer, spec.generations)
     if not chosen:
         return []
