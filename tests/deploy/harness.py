@@ -127,3 +127,35 @@ def wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"round {round_number} did not complete within {timeout} s")
+
+
+def in_process_run(run_dir: Path, clients: list[tuple[str, Path]], out: Path,
+                   wrap: dict | None = None) -> Path:
+    """The deployed run's own scenario (its scenario.json) with the same clients, by name
+    and data file, on the in-process Grid: the deployment's round loop and ClientApp
+    without its processes, for a reference the deployed run must equal bit for bit.
+    ``wrap`` maps a client's name to a function of the fedtune ClientApp giving that
+    client's own (a test's malicious client). Node authentication is left
+    out: it decides who may join, not what the members compute."""
+    from dataclasses import replace
+
+    from fedtune.deploy.server import load_run_scenario
+    from fedtune.flower.client_app import make_client_app
+    from fedtune.flower.inprocess_grid import InProcessGrid
+    from fedtune.flower.server_app import run_federation
+    from fedtune.runs.rundir import new_run_dir
+
+    scenario = load_run_scenario(run_dir)
+    scenario = replace(scenario, server=replace(scenario.server, auth_keys=""))
+    default = make_client_app(scenario)
+    apps = {name: make(default) for name, make in (wrap or {}).items()}
+
+    def app(message, context):
+        chosen = apps.get(str(context.node_config["name"]), default)
+        return chosen(message=message, context=context)
+
+    configs = [{"name": name, "data-path": str(data), "profile": ""} for name, data in clients]
+    reference = new_run_dir(out, "in-process")
+    with InProcessGrid(app, len(clients), node_configs=configs) as grid:
+        run_federation(grid, scenario, reference, None)
+    return reference

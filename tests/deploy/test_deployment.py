@@ -1,7 +1,8 @@
 """`fedtune server` and `fedtune client` as real processes on localhost (tiny model):
-a federation that completes, survives a client that dies and a server that restarts,
-and rejects a malformed reply. TLS with node authentication, and the clients it refuses,
-are in test_security.py (the attacked federation)."""
+a federation that survives a server that is killed and restarted (and ends with the
+adapter of the same federation run without processes, bit for bit), rejects a malformed
+reply, and survives a client that dies and comes back. TLS with node authentication, and
+the clients it refuses, are in test_security.py (the attacked federation)."""
 
 from __future__ import annotations
 
@@ -28,24 +29,9 @@ def _federation(tmp, port, files, insecure=True):
     return clients
 
 
-def _whole(tmp):
-    """One server, three clients and a malicious one, two rounds, uninterrupted."""
-    port = h.free_port()
-    files = h.client_files(tmp / "data", 3)
-    server = h.server(tmp, port, FOUR, ["--insecure"])
-    clients = []
-    try:
-        h.run_dir_of(server)
-        clients = _federation(tmp, port, files)
-        assert server.wait(300) == 0, server.output()[-3000:]
-    finally:
-        for c in [*clients, server]:
-            c.stop()
-    return tmp, h.run_dir_of(server), server, files
-
-
 def _killed_and_resumed(tmp):
-    """The same federation; its server is killed after round 1 and resumed."""
+    """Three clients and a malicious one, two rounds; the server is killed after round 1
+    and resumed."""
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = h.server(tmp, port, FOUR, ["--insecure"])
@@ -61,7 +47,7 @@ def _killed_and_resumed(tmp):
     finally:
         for c in [*clients, server, *([resumed] if resumed else [])]:
             c.stop()
-    return run_dir, status, resumed
+    return tmp, run_dir, status, resumed, files
 
 
 def _client_killed(tmp):
@@ -87,11 +73,10 @@ def _client_killed(tmp):
 
 
 #: the federations each test reads, in the order the tests read them
-SCENARIOS = {"whole": _whole, "resumed": _killed_and_resumed,
-             "client_killed": _client_killed}
-NEEDS = {"test_three_clients_two_rounds_give_an_adapter_peft_loads": ["whole"],
-         "test_malformed_reply_is_rejected_and_the_server_goes_on": ["whole"],
-         "test_server_killed_after_round_1_resumes_to_the_same_adapter": ["whole", "resumed"],
+SCENARIOS = {"resumed": _killed_and_resumed, "client_killed": _client_killed}
+NEEDS = {"test_three_clients_two_rounds_give_an_adapter_peft_loads": ["resumed"],
+         "test_malformed_reply_is_rejected_and_the_server_goes_on": ["resumed"],
+         "test_server_killed_after_round_1_resumes_to_the_same_adapter": ["resumed"],
          "test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins":
              ["client_killed"]}
 
@@ -109,21 +94,21 @@ def federations(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def whole_run(federations):
-    return federations["whole"].result()
+def resumed_run(federations):
+    return federations["resumed"].result()
 
 
-def test_three_clients_two_rounds_give_an_adapter_peft_loads(whole_run):
+def test_three_clients_two_rounds_give_an_adapter_peft_loads(resumed_run):
     from peft import PeftModel
 
     from fedtune.model.loading import ModelSpec, load_base_model
 
-    _, run_dir, server, _ = whole_run
+    _, run_dir, _, resumed, _ = resumed_run
     summary = h.summary(run_dir)
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert [r["clients_replied"] for r in summary["rounds"]] == [3, 3]
-    assert "round 2/2" in server.output()
+    assert "round 2/2" in resumed.output()
     base, _ = load_base_model(ModelSpec(source="tiny", quantization="none", device="cpu"))
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     tensors = load_file(run_dir / "adapter" / "adapter_model.safetensors")
@@ -131,21 +116,28 @@ def test_three_clients_two_rounds_give_an_adapter_peft_loads(whole_run):
     assert any(n for n, _ in model.named_parameters() if "lora_A" in n)
 
 
-def test_malformed_reply_is_rejected_and_the_server_goes_on(whole_run):
-    _, run_dir, _, _ = whole_run
+def test_malformed_reply_is_rejected_and_the_server_goes_on(resumed_run):
+    _, run_dir, _, _, _ = resumed_run
     for record in h.summary(run_dir)["rounds"]:
         assert len(record["dropped"]) == 1, record["dropped"]
         assert "non-finite values" in record["dropped"][0]
 
 
-def test_server_killed_after_round_1_resumes_to_the_same_adapter(whole_run, federations):
-    _, reference, _, _ = whole_run
-    run_dir, status_when_killed, resumed = federations["resumed"].result()
+def test_server_killed_after_round_1_resumes_to_the_same_adapter(resumed_run):
+    """The reference is the same federation (scenario, client names, data, the malicious
+    client) on the in-process Grid: one uninterrupted run of the same round loop."""
+    from tests.deploy.evil_app import poisoned
+
+    tmp, run_dir, status_when_killed, resumed, files = resumed_run
     assert status_when_killed == "running"
     summary = h.summary(run_dir)
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert "resuming" in resumed.output()
+    clients = [(f.stem, f) for f in files] + [("mallory", files[0])]
+    reference = h.in_process_run(run_dir, clients, tmp / "reference", {"mallory": poisoned})
+    assert [r["eval_loss"] for r in summary["rounds"]] == \
+        [r["eval_loss"] for r in h.summary(reference)["rounds"]]
     a = load_file(reference / "adapter" / "adapter_model.safetensors")
     b = load_file(run_dir / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

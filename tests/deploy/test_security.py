@@ -7,8 +7,8 @@ submitted on the server machine itself (through the loopback Control API) with t
 run's seal over another config; once every client has its name, the operator registers a
 fourth key with ``fedtune keys add`` and its holder claims an existing client's name; a client
 that trusts another CA and one that does not speak TLS are refused. The same federation run
-again without any attacker (and with every client long-lived, where the attacked run has one
-client in a fresh process per message) must end with the bit-identical adapter.
+without any attacker (on the in-process Grid, every client long-lived, where the attacked run
+has one client in a fresh process per message) must end with the bit-identical adapter.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -197,43 +196,21 @@ def _attacked(tmp: Path, keys) -> dict:
                 added=added, listed=listed, churn=churn, refused=refused, codes=codes)
 
 
-def _reference(tmp: Path, keys) -> Path:
-    """The same federation with nobody attacking it."""
-    port = h.free_port()
-    files = h.client_files(tmp / "data", 3)
-    server = _server(tmp, port, keys)
-    run_dir = h.run_dir_of(server)
-    clients = _clients(tmp, port, keys, files, per_message=False)
-    try:
-        assert server.wait(400) == 0, server.output()[-3000:]
-    finally:
-        for c in clients:
-            c.stop()
-    return run_dir
-
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory, keys) -> dict:
+    return _attacked(tmp_path_factory.mktemp("attacked"), keys)
 
 
 @pytest.fixture(scope="module")
-def federations(request, tmp_path_factory, keys):
-    """The attacked federation and, when a selected test compares with it, the unattacked
-    one, side by side (each mostly waits on Flower's polling)."""
-    selected = {i.originalname for i in request.session.items if i.module is request.module}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = {"attacked": pool.submit(_attacked, tmp_path_factory.mktemp("attacked"), keys)}
-        if "test_clients_refuse_the_rogue_run_and_the_real_run_is_unchanged" in selected:
-            runs["reference"] = pool.submit(_reference, tmp_path_factory.mktemp("reference"),
-                                            keys)
-        yield runs
+def reference(attacked) -> Path:
+    """The same federation with nobody attacking it: the attacked run's scenario, client
+    names and data on the in-process Grid (its round loop and ClientApp, every client
+    long-lived, no processes; test_deployment.py holds a deployed run to such a reference
+    too)."""
+    files = sorted((attacked["tmp"] / "data").glob("client*.txt"))
+    return h.in_process_run(attacked["run_dir"], [(f.stem, f) for f in files],
+                            attacked["tmp"] / "reference")
 
-
-@pytest.fixture(scope="module")
-def attacked(federations) -> dict:
-    return federations["attacked"].result()
-
-
-@pytest.fixture(scope="module")
-def reference(federations) -> Path:
-    return federations["reference"].result()
 
 def test_an_outsider_cannot_submit_a_run_and_its_code_never_runs(attacked):
     outsider = attacked["outsider"]
