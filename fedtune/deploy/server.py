@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -175,10 +176,25 @@ def start_front(server: ServerSpec, endpoint: Endpoint) -> Front:
     return front
 
 
+#: ports picked for the SuperLink's own APIs lie below Linux's default ephemeral range
+#: (32768-60999): a port the kernel hands out for bind(0) can be taken, before our process
+#: binds it, by the source port of any outgoing connection on the machine (seen with
+#: several federations on one machine: "address already in use")
+PICKED_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A random port of ``PICKED_PORTS`` that is free now on 127.0.0.1."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(PICKED_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise DeploymentError(f"no free port in {PICKED_PORTS.start}-{PICKED_PORTS.stop - 1}")
 
 
 def wait_until_healthy(process: subprocess.Popen[bytes], endpoint: Endpoint, log: Path,

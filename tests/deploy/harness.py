@@ -6,11 +6,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fedtune.deploy.server import free_port  # noqa: F401  (h.free_port in the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 FEDTUNE = [sys.executable, "-m", "fedtune.cli"]
@@ -21,10 +22,6 @@ TINY = ["model.source='tiny'", "model.quantization='none'", "data.seq_len=32",
         "train.batch_size=4", "lora.rank=4", "lora.alpha=8"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def client_files(folder: Path, count: int) -> list[Path]:

@@ -14,7 +14,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from fedtune.config import scenario_from_flat
+from fedtune.deploy.server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,10 +38,6 @@ def test_run_config_overrides_key_reaches_the_scenario():
     assert scenario_from_flat({"scenario": "tiny", "overrides": ""}).run.rounds == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -94,7 +90,7 @@ def superlink(tmp_path):
     """A SuperLink in simulation mode on a free port, and the env that reaches it."""
     if not (BIN / "flower-superlink").exists():
         pytest.skip("flower-superlink is not installed next to this Python")
-    port = _free_port()
+    port = free_port()
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
