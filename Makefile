@@ -12,8 +12,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedtune simulate
 
-# The suite in three parts at once (scripts/test.sh): real-process tests, attacks on a
-# deployment, and the rest.
+# The suite in five pytest runs at once (scripts/test.sh): three groups of real-process
+# tests, the Flower layer, and the rest.
 test: $(STAMP)
 	bash scripts/test.sh
 

@@ -21,7 +21,7 @@ from fedtune.runs.compare import (
     run_comparison,
 )
 from tests.support.cli import run_cli
-from tests.support.hetero import COMMAND, TINY
+from tests.support.hetero import CLIENTS, COMMAND, TINY
 
 FILES = (COMPARISON_JSON, COMPARISON_MD, COMPARISON_PNG)
 
@@ -47,8 +47,8 @@ def test_one_folder_with_table_json_and_plot(comparison, aggregators):
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
     labels = [row.split("|")[1].strip() for row in rows]
     assert labels[:-3] == aggregators
-    assert labels[-3].startswith("centralised (baseline: compute-matched, 48 optimizer steps "
-                                 "per round = 12 sampled clients x 4")
+    assert labels[-3].startswith(f"centralised (baseline: compute-matched, {CLIENTS * 4} "
+                                 f"optimizer steps per round = {CLIENTS} sampled clients x 4")
     assert labels[-2:] == ["centralised (same wall) (baseline: 4 optimizer steps per round, "
                            "as one client)", "local (baseline)"]
     assert "Seed: 0" in table and COMMAND in table
@@ -90,7 +90,7 @@ def test_compute_matched_centralised_takes_every_clients_steps(comparison, aggre
     _, report = comparison
     methods = report["methods"]
     federated = [r["optimizer_steps"] for r in methods[aggregators[0]]["rounds"]]
-    assert federated[1:] == [12 * 4, 12 * 4]  # every client replied, 4 steps each
+    assert federated[1:] == [CLIENTS * 4, CLIENTS * 4]  # every client replied, 4 steps each
     assert [r["optimizer_steps"] for r in methods["centralised"]["rounds"]] == federated
     assert [r["optimizer_steps"] for r in methods["local"]["rounds"]] == federated
     assert [r["optimizer_steps"] for r in methods[SAME_WALL]["rounds"]] == [0, 4, 4]

@@ -3,7 +3,7 @@ only R, r^2 floats per module, measured from the reply messages next to fedavg's
 same model and rank; the global adapter stays B_0 R over the seeded A_0.
 
 The runs are the session's hetero comparison (``hetero_comparison`` in tests/conftest.py):
-12 clients, 2 rounds (round 2 starts from the global), no federation of its own."""
+six clients, 2 rounds (round 2 starts from the global), no federation of its own."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.core.init import seeded_latent_basis, seeded_lora_A
+from tests.support.hetero import CLIENTS
 
 #: tiny model: 2 layers x (q_proj 64 -> 64, v_proj 64 -> 32)
 MODULES = {f"base_model.model.model.layers.{i}.self_attn.{m}": out
@@ -30,7 +31,7 @@ def _train_lines(comparison, aggregator: str) -> list[dict]:
 def test_fedsb_clients_send_r_squared_per_module(aggregators, hetero_comparison):
     fedsb, fedavg = (_train_lines(hetero_comparison, a) for a in aggregators)
     rank = fedsb[0]["rank"]
-    assert {x["rank"] for x in fedsb + fedavg} == {rank} and len(fedsb) == 2 * 12
+    assert {x["rank"] for x in fedsb + fedavg} == {rank} and len(fedsb) == 2 * CLIENTS
     # bytes per reply, from the messages; framing = what a reply costs beyond its floats
     sb_up, avg_up = {x["bytes_up"] for x in fedsb}, {x["bytes_up"] for x in fedavg}
     assert len(sb_up) == 1 and len(avg_up) == 1
