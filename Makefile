@@ -12,7 +12,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedtune simulate
 
-# The suite in five pytest runs at once (scripts/test.sh): three groups of real-process
+# The suite in four pytest runs at once (scripts/test.sh): two groups of real-process
 # tests, the Flower layer, and the rest.
 test: $(STAMP)
 	bash scripts/test.sh

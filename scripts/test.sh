@@ -1,28 +1,29 @@
 #!/usr/bin/env bash
-# The test suite in five pytest runs at the same time on a 2-core machine: three groups of
+# The test suite in four pytest runs at the same time on a 2-core machine: two groups of
 # tests of real server and client processes, which mostly wait on Flower's polling, and
 # the compute-bound rest in two (the Flower layer: strategy-level federations on the
 # in-process Grid, every Ray cluster and engine run, one at a time, and the comparison
 # that shares their hetero fixture; everything else: pure math, models, data, privacy, the
-# CLI). Fewer runs leave a core idle whenever a process group waits on a round. The rest
-# streams here; the other groups' output follows at the end, then each group's wall
-# time. Arguments go to every pytest run (`-m "not e2e"` leaves out the real processes,
-# the real model and the real engine runs: the quick loop).
+# CLI, the in-process federations that start no engine). Fewer runs leave a core idle
+# whenever a process group waits on a round; more (five were tried) load the machine
+# until real processes miss their timeouts. The rest streams here; the other groups'
+# output follows at the end, then each group's wall time. Arguments go to every pytest
+# run (`-m "not e2e"` leaves out the real processes, the real model and the real engine
+# runs: the quick loop).
 # Exit status: the worst of them (no tests = 0).
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# the attacked deployment (the longest module) and `flwr run` (a SuperLink and Flower's
-# engine: the one engine run outside the Flower group)
-ATTACKS=(tests/deploy/test_security.py tests/flower/test_flwr_run.py)
-# the hostile client (two federations side by side), the SDK's documented snippets and
-# the example app
-HOSTILE=(tests/deploy/test_hostile_client.py tests/sdk/test_docs.py tests/examples)
-# every other process test: the deployment's failures and restarts, the SDK (a folder
-# named here must not be named by another group: pytest does not apply --ignore to a
-# folder given on its command line)
+# the attacked deployment (the longest module), the SDK's documented snippets, the
+# example app, and `flwr run` (a SuperLink and Flower's engine: the one engine run
+# outside the Flower group)
+ATTACKS=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples
+         tests/flower/test_flwr_run.py)
+# every other process test: the hostile client, the deployment's failures and restarts,
+# the SDK (a folder named here must not be named by another group: pytest does not apply
+# --ignore to a folder given on its command line)
 PROCESSES=(tests/deploy tests/sdk --ignore=tests/deploy/test_security.py
-           --ignore=tests/deploy/test_hostile_client.py --ignore=tests/sdk/test_docs.py)
+           --ignore=tests/sdk/test_docs.py)
 # the Flower layer's in-process federations that start no engine run with the rest
 FLOWER_IN_REST=(tests/flower/test_chat_scenario.py tests/flower/test_real_model.py
                 tests/flower/test_client_enforcement.py tests/flower/test_dp_sampling.py)
@@ -54,8 +55,7 @@ in_background() {  # NAME PYTEST-ARGS...: a pytest run whose output is kept for 
     pids+=("$!")
     logs+=("$name:$log")
 }
-in_background "attacks+flwr-run" "${ATTACKS[@]}" "$@"
-in_background "hostile+docs+example" "${HOSTILE[@]}" "$@"
+in_background "attacks+docs+example+flwr-run" "${ATTACKS[@]}" "$@"
 in_background "processes" "${PROCESSES[@]}" "$@"
 in_background "flower" "${FLOWER[@]}" "$@"
 timed "rest" "$PY" -m pytest -q "${REST[@]}" "$@"

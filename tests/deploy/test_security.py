@@ -157,7 +157,7 @@ def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
 
 def _keys_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*h.FEDTUNE, "keys", *args], capture_output=True, text=True,
-                          cwd=h.REPO, timeout=60)
+                          cwd=h.REPO, timeout=180)
 
 
 def _attacked(tmp: Path, keys) -> dict:
