@@ -28,6 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedtune.runs.compare import BASELINES, CENTRALISED, LOCAL, SAME_WALL
+
 #: method -> (aggregator or baseline, federation keys it sets)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "flora (fresh)": ("flora", {"flora_init": "fresh"}),
@@ -41,9 +43,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ffa": ("ffa", {}),
     "fedsb": ("fedsb", {}),
     "lorafair": ("lorafair", {}),
-    "centralised": ("centralised", {}),
-    "centralised (same wall)": ("centralised (same wall)", {}),
-    "local": ("local", {}),
+    CENTRALISED: (CENTRALISED, {}),
+    SAME_WALL: (SAME_WALL, {}),
+    LOCAL: (LOCAL, {}),
 }
 #: a budget a 2-core CPU finishes in a few hours for every variant and three seeds: four of
 #: the twelve clients sampled per round (cross-device style; every client still scores
@@ -67,7 +69,7 @@ def scenario_for(scenario: str, rounds: int, sets: list[str], method: str, seed:
 
     loaded = load_scenario(scenario, [*sets, f"run.rounds={rounds}", f"run.seed={seed}"])
     aggregator, keys = VARIANTS[method]
-    if aggregator not in ("centralised", "centralised (same wall)", "local"):
+    if aggregator not in BASELINES:
         loaded = with_aggregator(loaded, aggregator)
         loaded = replace(loaded, federation=replace(loaded.federation, **keys))
     return loaded
@@ -86,7 +88,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         scenario = scenario_for(job["scenario"], job["rounds"], job["sets"], method, seed)
-        if VARIANTS[method][0] in ("centralised", "centralised (same wall)", "local"):
+        if VARIANTS[method][0] in BASELINES:
             result = run_baseline(VARIANTS[method][0], scenario, lambda event: None)
         else:
             run_dir = simulate_in_process(scenario, out_dir=job["runs_dir"])
@@ -139,7 +141,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def render(table: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
            header: str) -> str:
     ordered = sorted(table, key=lambda m: table[m]["final"][0])
-    matched = table.get("centralised", {}).get("final", (math.nan,))[0]
+    matched = table.get(CENTRALISED, {}).get("final", (math.nan,))[0]
     rounds = max((len(t["curve"]) for t in table.values()), default=1) - 1
     ticks = sorted({0, 1, *range(5, rounds + 1, 5), rounds})
     lines = [header, "",
@@ -173,7 +175,7 @@ def plot(table: dict[str, dict[str, Any]], path: Path) -> None:
         means = [p[0] for p in table[method]["curve"]]
         sds = [p[1] for p in table[method]["curve"]]
         xs = list(range(len(means)))
-        style = "--" if method in ("centralised", "centralised (same wall)", "local") else "-"
+        style = "--" if method in BASELINES else "-"
         ax.plot(xs, means, style, label=method)
         ax.fill_between(xs, [m - s for m, s in zip(means, sds, strict=True)],
                         [m + s for m, s in zip(means, sds, strict=True)], alpha=0.12)

@@ -22,8 +22,6 @@ TINY = ["model.source='tiny'", "model.quantization='none'", "data.seq_len=32",
         "train.batch_size=4", "lora.rank=4", "lora.alpha=8"]
 
 
-
-
 def client_files(folder: Path, count: int) -> list[Path]:
     """One text file per client: the lines of a Shakespeare character each."""
     from fedtune.data import load_clients
