@@ -28,6 +28,7 @@ from fedtune.config import Scenario
 from fedtune.core.seeds import sampler, stream
 from fedtune.flower import messages as keys
 from fedtune.flower.identity import Claim, NameKeys
+from fedtune.flower.polling import exchange
 from fedtune.planning.client_settings import ClientSettings, client_settings
 from fedtune.planning.faults import RoundFaults
 from fedtune.privacy.sampling import PoissonCohort, poisson_cohort
@@ -107,7 +108,7 @@ class Population:
             return
         queries = [Message(content=keys.make_content(None, {keys.ROUND: 0}),
                            message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-        replies = grid.send_and_receive(queries, timeout=self.scenario.federation.round_timeout)
+        replies = exchange(grid, queries, self.scenario.federation.round_timeout)
         named = self._read_identities(replies)
         if named and self.name_keys is not None:
             held = {n.node_id: bytes(n.public_key) for n in grid.get_nodes()}

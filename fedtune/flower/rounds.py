@@ -13,8 +13,9 @@ be Flower's:
 * a run resumes from a checkpoint at its next round, and stops early, with the reason,
   before a round the privacy budget cannot pay for;
 * ``send_and_receive`` says nothing until the last reply or the deadline, and a round
-  of real clients takes minutes: :func:`exchange` pushes and pulls the messages itself
-  (as ``send_and_receive`` does inside) and reports each reply as it arrives.
+  of real clients takes minutes: :func:`~fedtune.flower.polling.exchange` pushes and
+  pulls the messages itself (as ``send_and_receive`` does inside) and reports each reply
+  as it arrives.
 """
 
 from __future__ import annotations
@@ -30,16 +31,13 @@ from flwr.serverapp import Grid
 from fedtune.core.codec import scale_folded_state_dict
 from fedtune.flower import messages as keys
 from fedtune.flower import secagg
+from fedtune.flower.polling import exchange
 from fedtune.flower.round_stats import client_time_breakdown
 from fedtune.flower.strategy import BudgetStop, FedtuneStrategy
 
 log = logging.getLogger("fedtune")
 
 RoundCallback = Callable[[dict[str, Any]], None]
-#: polling the grid for replies: first after this many seconds, backing off to the most
-POLL_FIRST, POLL_MOST = 0.05, 1.0
-
-
 class ReplyProgress(NamedTuple):
     """How far a phase of a round is: ``finished`` of the ``sampled`` clients sent work
     have replied (with a result or an error)."""
@@ -51,31 +49,6 @@ class ReplyProgress(NamedTuple):
 
 
 OnReplies = Callable[[ReplyProgress], None]
-
-
-def exchange(grid: Grid, messages: list[Message], timeout: float,
-             report: Callable[[int, int], None] = lambda finished, sampled: None
-             ) -> list[Message]:
-    """``Grid.send_and_receive``, calling ``report(finished, sampled)`` when the messages
-    are sent and again each time more replies have arrived. The pushed messages carry
-    their ids afterwards (``metadata.message_id``)."""
-    waiting = set(grid.push_messages(messages))
-    sampled = len(waiting)
-    report(0, sampled)
-    replies: list[Message] = []
-    deadline = time.monotonic() + timeout
-    pause = POLL_FIRST
-    while waiting and time.monotonic() < deadline:
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        arrived = list(grid.pull_messages(waiting))
-        if not arrived:
-            pause = min(POLL_MOST, pause * 1.5)
-            continue
-        replies.extend(arrived)
-        waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
-        report(len(replies), sampled)
-        pause = POLL_FIRST
-    return replies
 
 
 def _reporter(on_replies: OnReplies | None, server_round: int, phase: str

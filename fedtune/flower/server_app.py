@@ -83,8 +83,8 @@ def run_federation(
         run_rounds(strategy, grid, on_round, first_round, on_replies)
         save_global_adapter(strategy, scenario, run_dir)
         _announce_end(strategy, grid, recorder)
-    except BaseException:
-        recorder.close("failed")
+    except BaseException as err:
+        recorder.close("failed", err)
         if strategy.global_adapter is not None:
             save_global_adapter(strategy, scenario, run_dir)
         raise

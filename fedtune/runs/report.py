@@ -194,7 +194,8 @@ def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | N
                          epsilon_plot(summary), participation_plot(summary)) if p]
     totals = summary.get("totals", {})
     facts = [
-        f"status <b>{html.escape(str(summary.get('status')))}</b>",
+        f"status <b>{html.escape(str(summary.get('status')))}</b>"
+        + (f" ({html.escape(summary['error'])})" if summary.get("error") else ""),
         f"{len(summary['rounds'])} of {scenario.get('run', {}).get('rounds', '?')} rounds",
         f"{scenario.get('data', {}).get('num_clients', '?')} clients "
         f"({html.escape(str(scenario.get('data', {}).get('partition', 'natural')))} partition)",

@@ -82,6 +82,8 @@ class RunRecorder:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
+    #: why the run failed (the error that ended it), when it did
+    error: str | None = None
     #: privacy plan and outcome (noise multiplier, epsilon spent, early stop), when DP is on
     privacy: dict[str, Any] | None = None
 
@@ -114,12 +116,14 @@ class RunRecorder:
         """Continue the record of a checkpoint (rounds after it are forgotten: they rerun)."""
         saved = json.loads(state)
         self.rounds, self.initial, self.status = saved["rounds"], saved["initial"], "running"
+        self.error = None
         self.write_summary()
 
     def summary(self) -> dict[str, Any]:
         last_eval = next((r for r in reversed(self.rounds) if r.get("eval_loss") is not None), {})
         return {
             "status": self.status,
+            **({"error": self.error} if self.error is not None else {}),
             "scenario": self.scenario,
             "initial": self.initial,
             "rounds": self.rounds,
@@ -177,8 +181,10 @@ class RunRecorder:
             fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
 
-    def close(self, status: str) -> None:
+    def close(self, status: str, error: BaseException | None = None) -> None:
         self.status = status
+        if error is not None:
+            self.error = f"{type(error).__name__}: {error}"
         self.write_summary()
         self._metrics.close()
         try:

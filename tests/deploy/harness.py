@@ -8,8 +8,12 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import psutil
 
 from fedtune.deploy.server import free_port  # noqa: F401  (h.free_port in the tests)
 
@@ -154,3 +158,69 @@ def in_process_run(run_dir: Path, clients: list[tuple[str, Path]], out: Path,
     with InProcessGrid(app, len(clients), node_configs=configs) as grid:
         run_federation(grid, scenario, reference, None)
     return reference
+
+
+class PeakMemory:
+    """Peak resident memory of a process and all its descendants (the SuperLink, its
+    SuperExec and the ServerApp process), sampled every 0.2 s."""
+
+    def __init__(self, pid: int) -> None:
+        self.root, self.peak, self.done = psutil.Process(pid), 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.2):
+            try:
+                tree = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for process in tree:
+                try:
+                    total += process.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join(5)
+        return self.peak
+
+
+#: the settings of test_hostile_client's federations, shared by the honest one below
+HOSTILE_SETS = ["data.num_clients=3", "federation.min_clients=2", "run.rounds=4",
+                "federation.round_timeout=90", "federation.max_update_norm=1000"]
+
+
+class HonestRun(NamedTuple):
+    run_dir: Path
+    server_peak_memory: int  # bytes, the server's process tree
+    restarted: Proc  # the client that died after round 1, back under its name
+
+
+def honest_federation(tmp: Path) -> HonestRun:
+    """Three honest clients, four rounds; the third client's machine dies after round 1
+    and the client comes back under its name while round 2 waits for it (40 s). One
+    federation serves two modules: test_deployment (a client that dies does not stop
+    the run, and rejoins) and test_hostile_client (the server's peak memory without an
+    attacker, the reference for the attacked run's)."""
+    port = free_port()
+    files = client_files(tmp / "data", 3)
+    proc = server(tmp, port, [*HOSTILE_SETS, "federation.round_timeout=40"], ["--insecure"])
+    memory = PeakMemory(proc.process.pid)
+    clients: list[Proc] = []
+    try:
+        run_dir = run_dir_of(proc)
+        clients = [client(tmp, port, f, ["--insecure"]) for f in files]
+        wait_for_round(run_dir, 1, 240)
+        clients[2].kill()  # the client's machine dies: its SuperNode and worker
+        clients.append(client(tmp, port, files[2], ["--insecure"], name="restarted"))
+        code = proc.wait(400)
+    finally:
+        peak = memory.stop()
+        for c in [*clients, proc]:
+            c.stop()
+    assert code == 0, proc.output()[-3000:]
+    return HonestRun(run_dir, peak, clients[-1])

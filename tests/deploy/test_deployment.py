@@ -1,12 +1,11 @@
 """`fedtune server` and `fedtune client` as real processes on localhost (tiny model):
 a federation that survives a server that is killed and restarted (and ends with the
 adapter of the same federation run without processes, bit for bit), rejects a malformed
-reply, and survives a client that dies and comes back. TLS with node authentication, and
+reply, and survives a client that dies and comes back (the session's
+``honest_federation``, which test_hostile_client reads too). TLS with node authentication, and
 the clients it refuses, are in test_security.py (the attacked federation)."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -50,47 +49,25 @@ def _killed_and_resumed(tmp):
     return tmp, run_dir, status, resumed, files
 
 
-def _client_killed(tmp):
-    """Three clients; one dies after round 1 and comes back under its name."""
-    port = h.free_port()
-    files = h.client_files(tmp / "data", 3)
-    server = h.server(tmp, port, ["data.num_clients=3", "federation.min_clients=2",
-                                  "run.rounds=3", "federation.round_timeout=40"],
-                      ["--insecure"])
-    clients = []
-    try:
-        run_dir = h.run_dir_of(server)
-        clients = [h.client(tmp, port, f, ["--insecure"]) for f in files]
-        h.wait_for_round(run_dir, 1, 240)
-        clients[2].kill()  # the client's machine dies: its SuperNode and worker
-        # ... and comes back under the same name while round 2 waits for it
-        clients.append(h.client(tmp, port, files[2], ["--insecure"], name="restarted"))
-        assert server.wait(400) == 0, server.output()[-3000:]
-    finally:
-        for c in [*clients, server]:
-            c.stop()
-    return run_dir, clients[-1]
-
-
 #: the federations each test reads, in the order the tests read them
-SCENARIOS = {"resumed": _killed_and_resumed, "client_killed": _client_killed}
-NEEDS = {"test_three_clients_two_rounds_give_an_adapter_peft_loads": ["resumed"],
-         "test_malformed_reply_is_rejected_and_the_server_goes_on": ["resumed"],
-         "test_server_killed_after_round_1_resumes_to_the_same_adapter": ["resumed"],
-         "test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins":
-             ["client_killed"]}
+NEEDS_RESUMED = {"test_three_clients_two_rounds_give_an_adapter_peft_loads",
+                 "test_malformed_reply_is_rejected_and_the_server_goes_on",
+                 "test_server_killed_after_round_1_resumes_to_the_same_adapter"}
 
 
 @pytest.fixture(scope="module")
-def federations(request, tmp_path_factory):
-    """The federations the selected tests of this module read, started together two at
-    a time (each mostly waits on Flower's polling, so they overlap well); a test waits
-    only for its own."""
+def federations(request, background, tmp_path_factory):
+    """The federations the selected tests of this module read, started together (each
+    mostly waits on Flower's polling, so they overlap well); a test waits only for its
+    own."""
     selected = {i.originalname for i in request.session.items if i.module is request.module}
-    wanted = {name for test in selected for name in NEEDS[test]}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {name: pool.submit(run, tmp_path_factory.mktemp(name))
-               for name, run in SCENARIOS.items() if name in wanted}
+    started = {}
+    if selected & NEEDS_RESUMED:
+        started["resumed"] = background.submit(_killed_and_resumed,
+                                               tmp_path_factory.mktemp("resumed"))
+    if "test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins" in selected:
+        started["client_killed"] = request.getfixturevalue("honest_federation")
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +123,9 @@ def test_server_killed_after_round_1_resumes_to_the_same_adapter(resumed_run):
 
 
 def test_a_client_killed_in_round_2_does_not_stop_the_run_and_it_rejoins(federations):
-    run_dir, restarted = federations["client_killed"].result()
+    run_dir, _, restarted = federations["client_killed"].result()
     rounds = h.summary(run_dir)["rounds"]
-    assert [r["clients_replied"] for r in rounds] == [3, 2, 3]
+    assert [r["clients_replied"] for r in rounds] == [3, 2, 3, 3]
     assert rounds[1]["stragglers"] + len(rounds[1]["dropped"]) >= 1
     assert any("no reply" in d or "Unavailable" in d for d in rounds[1]["dropped"])
     assert "message" in restarted.output()  # the restarted client served round 3

@@ -59,7 +59,10 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
         simulate_in_process(scenario, out_dir=tmp_path / "cut", progress=_crash_after(1))
     (cut,) = (tmp_path / "cut").iterdir()
     assert load_checkpoint(cut)["round"] == 1
-    assert json.loads((cut / "summary.json").read_text())["status"] == "failed"
+    failed = json.loads((cut / "summary.json").read_text())
+    assert failed["status"] == "failed"
+    assert failed["error"] == "_Crash: killed after round 1"
+    assert "(_Crash: killed after round 1)" in (cut / "report.html").read_text()
     resumed = simulate_in_process(scenario, resume=cut)
     assert resumed == cut
     a, b = _adapter(whole), _adapter(resumed)
@@ -67,7 +70,7 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(tmp_path, aggregator):
     for key in a:
         assert (a[key] == b[key]).all(), key
     summary = json.loads((resumed / "summary.json").read_text())
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and "error" not in summary
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     reference = json.loads((whole / "summary.json").read_text())
     assert [r["train_loss"] for r in summary["rounds"]] == [
