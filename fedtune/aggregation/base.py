@@ -46,6 +46,9 @@ class Capabilities:
     #: client-level DP form: "factor", "dense", or None (its weights depend on the
     #: updates, so one client's influence is not bounded by the clip norm)
     dp_form: str | None = None
+    #: why client-level DP is refused when there is no DP form (the error says so)
+    no_dp_reason: str = ("its weights depend on the updates themselves, so one client's "
+                         "influence is not bounded by the clip norm")
     #: "continue": the client loads its payload into its trainable LoRA and keeps training.
     #: "residual": the client applies the payload frozen (on top of the base weights) and
     #: trains a fresh LoRA of its own rank, sending back only that fresh LoRA.

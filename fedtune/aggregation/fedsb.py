@@ -80,7 +80,10 @@ class FedSB(Aggregator):
     name = "fedsb"
     #: not ``additive`` although the mean of R is a sum: secure aggregation sums LoRA
     #: factor entries, and a fedsb reply carries R instead (a secure sum of R is to do)
-    capabilities = Capabilities(client_mode="latent", freeze_A=True)
+    capabilities = Capabilities(
+        client_mode="latent", freeze_A=True,
+        no_dp_reason="it has no DP form yet: the DP wrapper would noise B (out x r numbers "
+                     "per module) where only R (r x r) needs noise")
 
     def aggregate(
         self, updates: list[ClientUpdate], previous: GlobalAdapter | None

@@ -119,13 +119,18 @@ class Scenario:
             self._check_secure_aggregation()
         if not p.client_level:
             return
-        form = capabilities_of(fed.aggregator).dp_form
+        capabilities = capabilities_of(fed.aggregator)
+        form = capabilities.dp_form
         if form is None:
             raise ConfigError(
                 f"privacy.mode = {p.mode!r} cannot be used with aggregator = "
-                f"{fed.aggregator!r}: its weights depend on the updates themselves, so one "
-                "client's influence is not bounded by the clip norm; use "
+                f"{fed.aggregator!r}: {capabilities.no_dp_reason}; use "
                 f"{_aggregators_with('dp_form', 'factor')} (ffa is exact and linear)")
+        if p.delta * self.data.num_clients >= 1:
+            raise ConfigError(
+                f"privacy.delta = {p.delta:g} must be below 1 / data.num_clients = "
+                f"{1 / self.data.num_clients:g}: a mechanism that publishes one client's "
+                "update outright meets (epsilon = 0, delta = 1 / clients)")
         if fed.merge != "mean" or fed.padding != "zeros":
             raise ConfigError(
                 "privacy.mode needs federation.merge = 'mean' and federation.padding = "

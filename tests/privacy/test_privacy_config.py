@@ -19,6 +19,8 @@ CENTRAL = ['privacy.mode="central"', "privacy.noise_multiplier=1.0"]
     (['privacy.mode="central"', "privacy.target_epsilon=0.00001"], "unreachable"),
     ([*CENTRAL, "privacy.min_clients=5"], "min_clients = 5 exceeds the 4 clients"),
     ([*CENTRAL, 'federation.aggregator="hetlora"'], "depend on the updates themselves"),
+    ([*CENTRAL, 'federation.aggregator="fedsb"'], "only R (r x r) needs noise"),
+    ([*CENTRAL, "privacy.delta=0.25"], "below 1 / data.num_clients = 0.25"),
     ([*CENTRAL, 'federation.merge="ties"'], "merge = 'mean'"),
     ([*CENTRAL, 'federation.aggregator="zeropad"', 'federation.padding="skip"'],
      "padding = 'zeros'"),
