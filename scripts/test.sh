@@ -14,19 +14,19 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# the attacked deployment (the longest module), the SDK's documented snippets, the
-# example app, and `flwr run` (a SuperLink and Flower's engine: the one engine run
-# outside the Flower group)
-ATTACKS=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples
-         tests/flower/test_flwr_run.py)
+# the attacked deployment (the longest module), the SDK's documented snippets and the
+# example app
+ATTACKS=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples)
 # every other process test: the hostile client, the deployment's failures and restarts,
-# the SDK (a folder named here must not be named by another group: pytest does not apply
-# --ignore to a folder given on its command line)
-PROCESSES=(tests/deploy tests/sdk --ignore=tests/deploy/test_security.py
-           --ignore=tests/sdk/test_docs.py)
+# the SDK, and `flwr run` (a SuperLink and Flower's engine: the one engine run outside the
+# Flower group). A folder named here must not be named by another group: pytest does not
+# apply --ignore to a folder given on its command line.
+PROCESSES=(tests/deploy tests/sdk tests/flower/test_flwr_run.py
+           --ignore=tests/deploy/test_security.py --ignore=tests/sdk/test_docs.py)
 # the Flower layer's in-process federations that start no engine run with the rest
 FLOWER_IN_REST=(tests/flower/test_chat_scenario.py tests/flower/test_real_model.py
-                tests/flower/test_client_enforcement.py tests/flower/test_dp_sampling.py)
+                tests/flower/test_client_enforcement.py tests/flower/test_dp_sampling.py
+                tests/flower/test_progress.py tests/flower/test_simulation_privacy.py)
 FLOWER=(tests/flower tests/test_compare.py --ignore=tests/flower/test_flwr_run.py
         "${FLOWER_IN_REST[@]/#/--ignore=}")
 # the rest: everything the groups above do not name
@@ -55,7 +55,7 @@ in_background() {  # NAME PYTEST-ARGS...: a pytest run whose output is kept for 
     pids+=("$!")
     logs+=("$name:$log")
 }
-in_background "attacks+docs+example+flwr-run" "${ATTACKS[@]}" "$@"
+in_background "attacks+docs+example" "${ATTACKS[@]}" "$@"
 in_background "processes" "${PROCESSES[@]}" "$@"
 in_background "flower" "${FLOWER[@]}" "$@"
 timed "rest" "$PY" -m pytest -q "${REST[@]}" "$@"

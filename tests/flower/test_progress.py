@@ -7,7 +7,8 @@ from fedtune.cli import reply_line, throttled
 from fedtune.config import load_scenario
 from fedtune.flower.client_app import make_client_app
 from fedtune.flower.inprocess_grid import InProcessGrid
-from fedtune.flower.rounds import ReplyProgress, exchange
+from fedtune.flower.polling import exchange
+from fedtune.flower.rounds import ReplyProgress
 from fedtune.flower.server_app import run_federation
 from fedtune.runs.rundir import new_run_dir
 
