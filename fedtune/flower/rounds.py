@@ -38,6 +38,8 @@ from fedtune.flower.strategy import BudgetStop, FedtuneStrategy
 log = logging.getLogger("fedtune")
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
 class ReplyProgress(NamedTuple):
     """How far a phase of a round is: ``finished`` of the ``sampled`` clients sent work
     have replied (with a result or an error)."""
