@@ -244,6 +244,9 @@ def client(
     state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
     connect_wait: float = typer.Option(
         30.0, "--connect-wait", help="Seconds to keep trying to reach the server at start."),
+    reconnect_for: float = typer.Option(
+        600.0, "--reconnect-for", help="Seconds to keep trying when the server stops "
+        "answering (a restart) before giving up with an error; 0 = forever."),
     min_noise_multiplier: float = typer.Option(
         0.0, "--min-noise-multiplier", help="Refuse to train under client-level DP with a "
         "smaller noise multiplier (or without DP); 0 = no floor. See docs/privacy.md."),
@@ -273,7 +276,8 @@ def client(
     options = ClientOptions(server=server_address, data=data, profile=profile, name=name,
                             root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, state_dir=state_dir, app=client_app,
-                            connect_wait=connect_wait, long_lived=not per_message_process,
+                            connect_wait=connect_wait, reconnect_for=reconnect_for,
+                            long_lived=not per_message_process,
                             model=model, privacy_floor=floor)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())

@@ -61,6 +61,9 @@ class ClientOptions:
     #: of the same base: a local folder, or a model an application lent, see the SDK)
     model: str = ""
     connect_wait: float = 30.0  # seconds to keep trying to reach the server at start
+    #: seconds to keep trying when the server stops answering (a restart, a network cut)
+    #: before the client gives up with an error; 0 = forever
+    reconnect_for: float = 600.0
     #: False: a fresh ClientApp process (imports + model load) per message, Flower's
     #: default cost; kept to measure what the long-lived worker saves
     long_lived: bool = True
@@ -184,6 +187,8 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
         command += ["--root-certificates", options.root_certificates]
     if options.auth_key:
         command += ["--auth-supernode-private-key", options.auth_key]
+    if options.reconnect_for > 0:
+        command += ["--max-wait-time", str(options.reconnect_for)]
     return command
 
 
@@ -268,7 +273,9 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     finally:
         stop_process(process)
     if ended.is_set() and process.returncode != 0:
-        what = "did not accept this client" if served == 0 else "connection ended"
+        what = ("did not accept this client" if served == 0 else
+                f"stopped answering (given up after --reconnect-for {options.reconnect_for:g}"
+                " s), or the connection ended")
         raise ClientError(f"the server {what} (SuperNode exit code {process.returncode}):\n"
                           f"{tail(log, 8)}")
     return served

@@ -159,7 +159,7 @@ class Client:
     def start(self, server: str, *, insecure: bool = False,
               root_certificates: str | Path | None = None, auth_key: str | Path | None = None,
               on_round: RoundCallback | None = None, on_progress: ProgressCallback | None = None,
-              connect_wait: float = 30.0) -> Session:
+              connect_wait: float = 30.0, reconnect_for: float = 600.0) -> Session:
         """Join the federation at ``server`` (HOST:PORT) in a background thread; returns
         the session to wait on or cancel. Exactly one of ``insecure`` (no TLS) and
         ``root_certificates`` (the CA of the server's certificate) is needed."""
@@ -170,7 +170,8 @@ class Client:
             server=server, data=session.data_key, name=self.name, profile=self.profile,
             insecure=insecure, root_certificates=str(root_certificates or ""),
             auth_key=str(auth_key or ""), state_dir=str(self.state_dir / "flower"),
-            connect_wait=connect_wait, model=session.model_source,
+            connect_wait=connect_wait, reconnect_for=reconnect_for,
+            model=session.model_source,
             privacy_floor=self.privacy_floor)
         try:
             check_local(options)

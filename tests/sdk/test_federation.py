@@ -4,7 +4,8 @@ this process and a `fedtune client` process, on the tiny model.
 One federation serves every test here (module fixture): alice runs to the end with
 callbacks; bob (a model lent by the app) cancels in round 1; carol brings a model that
 is not the federation's base and is stopped at the first message; the CLI client is a
-bystander that must still be running when the run ends.
+bystander that must still be running when the run ends, and that gives up with an error
+once the server has stopped answering for its ``--reconnect-for`` seconds.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     server = fedtune.Server(REPO / "server" / "server.toml", SETS, insecure=True,
                             address="127.0.0.1:0", out=tmp / "runs").start()
     port = int(server.address.rpartition(":")[2])
-    bystander = client(tmp, port, files[2], ["--insecure"])
+    bystander = client(tmp, port, files[2], ["--insecure", "--reconnect-for", "10"])
     lent, tokenizer = build_tiny_model(0)
     lent_before = {k: v.clone() for k, v in lent.state_dict().items()}
     try:
@@ -71,9 +72,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         alice_result = alice.run(server.address, insecure=True, on_round=reports.append)
         run_dir = server.wait(180)
         bystander_alive = bystander.process.poll() is None
+        bystander_code = bystander.process.wait(120)  # the server is gone: it gives up
         yield SimpleNamespace(
             alice=alice_result, reports=reports, bob=bob_session.result(60), bob_steps=bob_steps,
             carol=carol_session, run_dir=run_dir, bystander_alive=bystander_alive,
+            bystander_code=bystander_code, bystander_output=bystander.output(),
             lent=lent, lent_before=lent_before,
             summary=json.loads((run_dir / "summary.json").read_text()))
     finally:
@@ -101,6 +104,13 @@ def test_cancelling_mid_round_leaves_the_federation_running(federation: SimpleNa
     assert first["clients_replied"] == 2 and len(first["dropped"]) >= 1
     assert second["clients_replied"] == 2
     assert federation.bystander_alive  # the other clients went on
+
+
+def test_a_client_gives_up_once_the_server_stops_answering(federation: SimpleNamespace
+                                                          ) -> None:
+    assert federation.bystander_code == 1
+    assert "stopped answering (given up after --reconnect-for 10 s)" in \
+        " ".join(federation.bystander_output.split()), federation.bystander_output[-2000:]
 
 
 def test_a_lent_model_is_given_back_unchanged(federation: SimpleNamespace) -> None:
