@@ -151,6 +151,39 @@ def check_server(options: ClientOptions, wait: float = 30.0) -> None:
                 f"and is {host} among the names it is issued for?)") from None
 
 
+def server_answers(options: ClientOptions) -> bool:
+    """Whether the server's health endpoint answers (TLS verified against the CA)."""
+    import httpx
+
+    scheme, verify = ("http", False) if options.insecure else ("https",
+                                                              options.root_certificates)
+    try:
+        httpx.get(f"{scheme}://{options.server}/health", timeout=10, verify=verify)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def watch_server(options: ClientOptions, stop: threading.Event, gave_up: threading.Event,
+                 answers: Callable[[ClientOptions], bool] = server_answers) -> None:
+    """Set ``gave_up`` and ``stop`` once the server has not answered for
+    ``options.reconnect_for`` seconds. The SuperNode retries forever (flwr 1.41's
+    ``--max-wait-time`` ends its connection loop but not its process), and a client left
+    waiting on a server that is gone, an SDK session above all, would never return."""
+    every = min(30.0, options.reconnect_for / 3)
+    down_since: float | None = None
+    while not stop.wait(every):
+        if answers(options):
+            down_since = None
+            continue
+        now = time.monotonic()
+        down_since = now if down_since is None else down_since
+        if now - down_since >= options.reconnect_for:
+            gave_up.set()
+            stop.set()
+            return
+
+
 def _check_plain_http(address: str) -> None:
     """An insecure client of a TLS server would retry forever: ask the server's health
     endpoint in plain HTTP first."""
@@ -187,8 +220,6 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
         command += ["--root-certificates", options.root_certificates]
     if options.auth_key:
         command += ["--auth-supernode-private-key", options.auth_key]
-    if options.reconnect_for > 0:
-        command += ["--max-wait-time", str(options.reconnect_for)]
     return command
 
 
@@ -247,6 +278,10 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
         f"{options.server} ({'insecure' if options.insecure else 'TLS'}); log {log}")
 
     ended = threading.Event()  # the SuperNode stopped by itself (refused, crashed)
+    gave_up = threading.Event()  # the server stopped answering for options.reconnect_for
+    if options.reconnect_for > 0:
+        threading.Thread(target=watch_server, args=(options, stop, gave_up),
+                         daemon=True).start()
 
     def watch() -> None:
         process.wait()
@@ -272,10 +307,11 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
                       pin=pin, run_task=per_message)
     finally:
         stop_process(process)
+    if gave_up.is_set():
+        raise ClientError(f"the server at {options.server} stopped answering (given up "
+                          f"after --reconnect-for {options.reconnect_for:g} s)")
     if ended.is_set() and process.returncode != 0:
-        what = ("did not accept this client" if served == 0 else
-                f"stopped answering (given up after --reconnect-for {options.reconnect_for:g}"
-                " s), or the connection ended")
+        what = "did not accept this client" if served == 0 else "connection ended"
         raise ClientError(f"the server {what} (SuperNode exit code {process.returncode}):\n"
                           f"{tail(log, 8)}")
     return served
