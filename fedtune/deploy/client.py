@@ -151,14 +151,21 @@ def check_server(options: ClientOptions, wait: float = 30.0) -> None:
                 f"and is {host} among the names it is issued for?)") from None
 
 
+def _get_health(address: str, ca: str = "") -> None:
+    """GET the server front's /health: plain HTTP without ``ca``, else TLS verified
+    against it; raises httpx.HTTPError when nothing answers."""
+    import httpx
+
+    scheme = "https" if ca else "http"
+    httpx.get(f"{scheme}://{address}/health", timeout=10, verify=ca or False)
+
+
 def server_answers(options: ClientOptions) -> bool:
     """Whether the server's health endpoint answers (TLS verified against the CA)."""
     import httpx
 
-    scheme, verify = ("http", False) if options.insecure else ("https",
-                                                              options.root_certificates)
     try:
-        httpx.get(f"{scheme}://{options.server}/health", timeout=10, verify=verify)
+        _get_health(options.server, "" if options.insecure else options.root_certificates)
     except httpx.HTTPError:
         return False
     return True
@@ -190,7 +197,7 @@ def _check_plain_http(address: str) -> None:
     import httpx
 
     try:
-        httpx.get(f"http://{address}/health", timeout=10)
+        _get_health(address)
     except httpx.HTTPError as err:
         raise ClientError(f"the server at {address} does not answer plain HTTP ({err}); it "
                           "probably uses TLS: pass --root-certificates CA_FILE instead of "
