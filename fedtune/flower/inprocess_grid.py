@@ -167,6 +167,15 @@ class InProcessGrid(Grid):
                     replies.append(future.result())
         return replies
 
+    def wait_for_replies(self, message_ids: Iterable[str], timeout: float) -> None:
+        """Until one of ``message_ids`` has a reply to pull, or ``timeout`` seconds."""
+        with self._lock:
+            futures = {self._pending[i] for i in message_ids if i in self._pending}
+        if futures:
+            wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+        else:  # none of them was sent here: nothing will come
+            time.sleep(timeout)
+
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> list[Message]:
         ids = self.push_messages(messages)

@@ -119,3 +119,28 @@ def test_a_lost_node_leaves_the_list_and_the_superlink_answers_for_it(grid):
 def test_node_configs_must_match_the_nodes():
     with pytest.raises(ValueError, match="2 node configs for 3 nodes"):
         InProcessGrid(_app(), 3, node_configs=[{}, {}])
+
+
+def test_exchange_waits_on_the_grid_instead_of_sleeping(grid, monkeypatch):
+    """Each reply is taken the moment it is in (no poll backoff); a hanging node still
+    ends the exchange at its deadline with the replies that came."""
+    from fedtune.flower import polling
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"exchange slept {seconds} s on a grid it can wait on")
+
+    monkeypatch.setattr(polling.time, "sleep", no_sleep)
+    assert isinstance(grid, polling.WaitsForReplies)
+    nodes = list(grid.get_node_ids())
+    seen: list[int] = []
+    replies = polling.exchange(grid, [_ask(n) for n in nodes], timeout=10,
+                               report=lambda finished, sampled: seen.append(finished))
+    assert sorted(m.metadata.src_node_id for m in replies) == sorted(nodes)
+    assert seen[0] == 0 and seen[-1] == 3
+    release.clear()
+    try:
+        late = polling.exchange(grid, [_ask(nodes[0], hang=True), _ask(nodes[1])],
+                                timeout=0.5)
+        assert [m.metadata.src_node_id for m in late] == [nodes[1]]
+    finally:
+        release.set()
