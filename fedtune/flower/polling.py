@@ -41,11 +41,11 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     pause = POLL_FIRST
-    waits = isinstance(grid, WaitsForReplies)
+    waiter = grid if isinstance(grid, WaitsForReplies) else None
     while waiting and time.monotonic() < deadline:
         left = max(0.0, deadline - time.monotonic())
-        if waits:
-            grid.wait_for_replies(waiting, left)  # type: ignore[attr-defined]
+        if waiter is not None:
+            waiter.wait_for_replies(waiting, left)
         else:
             time.sleep(min(pause, left))
         arrived = list(grid.pull_messages(waiting))
