@@ -123,13 +123,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for row in rows:
         if row["status"] == "completed" and row.get("perplexity"):
             by_method.setdefault(row["method"], []).append(row)
+    matched = {r["seed"]: r["perplexity"][-1] for r in by_method.get(CENTRALISED, [])}
     table = {}
     for method, runs in by_method.items():
         finals = [r["perplexity"][-1] for r in runs]
+        # each seed draws its own held-out set: compare within a seed, then average
+        ratios = [r["perplexity"][-1] / matched[r["seed"]] for r in runs if r["seed"] in matched]
         curves = list(zip(*[r["perplexity"] for r in runs], strict=False))
         table[method] = {
             "seeds": sorted(r["seed"] for r in runs), "final": spread(finals),
             "final_min": min(finals), "final_max": max(finals),
+            "vs_matched": spread(ratios) if ratios else (math.nan, math.nan),
             "curve": [spread(list(point)) for point in curves],
             "minutes": statistics.fmean(r["seconds"] for r in runs) / 60,
             "bytes_up_per_round": statistics.fmean(
@@ -141,12 +145,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def render(table: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
            header: str) -> str:
     ordered = sorted(table, key=lambda m: table[m]["final"][0])
-    matched = table.get(CENTRALISED, {}).get("final", (math.nan,))[0]
     rounds = max((len(t["curve"]) for t in table.values()), default=1) - 1
     ticks = sorted({0, 1, *range(5, rounds + 1, 5), rounds})
     lines = [header, "",
-             "| method | seeds | final perplexity (mean ± sd) | min / max | vs compute-matched "
-             "centralised | " + " | ".join(f"r{t}" for t in ticks)
+             "| method | seeds | final perplexity (mean ± sd) | min / max | / compute-matched "
+             "centralised, same seed (mean ± sd) | " + " | ".join(f"r{t}" for t in ticks)
              + " | upload B / round | min / run |",
              "|---|---|---|---|---|" + "---|" * len(ticks) + "---|---|"]
     for method in ordered:
@@ -155,7 +158,8 @@ def render(table: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
         points = [f"{t['curve'][i][0]:.2f}" if i < len(t["curve"]) else "" for i in ticks]
         lines.append(
             f"| {method} | {len(t['seeds'])} | {mean:.2f} ± {sd:.2f} | "
-            f"{t['final_min']:.2f} / {t['final_max']:.2f} | {mean / matched:.3f} | "
+            f"{t['final_min']:.2f} / {t['final_max']:.2f} | "
+            f"{t['vs_matched'][0]:.3f} ± {t['vs_matched'][1]:.3f} | "
             + " | ".join(points) + f" | {t['bytes_up_per_round']:,.0f} | {t['minutes']:.1f} |")
     failed = [r for r in rows if r["status"] != "completed"]
     for r in failed:
