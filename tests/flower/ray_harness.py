@@ -44,7 +44,9 @@ class RayNode:
         """This node's live processes (raylet, agents, workers; the GCS on the head)."""
         found = []
         for proc in psutil.process_iter():
-            with contextlib.suppress(psutil.Error):
+            # a process may end between the listing and the look (os.getpgid raises
+            # ProcessLookupError, not a psutil error)
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
                 if os.getpgid(proc.pid) == self.pgid and proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
         return found

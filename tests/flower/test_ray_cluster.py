@@ -8,9 +8,6 @@ process groups it started (never ``ray stop``)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -177,16 +174,18 @@ def test_clients_run_on_both_nodes_and_the_adapter_equals_one_machines(two_nodes
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_compare_joins_the_cluster_named_by_ray_address_in_the_environment(two_nodes,
-                                                                          tmp_path):
+def test_compare_joins_the_cluster_named_by_ray_address_in_the_environment(
+        two_nodes, tmp_path, monkeypatch):
+    """``fedtune compare`` as typed, in this process (tests/support/cli.py): only the
+    environment names the cluster."""
+    from tests.support.cli import run_cli
+
     with joined(two_nodes.address) as nodes:
         ids = {n.node_id for n in nodes}
-    env = {**os.environ, "RAY_ADDRESS": two_nodes.address}
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("fedtune")), "compare", "-s", "tiny",
-         "-a", "fedavg", "--no-baselines", "--set", "run.rounds=1", "--out", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    monkeypatch.setenv("RAY_ADDRESS", two_nodes.address)
+    done = run_cli("compare", "-s", "tiny", "-a", "fedavg", "--no-baselines",
+                   "--set", "run.rounds=1", "--out", str(tmp_path))
+    assert done.exit_code == 0, done.stdout + done.stderr
     (run_dir,) = (p.parent for p in tmp_path.rglob("metrics.jsonl"))
     records = _train_records(run_dir)
     assert len(records) == 4 and {r["ray_node_id"] for r in records} <= ids
