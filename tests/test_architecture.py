@@ -154,9 +154,14 @@ def test_config_core_aggregation_privacy_import_no_flower_peft_or_transformers()
 
 
 RANDOM_ORDER = """
-import importlib, sys
+import importlib, json, sys
+import torch
+compile_before = torch.compile
 for name in sys.argv[1:]:
     importlib.import_module(name)
+print(json.dumps({"bitsandbytes": "bitsandbytes" in sys.modules,
+                  "inductor": "torch._inductor.compile_fx" in sys.modules,
+                  "compile_restored": torch.compile is compile_before}))
 """
 
 
@@ -167,6 +172,11 @@ def test_every_module_imports_in_a_random_order():
     done = subprocess.run([sys.executable, "-c", RANDOM_ORDER, *modules], capture_output=True,
                           text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, f"order seed {seed}:\n{done.stderr[-3000:]}"
+    # whichever module loads the model stack first, bitsandbytes comes in without
+    # TorchInductor (fedtune.model.imports) and torch.compile is Torch's own again
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == {"bitsandbytes": True, "inductor": False, "compile_restored": True}, \
+        f"order seed {seed}: {loaded}"
 
 
 def documented_packages(text: str) -> set[str]:

@@ -1,15 +1,19 @@
 """Base-model loading, LoRA adapters and the per-process model cache."""
 
-from fedtune.model.cache import CacheInfo, cache_info, clear, get_peft_model
-from fedtune.model.device import current_rss_mb, peak_memory_mb, pick_device
-from fedtune.model.loading import (
+from fedtune.model.imports import import_bitsandbytes
+
+import_bitsandbytes()  # before peft imports it: see fedtune.model.imports
+
+from fedtune.model.cache import CacheInfo, cache_info, clear, get_peft_model  # noqa: E402
+from fedtune.model.device import current_rss_mb, peak_memory_mb, pick_device  # noqa: E402
+from fedtune.model.loading import (  # noqa: E402
     ModelNotFoundError,
     ModelSpec,
     bundled_model_dir,
     cache_root,
     load_base_model,
 )
-from fedtune.model.lora import (
+from fedtune.model.lora import (  # noqa: E402
     LoraSpec,
     adapter_state,
     attach_lora,

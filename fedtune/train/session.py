@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 
 from fedtune.aggregation.fedsb import latent_key
 from fedtune.aggregation.start import client_start
@@ -42,6 +41,9 @@ from fedtune.privacy import epsilon_after
 from fedtune.train.dpsgd import SampleLevelDP, sample_rate, train_local_dpsgd
 from fedtune.train.local import TrainResult, train_local
 from fedtune.train.upload import ClientDP, State, compressed_update, privatize, prune_rank
+
+if TYPE_CHECKING:  # peft comes in through fedtune.model (see fedtune.model.imports)
+    from peft import PeftModel
 
 #: one DP-SGD round in a client's accountant history: (noise multiplier, sample rate, steps)
 DpSgdRound = tuple[float, float, int]
