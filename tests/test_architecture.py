@@ -153,6 +153,27 @@ def test_config_core_aggregation_privacy_import_no_flower_peft_or_transformers()
     assert first_heavy == {}, f"the first module that loads a heavy library: {first_heavy}"
 
 
+PLANNING = """
+import json, sys
+from fedtune.config import load_scenario
+from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
+for source in ("tiny", "smollm2"):
+    scenario = load_scenario("server/server.toml", [f"model.source={{source!r}}".replace("'", '"')])
+    check_ranks_fit_model(scenario, client_settings(scenario))
+print(json.dumps([h for h in {heavy!r} if h in sys.modules]))
+"""
+
+
+def test_planning_a_run_loads_no_model_stack():
+    """``fedtune server`` checks every client's rank against the model before it starts
+    the SuperLink; that reads the model's dimensions, not the model stack."""
+    done = subprocess.run([sys.executable, "-c", PLANNING.format(heavy=("peft",
+                                                                        "transformers"))],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 RANDOM_ORDER = """
 import importlib, json, sys
 import torch

@@ -8,4 +8,4 @@ each find the other's module half-initialised ("cannot import name
 package's own import lock lets one thread load the stack while the other waits.
 """
 
-import fedtune.model  # noqa: F401  (see above)
+import fedtune.model.cache  # noqa: F401  (the stack: peft, transformers; see above)

@@ -1,46 +1,32 @@
-"""Base-model loading, LoRA adapters and the per-process model cache."""
+"""Base-model loading, LoRA adapters and the per-process model cache.
+
+The names below load on first use, so that ``fedtune.model.sources`` and
+``fedtune.model.memory`` (planning: where a model is, its dimensions, what fits) import
+without the model stack. bitsandbytes is imported here, before anything can import peft,
+which imports it: see ``fedtune.model.imports``.
+"""
+
+import importlib
 
 from fedtune.model.imports import import_bitsandbytes
 
-import_bitsandbytes()  # before peft imports it: see fedtune.model.imports
+import_bitsandbytes()
 
-from fedtune.model.cache import CacheInfo, cache_info, clear, get_peft_model  # noqa: E402
-from fedtune.model.device import current_rss_mb, peak_memory_mb, pick_device  # noqa: E402
-from fedtune.model.loading import (  # noqa: E402
-    ModelNotFoundError,
-    ModelSpec,
-    bundled_model_dir,
-    cache_root,
-    load_base_model,
-)
-from fedtune.model.lora import (  # noqa: E402
-    LoraSpec,
-    adapter_state,
-    attach_lora,
-    base_model_name,
-    load_adapter_state,
-    reset_lora,
-    save_peft_adapter,
-)
+#: public name -> the module of this package that defines it
+_EXPORTS = {
+    "CacheInfo": "cache", "cache_info": "cache", "clear": "cache", "get_peft_model": "cache",
+    "current_rss_mb": "device", "peak_memory_mb": "device", "pick_device": "device",
+    "ModelNotFoundError": "sources", "ModelSpec": "loading", "bundled_model_dir": "loading",
+    "cache_root": "sources", "load_base_model": "loading",
+    "LoraSpec": "lora", "adapter_state": "lora", "attach_lora": "lora",
+    "base_model_name": "lora", "load_adapter_state": "lora", "reset_lora": "lora",
+    "save_peft_adapter": "lora",
+}
 
-__all__ = [
-    "CacheInfo",
-    "LoraSpec",
-    "ModelNotFoundError",
-    "ModelSpec",
-    "adapter_state",
-    "attach_lora",
-    "base_model_name",
-    "bundled_model_dir",
-    "cache_info",
-    "cache_root",
-    "clear",
-    "current_rss_mb",
-    "get_peft_model",
-    "load_adapter_state",
-    "load_base_model",
-    "peak_memory_mb",
-    "pick_device",
-    "reset_lora",
-    "save_peft_adapter",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedtune.model' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"fedtune.model.{_EXPORTS[name]}"), name)

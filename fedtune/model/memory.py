@@ -54,8 +54,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedtune.config import parse_tiny_seed
-from fedtune.model.loading import (
+from fedtune.model.sources import (
     BUNDLED_CACHE_NAME,
+    TINY_SHAPE,
+    TINY_VOCAB_SIZE,
     ModelNotFoundError,
     bundled_gguf_path,
     cache_root,
@@ -252,9 +254,7 @@ def _bundled_dims() -> ModelDims:
 
 
 def _tiny_dims() -> ModelDims:
-    from fedtune.model.tiny import build_byte_tokenizer, tiny_config
-
-    return dims_from_config(tiny_config(build_byte_tokenizer()).to_dict())
+    return dims_from_config({**TINY_SHAPE, "vocab_size": TINY_VOCAB_SIZE})
 
 
 def _hub_cached_dims(repo_id: str) -> ModelDims:

@@ -15,6 +15,7 @@ from fedtune.model.memory import (
     ModelDims,
     activation_bytes,
     candidate_ranks,
+    dims_from_config,
     estimate,
     model_dims,
     plan,
@@ -63,6 +64,8 @@ def test_tiny_dims_count_every_parameter(tiny: ModelDims) -> None:
     assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.num_kv_heads) == (64, 2, 4, 2)
     assert tiny.modules["k_proj"] == (64, 32) and tiny.modules["down_proj"] == (128, 64)
     assert set(tiny.modules) == set(LORA_TARGETS)
+    # read without transformers (fedtune.model.sources), equal to the real config's
+    assert tiny == dims_from_config(model.config.to_dict())
 
 
 def test_smollm2_dims(smollm2: ModelDims) -> None:
