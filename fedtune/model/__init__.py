@@ -12,15 +12,15 @@ from fedtune.model.imports import import_bitsandbytes
 
 import_bitsandbytes()
 
-#: public name -> the module of this package that defines it
+#: public name -> the module that defines it
 _EXPORTS = {
-    "CacheInfo": "cache", "cache_info": "cache", "clear": "cache", "get_peft_model": "cache",
-    "current_rss_mb": "device", "peak_memory_mb": "device", "pick_device": "device",
-    "ModelNotFoundError": "sources", "ModelSpec": "loading", "bundled_model_dir": "loading",
-    "cache_root": "sources", "load_base_model": "loading",
-    "LoraSpec": "lora", "adapter_state": "lora", "attach_lora": "lora",
-    "base_model_name": "lora", "load_adapter_state": "lora", "reset_lora": "lora",
-    "save_peft_adapter": "lora",
+    **dict.fromkeys(("CacheInfo", "cache_info", "clear", "get_peft_model"), "fedtune.model.cache"),
+    **dict.fromkeys(("current_rss_mb", "peak_memory_mb", "pick_device"), "fedtune.model.device"),
+    **dict.fromkeys(("ModelNotFoundError", "cache_root"), "fedtune.model.sources"),
+    **dict.fromkeys(("bundled_model_dir", "load_base_model"), "fedtune.model.loading"),
+    **dict.fromkeys(("adapter_state", "attach_lora", "base_model_name", "load_adapter_state",
+                     "reset_lora", "save_peft_adapter"), "fedtune.model.lora"),
+    **dict.fromkeys(("LoraSpec", "ModelSpec"), "fedtune.config"),
 }
 
 __all__ = sorted(_EXPORTS)
@@ -29,4 +29,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'fedtune.model' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"fedtune.model.{_EXPORTS[name]}"), name)
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
