@@ -23,7 +23,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,10 +37,10 @@ from fedtune.core.compress import CompressionSpec
 from fedtune.core.seeds import client_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes, secagg
+from fedtune.flower.orders import order_refusal, scenario_orders
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
-from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal
-from fedtune.privacy.wrapper import DPSettings
+from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal, spent_refusal
 from fedtune.train.batches import ClientBatch, client_batch, local_batch
 from fedtune.train.dpsgd import SampleLevelDP
 from fedtune.train.held_out import evaluate_global
@@ -90,8 +90,15 @@ DATA_PATH, NAME, PROFILE, MODEL = "data-path", "name", "profile", "model"
 #: node state: this node has trained under client-level DP in this run (its evaluation
 #: must then not leak what the noise protects, whatever a later message says)
 DP_RUN = "fedtune.dp-run"
+#: node state: how many train messages this node trained for in this run (at most
+#: run.rounds: a server that sends more to average the noise away is refused)
+TRAINED = "fedtune.trained"
 #: the only metrics a train reply carries under client-level DP: nothing about the data
 DP_REPLY_METRICS = frozenset({keys.PARTITION, keys.RAY_NODE, keys.RAY_NODE_IP})
+#: ... and under sample-level DP alone: besides, the expected example count (steps x
+#: expected batch, not the data's) and its DP-SGD epsilon (z, q and steps: the size of
+#: its data is public to DP-SGD's accountant); no loss, timing or memory
+SAMPLE_DP_REPLY_METRICS = DP_REPLY_METRICS | {keys.NUM_EXAMPLES, keys.SAMPLE_EPSILON}
 
 log = logging.getLogger("fedtune")
 
@@ -143,44 +150,41 @@ def _use_cpu_share(scenario: Scenario, context: Context | None = None) -> None:
     torch.set_num_threads(max(1, int(scenario.simulation.cpus_per_client)))
 
 
-def upload_spec(config: Any) -> CompressionSpec:
-    """How the server asked this round's update to travel (dense fp32 when unsaid)."""
-    return CompressionSpec(density=float(config.get(keys.UPLOAD_DENSITY, 1.0)),
-                           values=str(config.get(keys.UPLOAD_VALUES, "fp32")),
-                           block_size=int(config.get(keys.BLOCK_SIZE, 256)))
+def upload_spec(orders: Mapping[str, Any]) -> CompressionSpec:
+    """How the scenario orders this round's update to travel."""
+    return CompressionSpec(density=float(orders[keys.UPLOAD_DENSITY]),
+                           values=str(orders[keys.UPLOAD_VALUES]),
+                           block_size=int(orders[keys.BLOCK_SIZE]))
 
 
-def _client_dp(config: Any, reproducible: bool) -> ClientDP | None:
-    """Distributed client-level DP, when the server asks each client for its noise share."""
-    if keys.DP_NOISE_STD not in config:
+def _client_dp(orders: Mapping[str, Any], reproducible: bool) -> ClientDP | None:
+    """Distributed client-level DP, when the scenario has each client add its noise share."""
+    if keys.DP_NOISE_STD not in orders:
         return None
-    return ClientDP(float(config[keys.DP_CLIP]), float(config[keys.DP_NOISE_STD]),
-                    tuple(str(config[keys.DP_FIELDS]).split(",")), reproducible)
+    return ClientDP(float(orders[keys.DP_CLIP]), float(orders[keys.DP_NOISE_STD]),
+                    tuple(str(orders[keys.DP_FIELDS]).split(",")), reproducible)
 
 
 @functools.lru_cache(maxsize=8)
-def _declared_bounds(scenario: Scenario) -> tuple[float, float, float]:
-    """(z, epsilon, noise share) the run declares: its z (given, or planned for its
-    target), its budget (or without one the epsilon its plan expects), and in
-    distributed mode the std of one client's share (the wrapper's own formula)."""
+def _declared_bounds(scenario: Scenario) -> tuple[float, float]:
+    """(z, epsilon) the run declares: its z (given, or planned for its target), and its
+    budget (or without one the epsilon its plan expects)."""
     plan = scenario.privacy_plan()
     budget = scenario.privacy.budget
-    share = DPSettings.planned(scenario.privacy, plan).client_noise_std
-    return (plan.noise_multiplier, budget if math.isfinite(budget) else plan.planned_epsilon,
-            share)
+    return plan.noise_multiplier, budget if math.isfinite(budget) else plan.planned_epsilon
 
 
-def declared_dp(scenario: Scenario, config: Any) -> DPRequest:
-    """The client-level DP this round runs under: the scenario's (the run config every
-    node gets), with the clip norm and noise share the message has the client apply."""
+def declared_dp(scenario: Scenario) -> DPRequest:
+    """The client-level DP this run declares: the scenario's (the run config every node
+    gets, sealed in a deployment), with the clip norm and noise share it orders."""
     p = scenario.privacy
     if not p.client_level:
         return DPRequest(reproducible=p.reproducible)
-    z, epsilon, _ = _declared_bounds(scenario)
+    z, epsilon = _declared_bounds(scenario)
+    share = float(scenario_orders(scenario).get(keys.DP_NOISE_STD, 0.0))
     return DPRequest(
-        mode=p.mode, clip_norm=max(p.clip_norm, float(config.get(keys.DP_CLIP, 0.0))),
-        noise_multiplier=z, epsilon=epsilon,
-        share_std=float(config.get(keys.DP_NOISE_STD, 0.0)), min_clients=p.min_clients,
+        mode=p.mode, clip_norm=p.clip_norm, noise_multiplier=z, epsilon=epsilon,
+        share_std=share, min_clients=p.min_clients,
         secure_aggregation=p.secure_aggregation, reproducible=p.reproducible)
 
 
@@ -201,22 +205,34 @@ def own_floor(context: Context, settings: ClientSettings) -> PrivacyFloor:
     return floor
 
 
-def train_refusal(scenario: Scenario, config: Any, floor: PrivacyFloor) -> str | None:
-    """Why this client does not train this round (None: it does). Floor or not, a
-    distributed-DP message must ask for the noise share and clip norm the run declares:
-    less noise or a larger clip than the scenario says is refused."""
-    declared = declared_dp(scenario, config)
-    if declared.mode == "distributed":
-        if keys.DP_NOISE_STD not in config or keys.DP_CLIP not in config:
-            return "the run is under distributed DP but the message asks for no noise share"
-        share = _declared_bounds(scenario)[2]
-        if declared.share_std < share * (1 - 1e-9):
-            return (f"the message asks for a noise share of std {declared.share_std:.4g}, "
-                    f"less than the {share:.4g} the run declares")
-        if float(config[keys.DP_CLIP]) > scenario.privacy.clip_norm * (1 + 1e-9):
-            return (f"the message asks for clip norm {float(config[keys.DP_CLIP]):.4g}, "
-                    f"more than the {scenario.privacy.clip_norm:g} the run declares")
-    return refusal(floor, declared)
+def train_refusal(scenario: Scenario, config: Any, floor: PrivacyFloor, trained: int = 0,
+                  secure: bool = False) -> str | None:
+    """Why this client does not train this round (None: it does). Floor or not, the
+    message must ask for exactly what the scenario orders (``orders.order_refusal``), and
+    secure aggregation exactly when the scenario has it (``secure``: the message asks for
+    it), and the client trains at most ``run.rounds`` times a run (``trained``: so far).
+    With a floor, the run's declared DP must meet it, and so must this client's own
+    epsilon after this round (``floor.spent_refusal``)."""
+    reason = order_refusal(scenario_orders(scenario), config)
+    if reason is not None:
+        return reason
+    p = scenario.privacy
+    if secure != p.secure_aggregation:
+        return (f"the message asks for {'' if secure else 'no '}secure aggregation; the "
+                "run's sealed scenario has privacy.secure_aggregation = "
+                f"{str(p.secure_aggregation).lower()}")
+    if trained >= scenario.run.rounds:
+        return (f"it has trained {trained} times in this run, the sealed run.rounds = "
+                f"{scenario.run.rounds}")
+    declared = declared_dp(scenario)
+    return refusal(floor, declared) or spent_refusal(floor, declared, trained + 1, p.delta,
+                                                     p.accountant)
+
+
+def trained_so_far(context: Context) -> int:
+    """How many train messages this node has trained for in this run (node state)."""
+    record = context.state.config_records.get(TRAINED)
+    return 0 if record is None else int(record["count"])
 
 
 def _who(context: Context, settings: ClientSettings) -> str:
@@ -233,24 +249,25 @@ def refuse(message: Message, who: str, what: str, reason: str) -> Message:
                    reply_to=message)
 
 
-def _dpsgd(config: Any) -> DpSgd | None:
-    if float(config.get(keys.DPSGD_NOISE, 0.0)) <= 0:
+def _dpsgd(orders: Mapping[str, Any]) -> DpSgd | None:
+    if float(orders.get(keys.DPSGD_NOISE, 0.0)) <= 0:
         return None
-    return DpSgd(SampleLevelDP(float(config[keys.DPSGD_CLIP]), float(config[keys.DPSGD_NOISE])),
-                 float(config[keys.DPSGD_DELTA]), str(config[keys.DPSGD_ACCOUNTANT]))
+    return DpSgd(SampleLevelDP(float(orders[keys.DPSGD_CLIP]), float(orders[keys.DPSGD_NOISE])),
+                 float(orders[keys.DPSGD_DELTA]), str(orders[keys.DPSGD_ACCOUNTANT]))
 
 
-def orders_of(config: Any, payload: ArrayRecord, reproducible: bool = False) -> Orders:
-    """What a train message's config asks of the session (defaults where unsaid);
-    ``reproducible``: the run's DP draws come from the seed, not OS entropy."""
+def orders_of(orders: Mapping[str, Any], payload: ArrayRecord, reproducible: bool = False
+              ) -> Orders:
+    """The session's orders from what the scenario orders (``scenario_orders``, never a
+    message's config); ``reproducible``: the run's DP draws come from the seed, not OS
+    entropy."""
     return Orders(
-        mode=str(config.get(keys.MODE, "continue")), init=str(config.get(keys.INIT, "fresh")),
-        freeze_A=bool(config.get(keys.FREEZE_A, False)),
-        prune_gamma=float(config.get(keys.PRUNE_GAMMA, 0.0)), upload=upload_spec(config),
-        error_feedback=bool(config.get(keys.ERROR_FEEDBACK, True)),
-        product_selection=config.get(keys.SELECTION, "tensor") == "product",
-        rounded_start=keys.is_packed(payload), client_dp=_client_dp(config, reproducible),
-        dpsgd=_dpsgd(config), reproducible=reproducible)
+        mode=str(orders[keys.MODE]), init=str(orders[keys.INIT]),
+        freeze_A=bool(orders[keys.FREEZE_A]), prune_gamma=float(orders[keys.PRUNE_GAMMA]),
+        upload=upload_spec(orders), error_feedback=bool(orders[keys.ERROR_FEEDBACK]),
+        product_selection=orders[keys.SELECTION] == "product",
+        rounded_start=keys.is_packed(payload), client_dp=_client_dp(orders, reproducible),
+        dpsgd=_dpsgd(orders), reproducible=reproducible)
 
 
 def _kept(context: Context) -> Kept:
@@ -274,14 +291,16 @@ def _keep(context: Context, upload: Upload, history: list[DpSgdRound] | None = N
 
 def train_session(scenario: Scenario, settings: ClientSettings, message: Message,
                   context: Context | None = None) -> TrainingSession:
-    """The session a train message asks for; without ``context``, a node that kept
-    nothing from earlier rounds."""
+    """The session of a train message: its round's seed and payload, trained as the
+    scenario orders (not as the message says: ``train_refusal`` refused a message that
+    asks otherwise); without ``context``, a node that kept nothing from earlier rounds."""
     config = message.content.config_records[keys.CONFIG]
     record = message.content.array_records[keys.ADAPTER]
     return TrainingSession(Trainee.of(scenario, settings),
                            client_seed(int(config[keys.SEED]), settings.partition),
                            keys.record_to_state(record),
-                           orders_of(config, record, scenario.privacy.reproducible),
+                           orders_of(scenario_orders(scenario), record,
+                                     scenario.privacy.reproducible),
                            None if context is None else _kept(context))
 
 
@@ -292,12 +311,30 @@ def adapter_record(upload: Upload) -> ArrayRecord:
     return keys.blob_to_record(upload.blob)
 
 
+def reply_metrics(scenario: Scenario) -> frozenset[str] | None:
+    """The only metric names a train reply may carry under the scenario's DP (None: any)."""
+    if scenario.privacy.client_level:
+        return DP_REPLY_METRICS
+    return SAMPLE_DP_REPLY_METRICS if scenario.privacy.sample_level else None
+
+
+def expected_examples(trainee: Trainee) -> int:
+    """DP-SGD's example count: steps x its expected Poisson batch, whatever the data."""
+    train = trainee.train
+    return train.steps * train.batch_size * train.grad_accum
+
+
 def _train_metrics(settings: ClientSettings, trainee: Trainee, result: SessionResult,
-                   private: bool = False) -> dict[str, float]:
-    """The reply's metrics; under client-level DP only those about no data (the loss,
-    example count, memory, timings and norms are all un-noised functions of the data)."""
-    if private:
-        return {keys.PARTITION: settings.partition, **ray_nodes.node_metrics()}
+                   allowed: frozenset[str] | None = None) -> dict[str, float]:
+    """The reply's metrics; under DP (``allowed``) only those about no data (the loss,
+    example count, memory, timings and norms are all un-noised functions of the data;
+    under DP-SGD alone the count is the expected one)."""
+    if allowed is not None:
+        kept = {keys.PARTITION: settings.partition, **ray_nodes.node_metrics(),
+                keys.NUM_EXAMPLES: expected_examples(trainee)}
+        if result.sample_epsilon is not None:
+            kept[keys.SAMPLE_EPSILON] = float(result.sample_epsilon)
+        return {k: v for k, v in kept.items() if k in allowed}
     named = {keys.SAMPLE_EPSILON: result.sample_epsilon,
              keys.DP_UPDATE_NORM: result.upload.update_norm,
              keys.RESIDUAL_NORM_IN: result.upload.residual_norm_in}
@@ -321,13 +358,16 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
     config = message.content.config_records[keys.CONFIG]
-    reason = train_refusal(scenario, config, own_floor(context, settings))
+    trained = trained_so_far(context)
+    reason = train_refusal(scenario, config, own_floor(context, settings), trained,
+                           secagg.asks_secure_aggregation(message))
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
         return refuse(message, _who(context, settings), "train", reason)
-    private = scenario.privacy.client_level
+    private, allowed = scenario.privacy.client_level, reply_metrics(scenario)
     if private:
         context.state[DP_RUN] = ConfigRecord({"mode": scenario.privacy.mode})
+    context.state[TRAINED] = ConfigRecord({"count": trained + 1})
     session = train_session(scenario, settings, message, context)
     data = _node_batch(scenario, context, settings.partition, settings.seq_len).train
     server_round, steps = _round(message), session.trainee.train.steps
@@ -336,28 +376,27 @@ def train_message(scenario: Scenario, message: Message, context: Context,
         listener("step", server_round, {"step": done, "steps": steps, "loss": loss})
     result = session.run(data, on_step)
     _keep(context, result.upload, result.dpsgd_history)
-    metrics = _train_metrics(settings, session.trainee, result, private)
+    metrics = _train_metrics(settings, session.trainee, result, allowed)
     if secagg.asks_secure_aggregation(message):  # keys now, the masked update later
         outgoing = secagg.train_reply(message, context, result.upload, session.start, metrics)
     else:
         outgoing = keys.reply(message, metrics, adapter_record(result.upload),
-                              assignment=assignment(session, private))
+                              assignment=assignment(session, allowed))
     # the listener is on this device: it hears every number, sent or not
     listener("train", server_round, _train_metrics(settings, session.trainee, result))
     return outgoing
 
 
-def assignment(session: TrainingSession, private: bool) -> keys.Assignment:
+def assignment(session: TrainingSession, allowed: frozenset[str] | None = None
+               ) -> keys.Assignment:
     """What the session was asked to send back: the LoRA it started from (keys and
-    shapes), ffa's frozen A unchanged, under DP no data-dependent metric."""
+    shapes), ffa's frozen A unchanged, under DP only the ``allowed`` metrics."""
     start, orders = session.start, session.orders
     if orders.mode == "latent":  # fedsb: one r x r R per module, nothing else
-        return keys.Assignment(latent_shapes(start),
-                               metrics=DP_REPLY_METRICS if private else None)
+        return keys.Assignment(latent_shapes(start), metrics=allowed)
     frozen = {k: v for k, v in start.items() if ".lora_A." in k} if orders.freeze_A else {}
     return keys.Assignment({k: tuple(v.shape) for k, v in start.items()},
-                           pruning=orders.prune_gamma > 0.0, frozen=frozen,
-                           metrics=DP_REPLY_METRICS if private else None)
+                           pruning=orders.prune_gamma > 0.0, frozen=frozen, metrics=allowed)
 
 
 def eval_refusal(scenario: Scenario, message: Message, context: Context,

@@ -269,6 +269,9 @@ class TrainRules:
     sent: Mapping[tuple[int, float], Mapping[str, Tensor]] = field(default_factory=dict)
     #: client-level DP: a reply carries only its update (no loss, no example count)
     client_dp: bool = False
+    #: sample-level DP alone: a reply carries its DP-SGD'd update, the expected example
+    #: count and its epsilon, no loss (an un-noised number about its data)
+    sample_dp: bool = False
 
 
 def client_start_state(settings: ClientSettings, reply: Mapping[str, Tensor],
@@ -289,11 +292,12 @@ def client_start_state(settings: ClientSettings, reply: Mapping[str, Tensor],
     return sliced_like(trainable, reply)
 
 
-def train_metrics(content: RecordDict, max_examples: int, client_dp: bool = False
-                  ) -> tuple[dict[str, Any], int]:
+def train_metrics(content: RecordDict, max_examples: int, client_dp: bool = False,
+                  sample_dp: bool = False) -> tuple[dict[str, Any], int]:
     """A train reply's metrics (every one a number, the loss finite) and its checked
     number of examples. Under client-level DP neither is required (a private client
-    sends only its update; the release weighs every client equally): count 1."""
+    sends only its update; the release weighs every client equally): count 1. Under
+    sample-level DP alone no loss is required (the count is the expected one)."""
     if keys.ADAPTER not in content.array_records:
         raise ValueError("reply has no adapter")
     record = content.metric_records.get(keys.METRICS)
@@ -303,6 +307,8 @@ def train_metrics(content: RecordDict, max_examples: int, client_dp: bool = Fals
     check_metrics(metrics)
     if client_dp:
         return metrics, 1
+    if sample_dp:
+        return metrics, checked_examples(metrics, max_examples)
     loss = metrics.get(keys.TRAIN_LOSS)
     if not isinstance(loss, (int, float)) or not math.isfinite(loss):
         raise ValueError(f"train-loss must be a finite number, got {loss!r}")
@@ -382,7 +388,8 @@ def train_update(content: RecordDict, settings: ClientSettings, rules: TrainRule
     decoder ran into: the caller drops the reply either way). A packed reply is an
     update: it is added to the start the server rebuilt. The update's ``rank`` metric
     is the rank it came back with (smaller than assigned after HetLoRA pruning)."""
-    metrics, num_examples = train_metrics(content, rules.max_examples, rules.client_dp)
+    metrics, num_examples = train_metrics(content, rules.max_examples, rules.client_dp,
+                                         rules.sample_dp)
     record = content.array_records[keys.ADAPTER]
     if rules.client_mode == "latent":
         factors, start = latent_factors(record, settings, rules)

@@ -40,6 +40,7 @@ from fedtune.core.codec import (
 from fedtune.core.seeds import round_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
+from fedtune.flower.orders import scenario_orders
 from fedtune.flower.population import Population, RoundFailedError
 from fedtune.flower.round_stats import RoundStats
 from fedtune.planning.client_settings import ClientSettings
@@ -197,32 +198,12 @@ class FedtuneStrategy(Strategy):
         return messages
 
     def _train_config(self, server_round: int) -> dict[str, Any]:
-        """What every client of the round is told: seed, mode, upload and privacy."""
-        fed, compression, up = self.scenario.federation, self.scenario.compression, self.upload
-        capabilities = self.aggregator.capabilities
-        config = {keys.ROUND: server_round, keys.SEED: round_seed(self.scenario.run.seed,
-                                                                  server_round),
-                  keys.MODE: capabilities.client_mode, keys.FREEZE_A: capabilities.freeze_A,
-                  keys.PRUNE_GAMMA: fed.prune_gamma, keys.INIT: fed.flora_init,
-                  keys.UPLOAD_DENSITY: up.density, keys.UPLOAD_VALUES: up.values,
-                  keys.BLOCK_SIZE: up.block_size, keys.ERROR_FEEDBACK: compression.error_feedback,
-                  keys.SELECTION: compression.selection}
-        return {**config, **self._privacy_config()}
-
-    def _privacy_config(self) -> dict[str, Any]:
-        """What a client needs for distributed client-level DP and for DP-SGD."""
-        p, out = self.scenario.privacy, {}
-        if p.mode == "distributed" and self.dp is not None:
-            out.update({keys.DP_CLIP: p.clip_norm,
-                        keys.DP_NOISE_STD: self.dp.settings.client_noise_std,
-                        keys.DP_FIELDS: ",".join(self.dp.trainable)})
-        if p.sample_level:
-            out.update({keys.DPSGD_NOISE: p.sample_noise_multiplier,
-                        keys.DPSGD_CLIP: p.sample_clip_norm, keys.DPSGD_DELTA: p.delta,
-                        keys.DPSGD_ACCOUNTANT: p.accountant})
-        if out:
-            out[keys.DP_SECURE] = p.os_entropy
-        return out
+        """What every client of the round is told: the round, its seed, and what the
+        scenario orders (``fedtune.flower.orders``: the client derives the same itself and
+        refuses anything else)."""
+        return {keys.ROUND: server_round,
+                keys.SEED: round_seed(self.scenario.run.seed, server_round),
+                **scenario_orders(self.scenario)}
 
     def record_sent(self, messages: Iterable[Message]) -> None:
         """Remember where each pushed message went (its id is set when it is pushed)."""
@@ -235,7 +216,8 @@ class FedtuneStrategy(Strategy):
             self.expected, self.scenario.run.seed, self.aggregator.capabilities.client_mode,
             fed.flora_init, fed.max_examples, fed.max_update_norm, fed.prune_gamma > 0.0,
             keep_start=self.dp is not None or fed.merge == "ties", sent=self.sent,
-            client_dp=self.dp is not None)
+            client_dp=self.dp is not None,
+            sample_dp=self.dp is None and self.scenario.privacy.sample_level)
 
     def _decode(self, message: Message) -> ClientUpdate:
         """One reply as a ClientUpdate, or an exception that says why it is dropped."""
@@ -333,8 +315,9 @@ class FedtuneStrategy(Strategy):
         return factors_from_state_dict(state, settings.alpha / settings.rank)
 
     def _train_loss(self, updates: list[ClientUpdate]) -> dict[str, float]:
-        """The example-weighted training loss, never under client-level DP (an un-noised
-        number about the clients' data)."""
+        """The example-weighted training loss, never under DP (an un-noised number about
+        the clients' data)."""
+        updates = [u for u in updates if keys.TRAIN_LOSS in u.metrics]  # none under DP-SGD
         total = sum(u.num_examples for u in updates)
         if self.dp is not None or not total:
             return {}

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.privacy.accountant import epsilon_after
+
 DP_MODES = ("central", "distributed")
 #: how a deployed client's node config carries its floor (``fedtune client``, the SDK)
 NODE_CONFIG_KEYS = {"min-noise-multiplier": "min_noise_multiplier",
@@ -123,3 +125,29 @@ def refusal(floor: PrivacyFloor, request: DPRequest) -> str | None:
             side = "above the floor's maximum" if is_max else "below the floor"
             return f"{what} {value:.4g} is {side} {bound:g}"
     return None
+
+
+def own_epsilon(request: DPRequest, participations: int, delta: float,
+                accountant: str = "rdp") -> float:
+    """The epsilon this client has spent after training in ``participations`` rounds of
+    ``request``'s mechanism, each charged as a whole Gaussian release (no subsampling):
+    the bound that holds whatever the server's sampling, which the client cannot see.
+    The noise is the declared z (central: the server adds it), or in distributed mode
+    what the server can see on this client's own share (``share_multiplier``)."""
+    z = (request.share_multiplier() if request.mode == "distributed"
+         else request.noise_multiplier)
+    return epsilon_after([(z, 1.0, participations)], delta, accountant)
+
+
+def spent_refusal(floor: PrivacyFloor, request: DPRequest, participations: int,
+                  delta: float, accountant: str = "rdp") -> str | None:
+    """Why a client with ``floor`` does not train its ``participations``-th round of this
+    run: its own epsilon (``own_epsilon``) would pass the floor's maximum (None: it
+    trains, or the floor sets no maximum, or the run has no client-level DP)."""
+    if not floor.max_epsilon or request.mode not in DP_MODES:
+        return None
+    spent = own_epsilon(request, participations, delta, accountant)
+    if spent <= floor.max_epsilon:
+        return None
+    return (f"its own epsilon would be {spent:.4g} after {participations} rounds (each "
+            f"charged without subsampling), above the floor's maximum {floor.max_epsilon:g}")

@@ -136,20 +136,26 @@ DISTRIBUTED = ['privacy.mode="distributed"', "privacy.noise_multiplier=2.0",
                "privacy.clip_norm=0.5", "privacy.min_clients=4"]
 
 
-@pytest.mark.parametrize(("config", "reason"), [
-    ({keys.DP_CLIP: 0.5, keys.DP_NOISE_STD: 0.5}, None),  # z C / sqrt(4) = 0.5
-    ({keys.DP_CLIP: 0.5, keys.DP_NOISE_STD: 0.25}, "noise share of std 0.25, less than the 0.5"),
-    ({keys.DP_CLIP: 2.0, keys.DP_NOISE_STD: 0.5}, "clip norm 2, more than the 0.5"),
-    ({}, "asks for no noise share"),
+@pytest.mark.parametrize(("asked", "reason"), [
+    ({}, None),  # z C / sqrt(4) = 0.5, as the scenario orders
+    ({keys.DP_NOISE_STD: 0.25}, "asks for dp-noise-std = 0.25; the run's sealed scenario "
+                                "orders dp-noise-std = 0.5"),
+    ({keys.DP_NOISE_STD: 1.0}, "asks for dp-noise-std = 1.0"),  # more is not asked for either
+    ({keys.DP_CLIP: 2.0}, "asks for dp-clip-norm = 2.0; the run's sealed scenario orders "
+                          "dp-clip-norm = 0.5"),
+    ({keys.DP_NOISE_STD: None}, "does not set dp-noise-std"),
 ])
-def test_a_distributed_message_must_ask_for_what_the_run_declares(config, reason):
-    """Floor or not: a server that sends less noise or a larger clip than its scenario
-    declares (the run config every node holds) is refused."""
+def test_a_distributed_message_must_ask_for_what_the_run_declares(asked, reason):
+    """Floor or not: a server that sends another noise share or clip than its scenario
+    orders (the run config every node holds) is refused, the setting named."""
     from fedtune.flower.client_app import train_refusal
+    from fedtune.flower.orders import scenario_orders
     from fedtune.privacy.floor import PrivacyFloor
 
-    got = train_refusal(load_scenario("tiny", DISTRIBUTED), config, PrivacyFloor())
-    assert (got is None) if reason is None else (reason in got)
+    scenario = load_scenario("tiny", DISTRIBUTED)
+    config = {k: v for k, v in {**scenario_orders(scenario), **asked}.items() if v is not None}
+    got = train_refusal(scenario, config, PrivacyFloor())
+    assert (got is None) if reason is None else (reason in got), got
 
 
 def test_the_declared_dp_is_the_scenarios():
@@ -157,8 +163,8 @@ def test_the_declared_dp_is_the_scenarios():
     from fedtune.flower.client_app import declared_dp
 
     scenario = load_scenario("tiny", ['privacy.mode="central"', "privacy.target_epsilon=8"])
-    declared = declared_dp(scenario, {})
+    declared = declared_dp(scenario)
     assert declared.mode == "central"
     assert declared.noise_multiplier == scenario.privacy_plan().noise_multiplier
     assert declared.epsilon == 8.0
-    assert declared_dp(load_scenario("tiny"), {}).mode == "none"
+    assert declared_dp(load_scenario("tiny")).mode == "none"
