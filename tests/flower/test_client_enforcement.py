@@ -168,3 +168,80 @@ def test_the_declared_dp_is_the_scenarios():
     assert declared.noise_multiplier == scenario.privacy_plan().noise_multiplier
     assert declared.epsilon == 8.0
     assert declared_dp(load_scenario("tiny")).mode == "none"
+
+
+#: the sealed scenario the malicious server attacks: fedavg (A and B trained), distributed
+#: client-level DP and DP-SGD, two rounds
+SEALED = ["run.rounds=2", 'privacy.mode="distributed"', "privacy.noise_multiplier=1.0",
+          "privacy.clip_norm=0.05", "privacy.min_clients=2", "privacy.sample_noise_multiplier=1.0",
+          "train.steps=2"]
+#: what each attack of ``evil_server.ATTACKS`` must be refused with (None: it trains)
+REFUSED = {"honest": None,
+           "dp-fields = B": "dp-fields = 'B'; the run's sealed scenario orders dp-fields = 'A,B'",
+           "freeze A": "freeze-a = True; the run's sealed scenario orders freeze-a = False",
+           "no DP-SGD keys": "does not set dpsgd-noise-multiplier; the run's sealed scenario "
+                             "orders dpsgd-noise-multiplier = 1.0",
+           "weaker z": "dpsgd-noise-multiplier = 0.01; the run's sealed scenario orders "
+                       "dpsgd-noise-multiplier = 1.0",
+           "weaker delta": "dpsgd-delta = 0.5; the run's sealed scenario orders dpsgd-delta",
+           "smaller noise share": "dp-noise-std = 1e-06",
+           "sparse upload": "upload-density = 0.01",
+           "past run.rounds": "it has trained 2 times in this run, the sealed run.rounds = 2"}
+
+
+def check_attacked(captured, names=None):
+    """Each attack (of ``names``, or all) refused with its setting named, the honest
+    rounds trained, and what they sent back: the noised update, no number about the data."""
+    from tests.flower.evil_server import ATTACKS
+
+    assert [c["attack"] for c in captured] == [name for name, _ in ATTACKS
+                                               if names is None or name in names]
+    share = 1.0 * 0.05 / 2 ** 0.5  # z C / sqrt(min_clients)
+    for got in captured:
+        want = REFUSED[got["attack"]]
+        if want is None:
+            assert "refused" not in got, got
+            assert set(got["metrics"]) <= DP_REPLY_METRICS, got["metrics"]
+            assert set(got["records"]) == {keys.ADAPTER, keys.METRICS}
+            # both factors carry this client's noise share: far more than the clip allows
+            assert min(got["delta_norm"].values()) > 10 * share, got["delta_norm"]
+        else:
+            assert "metrics" not in got, got
+            assert got["refused"].startswith("client "), got["refused"]
+            assert " refuses to train: " in got["refused"], got["refused"]
+            assert want in got["refused"], (want, got["refused"])
+
+
+def test_a_malicious_server_is_refused_each_setting_the_scenario_does_not_order(tmp_path):
+    """On the in-process Grid, the real ClientApp reading its scenario from the run
+    config (as a deployed client does): ``evil_server`` asks for dp-fields = B, a frozen
+    A, no DP-SGD, a weaker z, C and delta, a smaller noise share, a sparse upload, and a
+    train message past run.rounds. Each is refused, the setting named."""
+    from tests.flower.evil_server import attack
+
+    scenario = load_scenario("tiny", SEALED)
+    with InProcessGrid(make_client_app(), scenario.data.num_clients,
+                       run_config=scenario.to_flat()) as grid:
+        captured = attack(grid, scenario)
+    check_attacked(captured)
+    assert all(c["refused"].startswith("client 0 refuses") for c in captured if "refused" in c)
+
+
+def test_under_dpsgd_alone_a_reply_carries_the_update_and_the_expected_count(tmp_path):
+    """Sample-level DP without client-level DP: no loss, timing or memory leaves; the
+    example count is steps x batch whatever the data; the server takes the replies and
+    the round is released."""
+    scenario = load_scenario("tiny", ["run.rounds=1", "train.steps=2", "train.batch_size=3",
+                                      "privacy.sample_noise_multiplier=1.0"])
+    sent = _federate(scenario, tmp_path)
+    train = [reply for kind, reply in sent if kind == "train"]
+    assert train and not any(r.has_error() for r in train)
+    for reply in train:
+        metrics = dict(reply.content.metric_records[keys.METRICS])
+        assert set(metrics) == {keys.PARTITION, keys.NUM_EXAMPLES, keys.SAMPLE_EPSILON}
+        assert metrics[keys.NUM_EXAMPLES] == 2 * 3
+    import json
+
+    rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
+    assert rounds[0]["clients_replied"] == len(train)
+    assert rounds[0]["train_loss"] is None
