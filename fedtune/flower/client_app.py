@@ -37,7 +37,7 @@ from fedtune.core.compress import CompressionSpec
 from fedtune.core.seeds import client_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes, secagg
-from fedtune.flower.orders import order_refusal, scenario_orders
+from fedtune.flower.orders import order_refusal, scenario_orders, secagg_refusal
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal, spent_refusal
@@ -206,21 +206,24 @@ def own_floor(context: Context, settings: ClientSettings) -> PrivacyFloor:
 
 
 def train_refusal(scenario: Scenario, config: Any, floor: PrivacyFloor, trained: int = 0,
-                  secure: bool = False) -> str | None:
+                  secure: Any = None) -> str | None:
     """Why this client does not train this round (None: it does). Floor or not, the
     message must ask for exactly what the scenario orders (``orders.order_refusal``), and
-    secure aggregation exactly when the scenario has it (``secure``: the message asks for
-    it), and the client trains at most ``run.rounds`` times a run (``trained``: so far).
-    With a floor, the run's declared DP must meet it, and so must this client's own
-    epsilon after this round (``floor.spent_refusal``)."""
+    for secure aggregation exactly when the scenario has it (``secure``: the message's
+    record, None without) with the settings it orders; and the client trains at most
+    ``run.rounds`` times a run (``trained``: so far). With a floor, the run's declared DP
+    must meet it, and so must this client's own epsilon after this round
+    (``floor.spent_refusal``)."""
     reason = order_refusal(scenario_orders(scenario), config)
     if reason is not None:
         return reason
     p = scenario.privacy
-    if secure != p.secure_aggregation:
-        return (f"the message asks for {'' if secure else 'no '}secure aggregation; the "
-                "run's sealed scenario has privacy.secure_aggregation = "
+    if (secure is not None) != p.secure_aggregation:
+        return (f"the message asks for {'' if secure is not None else 'no '}secure "
+                "aggregation; the run's sealed scenario has privacy.secure_aggregation = "
                 f"{str(p.secure_aggregation).lower()}")
+    if secure is not None and (reason := secagg_refusal(scenario, secure)) is not None:
+        return reason
     if trained >= scenario.run.rounds:
         return (f"it has trained {trained} times in this run, the sealed run.rounds = "
                 f"{scenario.run.rounds}")
@@ -360,7 +363,7 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     config = message.content.config_records[keys.CONFIG]
     trained = trained_so_far(context)
     reason = train_refusal(scenario, config, own_floor(context, settings), trained,
-                           secagg.asks_secure_aggregation(message))
+                           message.content.config_records.get(secagg.SECAGG))
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
         return refuse(message, _who(context, settings), "train", reason)

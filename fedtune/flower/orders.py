@@ -19,6 +19,7 @@ from typing import Any
 from fedtune.aggregation import get_aggregator
 from fedtune.config import Scenario
 from fedtune.flower import messages as keys
+from fedtune.flower.secagg import SecAggSettings
 from fedtune.privacy.wrapper import ClientLevelDPAggregator, DPSettings
 
 #: every train-config key a scenario may order (the round and its seed are the server's)
@@ -86,4 +87,28 @@ def order_refusal(orders: dict[str, Any], config: Any) -> str | None:
         if not _same(ordered, asked):
             return (f"the message asks for {key} = {asked!r}; the run's sealed scenario "
                     f"orders {key} = {ordered!r}")
+    return None
+
+
+def secagg_refusal(scenario: Scenario, record: Any) -> str | None:
+    """Why a train message's secure-aggregation record asks for other than the scenario
+    orders (None: it does not): the clip norm and noise share the vector is held to (a
+    share of 0 would have the client clip its noised update, scaling its noise down to
+    C), the bits, and under distributed DP the factors the mechanism releases. The
+    threshold and the neighbourhood are ``secagg``'s to check."""
+    try:
+        asked = SecAggSettings.from_config(record)
+    except (KeyError, TypeError, ValueError) as err:
+        return f"its secure aggregation record is malformed ({err!r})"
+    orders, p = scenario_orders(scenario), scenario.privacy
+    ordered: dict[str, Any] = {"clip-norm": (asked.clip_norm, p.clip_norm),
+                               "noise-std": (asked.noise_std,
+                                             float(orders.get(keys.DP_NOISE_STD, 0.0))),
+                               "bits": (asked.bits, p.secagg_bits)}
+    if keys.DP_FIELDS in orders:
+        ordered["fields"] = (",".join(asked.fields), orders[keys.DP_FIELDS])
+    for name, (got, want) in ordered.items():
+        if not _same(want, got):
+            return (f"its secure aggregation asks for {name} = {got!r}; the run's sealed "
+                    f"scenario orders {name} = {want!r}")
     return None

@@ -245,3 +245,47 @@ def test_under_dpsgd_alone_a_reply_carries_the_update_and_the_expected_count(tmp
     rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
     assert rounds[0]["clients_replied"] == len(train)
     assert rounds[0]["train_loss"] is None
+
+
+def test_under_secure_aggregation_the_record_must_be_what_the_scenario_orders():
+    """A sealed SecAgg + distributed DP run: a message without secure aggregation (the
+    share would reach the server alone), or whose record asks for noise-std 0 (the client
+    would clip its noised update, scaling its noise down to C) or other bits, is refused;
+    the honest record is answered with the two public keys only."""
+    import dataclasses
+
+    from flwr.app import ConfigRecord
+
+    from fedtune.flower import secagg
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    scenario = load_scenario("tiny", [
+        "run.rounds=2", 'privacy.mode="distributed"', "privacy.noise_multiplier=1.0",
+        "privacy.clip_norm=0.5", "privacy.min_clients=2", "privacy.secure_aggregation=true",
+        "train.steps=1"])
+    strategy = FedtuneStrategy(scenario)
+    with InProcessGrid(make_client_app(), scenario.data.num_clients,
+                       run_config=scenario.to_flat()) as grid:
+        strategy.discover(grid)
+        node = sorted(strategy.node_partition)[0]
+        honest = dataclasses.replace(secagg.round_settings(
+            strategy, strategy._train_messages([node], 1)), threshold=2)
+        attacks = {"honest": honest.to_config(), "no secure aggregation": None,
+                   "noise-std 0": dataclasses.replace(honest, noise_std=0.0).to_config(),
+                   "bits 8": dataclasses.replace(honest, bits=8).to_config()}
+        got = {}
+        for name, record in attacks.items():
+            message = strategy._train_messages([node], 1)[0]
+            if record is not None:
+                message.content[secagg.SECAGG] = ConfigRecord(record)
+            got[name] = grid.send_and_receive([message], timeout=300)[0]
+    keyed = got.pop("honest")
+    assert not keyed.has_error(), keyed.error
+    assert set(keyed.content.config_records[secagg.SECAGG]) == {"pk1", "pk2"}
+    assert keys.ADAPTER not in keyed.content
+    assert set(keyed.content.metric_records[keys.METRICS]) <= DP_REPLY_METRICS
+    reasons = {name: reply.error.reason for name, reply in got.items()}
+    assert "asks for no secure aggregation" in reasons["no secure aggregation"]
+    assert "noise-std = 0.0; the run's sealed scenario orders noise-std = 0.35" in \
+        reasons["noise-std 0"]
+    assert "bits = 8" in reasons["bits 8"]
