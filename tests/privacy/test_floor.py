@@ -111,3 +111,38 @@ def test_fedtune_client_takes_its_floor_from_the_command_line(monkeypatch):
     assert seen[0].privacy_floor == PrivacyFloor(min_noise_multiplier=1.5, max_epsilon=8.0)
     refused = CliRunner().invoke(app, [*base, "--max-clip-norm", "-1"])
     assert refused.exit_code == 2 and "max_clip_norm" in refused.output
+
+
+def test_own_epsilon_charges_each_round_trained_without_subsampling():
+    """What a client can vouch for whatever the server's sampling: its participations as
+    whole Gaussian releases composed by the run's accountant, at the noise it can see."""
+    from fedtune.privacy.accountant import epsilon_after
+    from fedtune.privacy.floor import own_epsilon
+
+    assert own_epsilon(CENTRAL, 3, 1e-5) == epsilon_after([(1.0, 1.0, 3)], 1e-5)
+    assert own_epsilon(CENTRAL, 2, 1e-5) < own_epsilon(CENTRAL, 3, 1e-5)
+    shared = DPRequest(mode="distributed", clip_norm=1.0, noise_multiplier=2.0, share_std=1.0,
+                       min_clients=4)  # the server sees z = 1 on this client's share
+    assert own_epsilon(shared, 3, 1e-5) == epsilon_after([(1.0, 1.0, 3)], 1e-5)
+
+
+def test_a_floored_client_refuses_the_round_that_would_spend_past_its_maximum():
+    """z = 1, delta = 1e-5: rounds 1 and 2 cost 4.7 and 7.1, the third 9.0 > 8. The run's
+    own declared epsilon (with its subsampling) is within the floor: only the client's
+    count refuses; without the floor nothing does."""
+    from fedtune.config import load_scenario
+    from fedtune.flower.client_app import train_refusal
+    from fedtune.flower.orders import scenario_orders
+
+    scenario = load_scenario("tiny", ['privacy.mode="central"', "privacy.noise_multiplier=1.0",
+                                      "run.rounds=5", "federation.clients_per_round=1",
+                                      "federation.min_clients=1", "privacy.min_clients=1"])
+    orders = scenario_orders(scenario)
+    floor = PrivacyFloor(max_epsilon=8.0)
+    assert scenario.privacy_plan().planned_epsilon < 8.0
+    assert train_refusal(scenario, orders, floor, trained=1) is None
+    reason = train_refusal(scenario, orders, floor, trained=2)
+    assert reason == ("its own epsilon would be 9.01 after 3 rounds (each charged without "
+                      "subsampling), above the floor's maximum 8")
+    assert train_refusal(scenario, orders, PrivacyFloor(), trained=4) is None
+    assert "run.rounds = 5" in train_refusal(scenario, orders, PrivacyFloor(), trained=5)
