@@ -8,8 +8,11 @@ and serves every round and every virtual client it runs. Only adapter tensors an
 metrics leave the client.
 
 What a client enforces itself, whatever the server asks (docs/privacy.md, "What a client
-enforces"): its own privacy floor (a weaker request is refused with a reply that says
-why, before any training); under client-level DP, a train reply that carries the update
+enforces"): the scenario it holds (sealed in a deployment) as its only authority, every
+setting it applies derived from it (``fedtune.flower.orders``) and a message asking for
+anything else refused, naming the setting; at most ``run.rounds`` trainings a run; its
+own privacy floor, its own epsilon included (a weaker request is refused with a reply
+that says why, before any training); under DP, a train reply that carries the update
 and nothing data-dependent besides, and no un-noised evaluation unless the scenario
 opted into it and the client has no floor; every DP draw from OS entropy unless the run
 is a declared reproducible experiment; each tensor of a reply held to the shape and

@@ -263,7 +263,7 @@ def check_outgoing(content: RecordDict, assignment: Assignment | None = None) ->
     if assignment is not None and assignment.metrics is not None:
         unsent = sorted(set(metrics) - assignment.metrics)
         if unsent:
-            raise PrivacyLeakError(f"under client-level DP a reply may not carry the "
+            raise PrivacyLeakError(f"under DP a reply may not carry the "
                                    f"data-dependent metrics {unsent}")
     identity = content.config_records.get(IDENTITY)
     if identity is not None and set(identity) - {CLIENT_NAME, CLIENT_PROFILE}:
