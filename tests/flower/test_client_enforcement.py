@@ -289,3 +289,30 @@ def test_under_secure_aggregation_the_record_must_be_what_the_scenario_orders():
     assert "noise-std = 0.0; the run's sealed scenario orders noise-std = 0.35" in \
         reasons["noise-std 0"]
     assert "bits = 8" in reasons["bits 8"]
+
+
+def test_the_1001st_train_message_of_a_1000_round_run_is_refused():
+    """The count lives in the node's state (as Flower keeps it per run on a SuperNode):
+    a node that has trained 1,000 times refuses the next train message of a run sealed at
+    1,000 rounds, and a node that has trained 999 times takes it."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.flower.client_app import TRAINED
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    scenario = load_scenario("tiny", ["run.rounds=1000", *CENTRAL[1:]])
+    strategy = FedtuneStrategy(scenario)
+    with InProcessGrid(make_client_app(), scenario.data.num_clients,
+                       run_config=scenario.to_flat()) as grid:
+        strategy.discover(grid)
+        first, second = sorted(strategy.node_partition)[:2]
+        grid.contexts[first].state[TRAINED] = ConfigRecord({"count": 1000})
+        grid.contexts[second].state[TRAINED] = ConfigRecord({"count": 999})
+        refused, trained = grid.send_and_receive(
+            strategy._train_messages([first, second], 1000), timeout=300)
+        again = grid.send_and_receive(strategy._train_messages([second], 1000), timeout=300)[0]
+    assert refused.error.reason.endswith(
+        "refuses to train: it has trained 1000 times in this run, the sealed run.rounds = 1000")
+    assert not trained.has_error()
+    assert again.error.reason.endswith("it has trained 1000 times in this run, the sealed "
+                                       "run.rounds = 1000")
