@@ -253,7 +253,9 @@ def client(
     max_clip_norm: float = typer.Option(
         0.0, "--max-clip-norm", help="Refuse a client-level DP clip norm above this (0 = any)."),
     max_epsilon: float = typer.Option(
-        0.0, "--max-epsilon", help="Refuse a run whose declared epsilon is above this (0 = any)."),
+        0.0, "--max-epsilon", help="Refuse a run whose declared epsilon is above this, and "
+        "the round that would take this client's own epsilon (its rounds, unamplified) past "
+        "it (0 = any)."),
     per_message_process: bool = typer.Option(
         False, "--per-message-process",
         help="Flower's default: a fresh ClientApp process (and model load) per message."),
