@@ -321,7 +321,8 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     _use_cpu_share(scenario, context)
     settings = _settings(message, context)
     config = message.content.config_records[keys.CONFIG]
-    reason = train_refusal(scenario, config, own_floor(context, settings))
+    reason = train_refusal(scenario, config, own_floor(context, settings)) or \
+        secagg.threshold_refusal(message)
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
         return refuse(message, _who(context, settings), "train", reason)

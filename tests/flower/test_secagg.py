@@ -137,7 +137,7 @@ def test_a_client_lost_after_sharing_keys_does_not_stop_the_round(stage):
 
 
 def test_too_many_losses_fail_the_round_with_the_reason():
-    with pytest.raises(RoundFailedError, match="fewer than the threshold 3"):
+    with pytest.raises(RoundFailedError, match="2 nodes are left, fewer than the 3"):
         _protocol(4, fail_at={0: "collect", 1: "collect"}, threshold=3)
 
 
