@@ -93,8 +93,9 @@ log = logging.getLogger("fedtune")
 SECAGG = "secagg"  # the ConfigRecord of every protocol message and reply
 STATE = "fedtune.secagg"  # client state: keys, shares, stage (never leaves the node)
 VECTOR = "fedtune.secagg.vector"  # client state: the quantised update until it is masked
-TRAIN, SHARE, COLLECT, UNMASK, DONE = "train", "share-keys", "collect", "unmask", "done"
-NEXT = {TRAIN: SHARE, SHARE: COLLECT, COLLECT: UNMASK}  # the only stage order a client obeys
+TRAIN, SHARE, OPEN, COLLECT, UNMASK = "train", "share-keys", "open", "collect", "unmask"
+#: the only stage order a client obeys
+NEXT = {TRAIN: SHARE, SHARE: OPEN, OPEN: COLLECT, COLLECT: UNMASK}
 #: fewer clients than this in a round and the sum would tell each of them the others'
 MIN_CLIENTS = 3
 
@@ -143,12 +144,14 @@ def neighbourhoods(nodes: Sequence[int], size: int) -> dict[int, list[int]]:
 
 
 def threshold_for(neighbourhood: int, wanted: int) -> int:
-    """t: ``wanted``, or a majority of the neighbourhood when 0 (at least 2)."""
+    """t: ``wanted``, or a majority of the neighbourhood when 0; never below the floor
+    every client enforces (``threshold_floor``: a majority, at least 2)."""
     t = wanted or neighbourhood // 2 + 1
-    if not 2 <= t <= neighbourhood:
-        raise ConfigError(f"privacy.secagg_threshold = {wanted} does not fit a neighbourhood "
-                          f"of {neighbourhood} nodes; allowed 2 .. {neighbourhood} (0: a "
-                          "majority)")
+    floor = threshold_floor(neighbourhood)
+    if not floor <= t <= neighbourhood:
+        raise ConfigError(f"{THRESHOLD_SETTING} = {wanted} does not fit a neighbourhood "
+                          f"of {neighbourhood} nodes; allowed {floor} .. {neighbourhood} "
+                          "(0: a majority; clients refuse less than a majority)")
     return t
 
 
@@ -220,7 +223,7 @@ def asks_secure_aggregation(message: Message) -> bool:
 #: the masked vector, shares (and node ids); nothing about the data in the clear
 REPLY_KEYS = {TRAIN: {"pk1", "pk2"},
               SHARE: {"destinations", "ciphertexts", "digests", "seed-digest"},
-              COLLECT: {"masked", "rejected"}, UNMASK: {"nodes", "shares"}}
+              OPEN: {"rejected"}, COLLECT: {"masked"}, UNMASK: {"nodes", "shares"}}
 
 #: the setting a too-low threshold comes from (a refusal names it)
 THRESHOLD_SETTING = "privacy.secagg_threshold"
@@ -295,7 +298,8 @@ def client_step(message: Message, context: Context) -> Message:
     stage = str(record["stage"])
     if NEXT.get(str(state["stage"])) != stage:
         raise ValueError(f"secure aggregation: stage {stage!r} after {state['stage']!r}")
-    step = {SHARE: _share_keys, COLLECT: _masked_vector, UNMASK: _unmask}[stage]
+    step = {SHARE: _share_keys, OPEN: _open_shares, COLLECT: _masked_vector,
+            UNMASK: _unmask}[stage]
     answer = step(state, record, context)
     state["stage"] = stage
     return _reply(message, stage, answer)
@@ -357,13 +361,13 @@ def _open_share(state: ConfigRecord, source: int, text: bytes) -> tuple[bytes, b
     return seed_share, key_share
 
 
-def _masked_vector(state: ConfigRecord, record: ConfigRecord, context: Context
-                   ) -> dict[str, Any]:
-    """The masked vector, with pairwise masks for the neighbours whose shares opened; a
-    neighbour whose ciphertext does not decrypt or verify is a dropout for this client
-    (listed in ``rejected``: the server drops it from the round), never a crash."""
-    me, t = int(state["node"]), int(state["threshold"])
-    nodes, pk1s = [int(n) for n in state["nodes"]], list(state["pk1s"])
+def _open_shares(state: ConfigRecord, record: ConfigRecord, context: Context
+                 ) -> dict[str, Any]:
+    """Open the shares the neighbours dealt this client. One whose ciphertext does not
+    decrypt or names another sender or receiver is a dropout for this client (listed in
+    ``rejected``: the server drops it before anyone masks with it), never a crash."""
+    me = int(state["node"])
+    nodes = [int(n) for n in state["nodes"]]
     sources, texts = [int(s) for s in record["sources"]], list(record["ciphertexts"])
     if len(set(sources)) != len(sources) or me in sources or len(sources) != len(texts):
         raise ValueError("secure aggregation: repeated sources, or shares from myself")
@@ -371,10 +375,9 @@ def _masked_vector(state: ConfigRecord, record: ConfigRecord, context: Context
     if strangers:
         raise ValueError(f"secure aggregation: shares from {len(strangers)} nodes that are "
                          "not my neighbours")
-    sk1 = bytes_to_private_key(bytes(state["sk1"]))
     holders, seed_shares, key_shares = list(state["holders"]), list(state["seed-shares"]), \
         list(state["key-shares"])
-    pair_secrets, rejected = {}, []
+    rejected = []
     for source, text in zip(sources, texts, strict=True):
         try:
             seed_share, key_share = _open_share(state, source, bytes(text))
@@ -386,16 +389,32 @@ def _masked_vector(state: ConfigRecord, record: ConfigRecord, context: Context
         holders.append(source)
         seed_shares.append(seed_share)
         key_shares.append(key_share)
-        pair_secrets[source] = generate_shared_key(
-            sk1, bytes_to_public_key(pk1s[nodes.index(source)]))
-    if len(pair_secrets) + 1 < t:
-        raise ValueError(f"secure aggregation: valid shares from {len(pair_secrets)} "
-                         f"neighbours, fewer than the threshold {t} less myself")
+    state.update({"holders": holders, "seed-shares": seed_shares, "key-shares": key_shares})
+    return {"rejected": rejected}
+
+
+def _masked_vector(state: ConfigRecord, record: ConfigRecord, context: Context
+                   ) -> dict[str, Any]:
+    """The masked vector, with a pairwise mask for each neighbour the server lists: only
+    neighbours whose shares this client holds (it could not help remove the masks of
+    another), and at least the threshold of them with itself."""
+    me, t = int(state["node"]), int(state["threshold"])
+    nodes, pk1s = [int(n) for n in state["nodes"]], list(state["pk1s"])
+    holders = [int(n) for n in state["holders"]]
+    sources = [int(s) for s in record["sources"]]
+    if len(set(sources)) != len(sources) or me in sources or not set(sources) <= set(holders):
+        raise ValueError("secure aggregation: masks asked with nodes whose shares I do not "
+                         "hold, repeated, or with myself")
+    if len(sources) + 1 < t:
+        raise ValueError(f"secure aggregation: masks with {len(sources)} neighbours, fewer "
+                         f"than the threshold {t} less myself")
+    sk1 = bytes_to_private_key(bytes(state["sk1"]))
+    pair_secrets = {source: generate_shared_key(
+        sk1, bytes_to_public_key(pk1s[nodes.index(source)])) for source in sources}
     quantized = context.state.array_records[VECTOR]["q"].numpy()
     masked = mask_vector(quantized, bytes(state["seed"]), me, pair_secrets)
     del context.state[VECTOR]
-    state.update({"holders": holders, "seed-shares": seed_shares, "key-shares": key_shares})
-    return {"masked": masked.astype("<u4").tobytes(), "rejected": rejected}
+    return {"masked": masked.astype("<u4").tobytes()}
 
 
 def _unmask(state: ConfigRecord, record: ConfigRecord, context: Context) -> dict[str, Any]:
@@ -538,9 +557,20 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
     nodes = [m.metadata.dst_node_id for m in messages]
     graph = neighbourhoods(nodes, neighbours)
     t = threshold_for(len(next(iter(graph.values()))), wanted_threshold)
-    floor = max(t, minimum, MIN_CLIENTS)
     settings = dataclasses.replace(settings, threshold=t)
     outcome = SecureSum(np.zeros(size, dtype="<u4"), [])
+    try:
+        return _stages(send, messages, server_round, graph, t, max(t, minimum, MIN_CLIENTS),
+                       settings, outcome)
+    except RoundFailedError as err:
+        err.outcome = outcome  # type: ignore[attr-defined]  # who was lost, and why
+        raise
+
+
+def _stages(send: Send, messages: list[Message], server_round: int,
+            graph: Mapping[int, list[int]], t: int, floor: int, settings: SecAggSettings,
+            outcome: SecureSum) -> SecureSum:
+    size = outcome.total.size
     exchange = _Exchange(send, outcome, server_round)
     for m in messages:
         m.content[SECAGG] = ConfigRecord(settings.to_config())
@@ -559,11 +589,17 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
     live = set(commitments.seeds)
     _enough(live, graph, t, floor, SHARE)
     mail = _mailboxes({n: shared[n] for n in live}, graph)
+    opened = exchange(OPEN, [_stage_message(n, server_round, {
+        "stage": OPEN, "sources": [s for s, _ in mail[n]],
+        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("rejected",))
+    accepted = _accepted(opened, mail, exchange)
+    live = set(accepted)
+    _enough(live, graph, t, floor, OPEN)
     keyed_set = set(live)  # nodes whose shares are out: their masks are in others' vectors
     masked = exchange(COLLECT, [_stage_message(n, server_round, {
-        "stage": COLLECT, "sources": [s for s, _ in mail[n]],
-        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("masked", "rejected"))
-    vectors, accepted = _vectors(masked, size, mail, exchange)
+        "stage": COLLECT, "sources": sorted(accepted[n])}) for n in sorted(live)],
+        ("masked",))
+    vectors = _vectors(masked, size, exchange)
     live = set(vectors)
     _enough(live, graph, t, floor, COLLECT)
     dead = keyed_set - live
@@ -613,30 +649,36 @@ def _mailboxes(shared: Mapping[int, Message], graph: Mapping[int, list[int]]
     return mail
 
 
-def _vectors(masked: Mapping[int, Message], size: int,
-             mail: Mapping[int, list[tuple[int, bytes]]], exchange: _Exchange
-             ) -> tuple[dict[int, np.ndarray], dict[int, set[int]]]:
-    """The masked vectors of the right length (a node that sent another is lost), and
-    whose shares each node accepted (it masked with exactly those). A node whose shares
-    a neighbour refused is out of the sum: that neighbour did not mask with it."""
-    vectors: dict[int, np.ndarray] = {}
+def _accepted(opened: Mapping[int, Message], mail: Mapping[int, list[tuple[int, bytes]]],
+              exchange: _Exchange) -> dict[int, set[int]]:
+    """node -> the neighbours whose shares it opened, for the nodes still in: a node
+    whose shares some neighbour could not open is out before anyone masks with it (so
+    its masks need no rebuilding); a lying neighbour can push an honest node out, not
+    learn anything of it."""
     accepted: dict[int, set[int]] = {}
     refused: set[int] = set()
+    for node, reply in opened.items():
+        offered = {s for s, _ in mail[node]}
+        rejected = {int(s) for s in reply.content.config_records[SECAGG]["rejected"]} & offered
+        accepted[node] = offered - rejected
+        refused |= rejected
+    for node in sorted(refused & set(accepted)):
+        exchange._lose(node, OPEN, "a neighbour could not open the shares it sent")
+    live = set(accepted) - refused
+    return {n: a & live for n, a in accepted.items() if n in live}
+
+
+def _vectors(masked: Mapping[int, Message], size: int, exchange: _Exchange
+             ) -> dict[int, np.ndarray]:
+    """The masked vectors of the right length (a node that sent another is lost)."""
+    vectors = {}
     for node, reply in masked.items():
-        record = reply.content.config_records[SECAGG]
-        raw = bytes(record["masked"])
+        raw = bytes(reply.content.config_records[SECAGG]["masked"])
         if len(raw) != 4 * size:
             exchange._lose(node, COLLECT, f"masked vector of {len(raw)} bytes, not {4 * size}")
             continue
-        offered = {s for s, _ in mail[node]}
-        rejected = {int(s) for s in record["rejected"]} & offered
         vectors[node] = np.frombuffer(raw, dtype="<u4")
-        accepted[node] = offered - rejected
-        refused |= rejected
-    for node in sorted(refused & set(vectors)):
-        exchange._lose(node, COLLECT, "a neighbour could not open the shares it sent")
-        del vectors[node]
-    return vectors, accepted
+    return vectors
 
 
 def _shares(unmasked: Mapping[int, Message], asked: Mapping[int, Mapping[str, list[int]]],
@@ -788,6 +830,9 @@ def failed_round(strategy: Any, server_round: int, err: RoundFailedError) -> Met
     the round releases noise only and is charged, as a round with too few clients is:
     the server may have seen the noised sum before it was refused); the run goes on."""
     log.warning("round %d failed: %s", server_round, err)
+    outcome = getattr(err, "outcome", None)
+    if outcome is not None:
+        _count_losses(strategy, outcome)
     metrics: dict[str, Any] = {"num-clients": 0, "seconds-aggregate": 0.0,
                                "secagg-failed": 1}
     if strategy.dp is not None:
@@ -849,6 +894,15 @@ def _summed_update(strategy: Any, survivors: list[int], summed: State,
                         client_id="secure-sum", start=factors_from_state_dict(start, scale))
 
 
+def _count_losses(strategy: Any, outcome: SecureSum) -> None:
+    """Who the protocol lost and why, and its bytes, into the round's stats."""
+    stats, private = strategy.stats, strategy.dp is not None
+    stats.dropped.extend(f"{'a sampled client' if private else f'node {n}'}: secure "
+                         f"aggregation, {why}" for n, why in sorted(outcome.dropped.items()))
+    stats.bytes_up += sum(outcome.bytes_up.values())
+    stats.bytes_down += sum(outcome.bytes_down.values())
+
+
 def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                    settings: SecAggSettings, seconds: float) -> MetricRecord:
     """Like ``FedtuneStrategy.aggregate_train``'s, from the survivors' stage-0 metrics;
@@ -870,10 +924,7 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                   + outcome.bytes_down.get(node, 0), "bytes_up_dense": 0}
         stats.client_records.append(record)
         strategy.on_client(record)
-    stats.dropped.extend(f"{'a sampled client' if private else f'node {n}'}: secure "
-                         f"aggregation, {why}" for n, why in sorted(outcome.dropped.items()))
-    stats.bytes_up += sum(outcome.bytes_up.values())
-    stats.bytes_down += sum(outcome.bytes_down.values())
+    _count_losses(strategy, outcome)
     total = sum(examples)
     loss = {} if any(math.isnan(x) for x in losses) else {  # none under client-level DP
         "train-loss": sum(x * n for x, n in zip(losses, examples, strict=True)) / total}
