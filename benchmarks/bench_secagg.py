@@ -8,7 +8,7 @@ protocol's own cost is not hidden behind Ray's).
   python benchmarks/bench_secagg.py --protocol-only smollm2 [--rank 8] [--clients 3 10]
 
 Bytes are counted at the Grid: the protobuf size of every message's content each way
-(train phase and evaluation, all four protocol stages), the same measure for both runs.
+(train phase and evaluation, every protocol stage), the same measure for both runs.
 Time per round is the train phase (training, the protocol, aggregation), the mean over
 rounds 2.. (round 1 also loads the model). Every client of a round trains (all sampled).
 """
@@ -76,7 +76,7 @@ def protocol_only(model: str, targets: tuple[str, ...], rank: int, clients: int,
                   bits: int = 22) -> dict:
     """The protocol alone (no training) on one model's LoRA layout: clients with random
     updates in this process, one at a time, so a stage's seconds are the sum of every
-    client's work plus the server's. Bytes: what the four stages add, against the fp32
+    client's work plus the server's. Bytes: what the stages add, against the fp32
     adapter a plain reply carries."""
     import numpy as np
     import torch

@@ -5,7 +5,8 @@ Flower 1.41 ships the protocol as ``SecAggPlusWorkflow`` + ``secaggplus_mod``, b
 workflow needs a ``LegacyContext`` and drives a legacy ``Strategy`` (fedtune runs its own
 round loop on a ``Grid``, ``fedtune.flower.rounds``), the mod masks one legacy parameter
 list, and both use a numpy Mersenne Twister seeded with 32 bits as the mask "PRG" and
-clip values silently when quantising. So this module drives the same four stages itself
+clip values silently when quantising. So this module drives the same stages itself
+(plus an ``open`` stage of its own, so a junk share costs its sender, not the round)
 with Flower's cryptographic primitives (``flwr.common.secure_aggregation``: ECDH key
 agreement + HKDF, Fernet encryption, Shamir secret sharing; key pairs from
 ``flwr.supercore.primitives.asymmetric``) and fedtune's own arithmetic
@@ -15,17 +16,26 @@ One round, each stage a message to every node still in and its reply:
 
 0. **train**: the normal train message plus the protocol's settings. The client trains,
    clips its update (and, under distributed DP, adds its noise share), quantises it and
-   keeps it; it replies with its metrics and two fresh public keys (no adapter).
+   keeps it; it replies with its metrics and two fresh public keys (no adapter). It
+   refuses a threshold below 2.
 1. **share-keys**: each node gets its neighbours' public keys (SecAgg+: a random ring of
-   ``k`` neighbours, all nodes when ``k`` = 0); it Shamir-shares its mask seed ``b`` and
-   its key-agreement secret key (threshold ``t``) and sends each share encrypted for
-   its neighbour (the server only forwards ciphertexts).
-2. **collect**: each node gets the ciphertexts addressed to it and sends
-   ``q(update) + PRG(b) + sum +-PRG(s_ij) mod 2^32``.
-3. **unmask**: each survivor gets which neighbours survived and which dropped after
+   ``k`` neighbours, all nodes when ``k`` = 0); it refuses a threshold below a majority
+   of them, Shamir-shares its mask seed ``b`` and its key-agreement secret key
+   (threshold ``t``), sends each share encrypted for its neighbour (the server only
+   forwards ciphertexts) and publishes a SHA-256 digest of every share and of ``b``.
+2. **open**: each node gets the ciphertexts addressed to it and opens them; a sender
+   whose ciphertext does not decrypt or verify is refused, and the server drops it
+   before anyone masks with it.
+3. **collect**: each node is told whom to mask with (neighbours whose shares it holds)
+   and sends ``q(update) + PRG(b) + sum +-PRG(s_ij) mod 2^32``.
+4. **unmask**: each survivor gets which neighbours survived and which dropped after
    sharing keys; it returns shares of ``b`` for survivors and of the secret key for the
-   dropped, never both for one node. With ``t`` shares of each, the server removes the
-   self masks and the dropped nodes' pairwise masks: what is left is the sum.
+   dropped, never both for one node. Each share is checked against its owner's digest,
+   each rebuilt secret against its commitment; the server removes the self masks and
+   the dropped nodes' pairwise masks: what is left is the sum, range-checked.
+
+After every stage at least max(t, the configured minimum, 3) nodes must be left, or the
+round fails (``RoundFailedError``; the round loop counts it and goes on).
 
 The sum then goes through the aggregator as one update (``additive`` aggregators are
 a mean of updates entry by entry), or through the client-level DP wrapper, which divides
@@ -153,6 +163,19 @@ def threshold_for(neighbourhood: int, wanted: int) -> int:
                           f"of {neighbourhood} nodes; allowed {floor} .. {neighbourhood} "
                           "(0: a majority; clients refuse less than a majority)")
     return t
+
+
+class SecureRoundFailed(RoundFailedError):
+    """A secure round that releases nothing; ``kind`` says why in words that name no
+    client (what a round record may publish, under DP too)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def failure_kind(err: RoundFailedError) -> str:
+    return getattr(err, "kind", "too few sampled")
 
 
 # ---- the update as one flat vector (both ends) ---------------------------------------------
@@ -528,14 +551,16 @@ def _enough(live: set[int], graph: Mapping[int, list[int]], t: int, floor: int, 
     configured minimum and never fewer than ``MIN_CLIENTS``) and each has ``t`` live
     neighbours: with fewer, the sum would tell the few what the others sent."""
     if len(live) < floor:
-        raise RoundFailedError(f"secure aggregation: after {stage}, {len(live)} nodes are "
-                               f"left, fewer than the {floor} the round needs (threshold "
-                               f"{t}, the configured minimum, and never fewer than "
-                               f"{MIN_CLIENTS})")
+        raise SecureRoundFailed(f"too few after {stage}",
+                                f"secure aggregation: after {stage}, {len(live)} nodes are "
+                                f"left, fewer than the {floor} the round needs (threshold "
+                                f"{t}, the configured minimum, and never fewer than "
+                                f"{MIN_CLIENTS})")
     short = [n for n in live if len(set(graph[n]) & live) < t]
     if short:
-        raise RoundFailedError(f"secure aggregation: after {stage}, {len(short)} nodes have "
-                               f"fewer than the threshold {t} of live neighbours")
+        raise SecureRoundFailed(f"too few after {stage}",
+                                f"secure aggregation: after {stage}, {len(short)} nodes have "
+                                f"fewer than the threshold {t} of live neighbours")
 
 
 @dataclass
@@ -717,13 +742,13 @@ def _rebuild(shares: list[bytes], t: int, what: str) -> bytes:
     """The secret from its verified shares; RoundFailedError when too few, or when they
     do not combine (an owner that dealt inconsistent shares)."""
     if len(shares) < t:
-        raise RoundFailedError(f"secure aggregation: {len(shares)} valid shares of {what}, "
-                               f"fewer than the threshold {t}")
+        raise SecureRoundFailed("shares", f"secure aggregation: {len(shares)} valid shares "
+                                f"of {what}, fewer than the threshold {t}")
     try:
         return combine_shares(shares)
     except Exception as err:  # noqa: BLE001 - pycryptodome's unpad and length errors
-        raise RoundFailedError(f"secure aggregation: the shares of {what} do not combine "
-                               f"({type(err).__name__})") from None
+        raise SecureRoundFailed("shares", f"secure aggregation: the shares of {what} do "
+                                f"not combine ({type(err).__name__})") from None
 
 
 def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: set[int],
@@ -736,8 +761,8 @@ def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: se
     for node in sorted(live):
         seed = _rebuild(shares[node], t, "a survivor's seed")
         if digest(seed) != commitments.seeds[node]:
-            raise RoundFailedError("secure aggregation: a survivor's seed shares rebuild a "
-                                   "seed other than the one it committed to")
+            raise SecureRoundFailed("shares", "secure aggregation: a survivor's seed shares "
+                                    "rebuild a seed other than the one it committed to")
         total = add_signed(total, self_mask(seed, total.size), -1)
     for node in sorted(dead):
         secret = _rebuild(shares[node], t, "a dropped node's key")
@@ -747,8 +772,8 @@ def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: se
         except Exception:  # noqa: BLE001 - not a key at all
             ok = False
         if not ok:
-            raise RoundFailedError("secure aggregation: a dropped node's key shares rebuild "
-                                   "a key other than its public key")
+            raise SecureRoundFailed("shares", "secure aggregation: a dropped node's key "
+                                    "shares rebuild a key other than its public key")
         for other in sorted(live):  # ``other`` added sign(other, node) * PRG(s): take it back
             if node in accepted[other]:
                 pair = generate_shared_key(secret_key, bytes_to_public_key(pks[other][0]))
@@ -792,8 +817,12 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     minimum, _ = strategy.population.minimum_replies()
     outcome = run_protocol(send, messages, server_round, p.secagg_neighbours,
                            p.secagg_threshold, settings, size, minimum)
-    summed = checked_sum(outcome, settings, entries,
-                         strategy.scenario.federation.max_update_norm)
+    try:
+        summed = checked_sum(outcome, settings, entries,
+                             strategy.scenario.federation.max_update_norm)
+    except RoundFailedError as err:
+        err.outcome = outcome  # type: ignore[attr-defined]
+        raise
     start = time.perf_counter()
     update = _summed_update(strategy, outcome.survivors, summed, settings)
     if strategy.dp is None:
@@ -816,12 +845,13 @@ def checked_sum(outcome: SecureSum, settings: SecAggSettings,
     try:
         settings.quantizer.check_sum(outcome.total, n)
     except RangeError as err:
-        raise RoundFailedError(f"secure aggregation: {err}") from None
+        raise SecureRoundFailed("range check", f"secure aggregation: {err}") from None
     summed = settings.quantizer.dequantize_sum(outcome.total, n)
     norm = float(np.linalg.norm(summed / n))
     if max_update_norm > 0 and norm > max_update_norm:
-        raise RoundFailedError(f"secure aggregation: the mean update's norm {norm:.4g} "
-                               f"exceeds federation.max_update_norm = {max_update_norm:g}")
+        raise SecureRoundFailed("max_update_norm", f"secure aggregation: the mean update's "
+                                f"norm {norm:.4g} exceeds federation.max_update_norm = "
+                                f"{max_update_norm:g}")
     return vector_to_state(summed, entries)
 
 
@@ -906,7 +936,7 @@ def _count_losses(strategy: Any, outcome: SecureSum) -> None:
 def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                    settings: SecAggSettings, seconds: float) -> MetricRecord:
     """Like ``FedtuneStrategy.aggregate_train``'s, from the survivors' stage-0 metrics;
-    each client's record counts the bytes of all four stages."""
+    each client's record counts the bytes of all the stages."""
     stats = strategy.stats
     losses, examples = [], []
     private = strategy.dp is not None  # client-level DP: who took part is a secret
