@@ -313,7 +313,7 @@ def train_reply(message: Message, context: Context, upload: Any, start: State,
 
 
 def client_step(message: Message, context: Context) -> Message:
-    """Stages 1-3 on the client, in order only; anything else is refused."""
+    """Stages 1-4 on the client, in order only; anything else is refused."""
     record = message.content.config_records[SECAGG]
     state = context.state.config_records.get(STATE)
     if state is None:
@@ -712,7 +712,8 @@ def _shares(unmasked: Mapping[int, Message], asked: Mapping[int, Mapping[str, li
     """owner -> the shares of its secret the survivors sent; only those each was asked
     for (a share of the other kind would spoil the reconstruction), each checked against
     the digest its owner published. A holder that sends one share that does not match
-    is lost at unmask (all its shares are set aside; its vector stays in the sum)."""
+    (or one twice) is lost at unmask (all its shares are set aside; its vector stays
+    in the sum)."""
     shares: dict[int, list[bytes]] = {n: [] for n in owners}
     for holder, reply in sorted(unmasked.items()):
         record = reply.content.config_records[SECAGG]
@@ -722,7 +723,7 @@ def _shares(unmasked: Mapping[int, Message], asked: Mapping[int, Mapping[str, li
             int(o), holder, bytes(s), int(o) in seeds, commitments)
             and (int(o) in seeds or int(o) in keys_of)]
         if len(good) != len(sent) or len(sent) != len(record["shares"]) or \
-                len(sent) != len(record["nodes"]):
+                len(sent) != len(record["nodes"]) or len({o for o, _ in good}) != len(good):
             exchange._lose(holder, UNMASK, "a share that does not match its owner's digest")
             continue
         for owner, share in good:

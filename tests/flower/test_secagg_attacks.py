@@ -295,3 +295,17 @@ def test_a_federation_with_distributed_dp_survives_a_malicious_client(tmp_path, 
     log = caplog.text
     assert "round 1 failed: secure aggregation: 1 of" in log and "outside" in log
     assert "round 3 failed: secure aggregation: after open, 2 nodes are left" in log
+
+
+def test_a_share_sent_twice_at_unmask_is_set_aside():
+    """A valid share repeated would break the interpolation: its holder is set aside."""
+    def twice(stage: str, message: Message, reply: Message) -> None:
+        if stage == secagg.UNMASK:
+            record = _record(reply)
+            record["nodes"] = [*record["nodes"], record["nodes"][0]]
+            record["shares"] = [*record["shares"], record["shares"][0]]
+    outcome, partition = _run(5, {0: twice}, threshold=3)
+    lost = [n for n in partition if partition[n] == 0]
+    assert list(outcome.dropped) == lost and outcome.dropped[lost[0]].startswith("unmask")
+    plain = sum(_flat(p) for p in range(5))
+    assert np.abs(_sum_of(outcome) - plain).max() <= SETTINGS.quantizer.sum_error_bound(5)
