@@ -142,6 +142,24 @@ def test_a_shift_of_2_to_the_31_is_caught_by_the_range_check():
     assert np.abs(flat - plain).max() <= SETTINGS.quantizer.sum_error_bound(4)
 
 
+def test_a_shift_that_stays_in_range_passes_and_is_bounded_as_documented():
+    """What the range check cannot stop (docs/privacy.md, "Integrity"): a client that
+    moves a word by less than the room left passes; the mean still lies within
+    [-R, R] in every coordinate, so one client moved it by less than 2 R."""
+    def nudge(stage: str, message: Message, reply: Message) -> None:
+        if stage == secagg.COLLECT:
+            words = np.frombuffer(bytes(_record(reply)["masked"]), dtype="<u4").copy()
+            words[0] += np.uint32(3 * SETTINGS.quantizer.levels // 2)  # 1.5 clients' range
+            _record(reply)["masked"] = words.tobytes()
+    honest, _ = _run(4, {})
+    nudged, _ = _run(4, {0: nudge})
+    released = secagg.checked_sum(nudged, SETTINGS, ENTRIES, 0.0)
+    flat = np.concatenate([released[k].flatten().numpy() for k, _ in ENTRIES])
+    moved = flat[0] - _sum_of(honest)[0]
+    assert 2.9 * SETTINGS.quantizer.value_range < moved < 3.1 * SETTINGS.quantizer.value_range
+    assert np.abs(flat / 4).max() <= SETTINGS.quantizer.value_range
+
+
 def test_the_mean_is_held_to_max_update_norm():
     honest, _ = _run(3, {})
     mean_norm = float(np.linalg.norm(_sum_of(honest) / 3))
@@ -288,6 +306,7 @@ def test_a_federation_with_distributed_dp_survives_a_malicious_client(tmp_path, 
     trained = [r for r in summary["rounds"] if r["round"] >= 1]
     assert [r["clients_replied"] for r in trained] == [0, 3, 0]
     assert [r.get("secagg_failed", 0) for r in trained] == [1, 0, 1]
+    assert trained[1]["secagg_dropped"] == 1  # the attacker, out of round 2's sum
     assert summary["privacy"]["rounds_released"] == 3  # every round charged
     assert [r.get("secagg_failure") for r in trained] == ["range check", None,
                                                          "too few after open"]
