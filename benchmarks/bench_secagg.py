@@ -6,9 +6,10 @@ protocol's own cost is not hidden behind Ray's).
   python benchmarks/bench_secagg.py [--scenario tiny] [--clients 3 10] [--rounds 3]
       [--set KEY=VALUE ...] [--out benchmarks/secagg]
   python benchmarks/bench_secagg.py --protocol-only smollm2 [--rank 8] [--clients 3 10]
+      [--repeat N]   (the median of N protocol runs: the shared machine's load varies)
 
 Bytes are counted at the Grid: the protobuf size of every message's content each way
-(train phase and evaluation, all four protocol stages), the same measure for both runs.
+(train phase and evaluation, every protocol stage), the same measure for both runs.
 Time per round is the train phase (training, the protocol, aggregation), the mean over
 rounds 2.. (round 1 also loads the model). Every client of a round trains (all sampled).
 """
@@ -76,7 +77,7 @@ def protocol_only(model: str, targets: tuple[str, ...], rank: int, clients: int,
                   bits: int = 22) -> dict:
     """The protocol alone (no training) on one model's LoRA layout: clients with random
     updates in this process, one at a time, so a stage's seconds are the sum of every
-    client's work plus the server's. Bytes: what the four stages add, against the fp32
+    client's work plus the server's. Bytes: what the stages add, against the fp32
     adapter a plain reply carries."""
     import numpy as np
     import torch
@@ -123,6 +124,14 @@ def protocol_only(model: str, targets: tuple[str, ...], rank: int, clients: int,
             "plain_bytes_up_per_client": plain_up}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """One protocol run's record with the median wall and stage seconds of ``runs``."""
+    stages = runs[0]["seconds"]
+    return {**runs[0], "runs": len(runs),
+            "protocol_wall_s": statistics.median(r["protocol_wall_s"] for r in runs),
+            "seconds": {k: statistics.median(r["seconds"][k] for r in runs) for k in stages}}
+
+
 def protocol_table(results: list[dict]) -> str:
     lines = ["| model (entries) | clients | protocol wall s (sequential) | of it, stage 0 "
              "(keys, quantise) s | bytes up / client (plain fp32 reply) | protocol bytes "
@@ -136,7 +145,8 @@ def protocol_table(results: list[dict]) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| clients | secure aggregation | train phase s / round | of it, stages 1-3 s | "
+    lines = ["| clients | secure aggregation | train phase s / round | of it, stages after "
+             "train s | "
              "bytes up / round | bytes down / round | final eval loss |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -158,9 +168,12 @@ def main() -> None:
     parser.add_argument("--protocol-only", metavar="MODEL", help="time the protocol alone "
                         "on MODEL's LoRA layout (e.g. smollm2), no training")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="protocol only: the median of this many runs per client count")
     args = parser.parse_args()
     if args.protocol_only:
-        results = [protocol_only(args.protocol_only, ("q_proj", "v_proj"), args.rank, n)
+        results = [median_run([protocol_only(args.protocol_only, ("q_proj", "v_proj"),
+                                             args.rank, n) for _ in range(args.repeat)])
                    for n in args.clients]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"protocol-{args.protocol_only}.json").write_text(

@@ -365,8 +365,9 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     settings = _settings(message, context)
     config = message.content.config_records[keys.CONFIG]
     trained = trained_so_far(context)
-    reason = train_refusal(scenario, config, own_floor(context, settings), trained,
-                           message.content.config_records.get(secagg.SECAGG))
+    reason = (train_refusal(scenario, config, own_floor(context, settings), trained,
+                            message.content.config_records.get(secagg.SECAGG))
+              or secagg.threshold_refusal(message))
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
         return refuse(message, _who(context, settings), "train", reason)

@@ -32,6 +32,7 @@ from fedtune.core.codec import scale_folded_state_dict
 from fedtune.flower import messages as keys
 from fedtune.flower import secagg
 from fedtune.flower.polling import exchange
+from fedtune.flower.population import RoundFailedError
 from fedtune.flower.round_stats import client_time_breakdown
 from fedtune.flower.strategy import BudgetStop, FedtuneStrategy
 
@@ -82,10 +83,15 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
     start = time.perf_counter()
     messages = list(strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid))
     report = _reporter(on_replies, server_round, "train")
-    if strategy.scenario.privacy.secure_aggregation:  # four exchanges, then only the sum
-        train_metrics = secagg.secure_train(
-            strategy, lambda batch: exchange(grid, batch, timeout, report), server_round,
-            messages)
+    failure: dict[str, str] = {}
+    if strategy.scenario.privacy.secure_aggregation:  # five exchanges, then only the sum
+        try:
+            train_metrics = secagg.secure_train(
+                strategy, lambda batch: exchange(grid, batch, timeout, report), server_round,
+                messages)
+        except RoundFailedError as failed:  # a failed round, never a failed run
+            train_metrics = secagg.failed_round(strategy, server_round, failed)
+            failure = {"secagg_failure": secagg.failure_kind(failed)}
         train_done = aggregate_done = time.perf_counter()
     else:
         replies = exchange(grid, messages, timeout, report)
@@ -111,6 +117,7 @@ def train_round(strategy: FedtuneStrategy, grid: Grid, server_round: int,
         "stragglers": stats.stragglers,
         "dropouts": stats.dropouts,
         **_who(strategy),
+        **failure,
         **{k.replace("-", "_"): v for k, v in train_metrics.items()
            if k not in ("train-loss", "num-clients", "seconds-aggregate")},
         "seconds": time.perf_counter() - start,

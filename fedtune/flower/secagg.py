@@ -5,7 +5,8 @@ Flower 1.41 ships the protocol as ``SecAggPlusWorkflow`` + ``secaggplus_mod``, b
 workflow needs a ``LegacyContext`` and drives a legacy ``Strategy`` (fedtune runs its own
 round loop on a ``Grid``, ``fedtune.flower.rounds``), the mod masks one legacy parameter
 list, and both use a numpy Mersenne Twister seeded with 32 bits as the mask "PRG" and
-clip values silently when quantising. So this module drives the same four stages itself
+clip values silently when quantising. So this module drives the same stages itself
+(plus an ``open`` stage of its own, so a junk share costs its sender, not the round)
 with Flower's cryptographic primitives (``flwr.common.secure_aggregation``: ECDH key
 agreement + HKDF, Fernet encryption, Shamir secret sharing; key pairs from
 ``flwr.supercore.primitives.asymmetric``) and fedtune's own arithmetic
@@ -15,17 +16,26 @@ One round, each stage a message to every node still in and its reply:
 
 0. **train**: the normal train message plus the protocol's settings. The client trains,
    clips its update (and, under distributed DP, adds its noise share), quantises it and
-   keeps it; it replies with its metrics and two fresh public keys (no adapter).
+   keeps it; it replies with its metrics and two fresh public keys (no adapter). It
+   refuses a threshold below 2.
 1. **share-keys**: each node gets its neighbours' public keys (SecAgg+: a random ring of
-   ``k`` neighbours, all nodes when ``k`` = 0); it Shamir-shares its mask seed ``b`` and
-   its key-agreement secret key (threshold ``t``) and sends each share encrypted for
-   its neighbour (the server only forwards ciphertexts).
-2. **collect**: each node gets the ciphertexts addressed to it and sends
-   ``q(update) + PRG(b) + sum +-PRG(s_ij) mod 2^32``.
-3. **unmask**: each survivor gets which neighbours survived and which dropped after
+   ``k`` neighbours, all nodes when ``k`` = 0); it refuses a threshold below a majority
+   of them, Shamir-shares its mask seed ``b`` and its key-agreement secret key
+   (threshold ``t``), sends each share encrypted for its neighbour (the server only
+   forwards ciphertexts) and publishes a SHA-256 digest of every share and of ``b``.
+2. **open**: each node gets the ciphertexts addressed to it and opens them; a sender
+   whose ciphertext does not decrypt or verify is refused, and the server drops it
+   before anyone masks with it.
+3. **collect**: each node is told whom to mask with (neighbours whose shares it holds)
+   and sends ``q(update) + PRG(b) + sum +-PRG(s_ij) mod 2^32``.
+4. **unmask**: each survivor gets which neighbours survived and which dropped after
    sharing keys; it returns shares of ``b`` for survivors and of the secret key for the
-   dropped, never both for one node. With ``t`` shares of each, the server removes the
-   self masks and the dropped nodes' pairwise masks: what is left is the sum.
+   dropped, never both for one node. Each share is checked against its owner's digest,
+   each rebuilt secret against its commitment; the server removes the self masks and
+   the dropped nodes' pairwise masks: what is left is the sum, range-checked.
+
+After every stage at least max(t, the configured minimum, 3) nodes must be left, or the
+round fails (``RoundFailedError``; the round loop counts it and goes on).
 
 The sum then goes through the aggregator as one update (``additive`` aggregators are
 a mean of updates entry by entry), or through the client-level DP wrapper, which divides
@@ -77,7 +87,9 @@ from fedtune.privacy.accountant import epsilon_after
 from fedtune.privacy.clip import clip_to_norm
 from fedtune.privacy.secure_sum import (
     Quantizer,
+    RangeError,
     add_signed,
+    digest,
     mask_vector,
     modular_sum,
     pair_mask,
@@ -91,8 +103,11 @@ log = logging.getLogger("fedtune")
 SECAGG = "secagg"  # the ConfigRecord of every protocol message and reply
 STATE = "fedtune.secagg"  # client state: keys, shares, stage (never leaves the node)
 VECTOR = "fedtune.secagg.vector"  # client state: the quantised update until it is masked
-TRAIN, SHARE, COLLECT, UNMASK, DONE = "train", "share-keys", "collect", "unmask", "done"
-NEXT = {TRAIN: SHARE, SHARE: COLLECT, COLLECT: UNMASK}  # the only stage order a client obeys
+TRAIN, SHARE, OPEN, COLLECT, UNMASK = "train", "share-keys", "open", "collect", "unmask"
+#: the only stage order a client obeys
+NEXT = {TRAIN: SHARE, SHARE: OPEN, OPEN: COLLECT, COLLECT: UNMASK}
+#: fewer clients than this in a round and the sum would tell each of them the others'
+MIN_CLIENTS = 3
 
 State = dict[str, torch.Tensor]
 Send = Callable[[list[Message]], list[Message]]
@@ -139,13 +154,28 @@ def neighbourhoods(nodes: Sequence[int], size: int) -> dict[int, list[int]]:
 
 
 def threshold_for(neighbourhood: int, wanted: int) -> int:
-    """t: ``wanted``, or a majority of the neighbourhood when 0 (at least 2)."""
+    """t: ``wanted``, or a majority of the neighbourhood when 0; never below the floor
+    every client enforces (``threshold_floor``: a majority, at least 2)."""
     t = wanted or neighbourhood // 2 + 1
-    if not 2 <= t <= neighbourhood:
-        raise ConfigError(f"privacy.secagg_threshold = {wanted} does not fit a neighbourhood "
-                          f"of {neighbourhood} nodes; allowed 2 .. {neighbourhood} (0: a "
-                          "majority)")
+    floor = threshold_floor(neighbourhood)
+    if not floor <= t <= neighbourhood:
+        raise ConfigError(f"{THRESHOLD_SETTING} = {wanted} does not fit a neighbourhood "
+                          f"of {neighbourhood} nodes; allowed {floor} .. {neighbourhood} "
+                          "(0: a majority; clients refuse less than a majority)")
     return t
+
+
+class SecureRoundFailed(RoundFailedError):
+    """A secure round that releases nothing; ``kind`` says why in words that name no
+    client (what a round record may publish, under DP too)."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def failure_kind(err: RoundFailedError) -> str:
+    return getattr(err, "kind", "too few sampled")
 
 
 # ---- the update as one flat vector (both ends) ---------------------------------------------
@@ -214,8 +244,34 @@ def asks_secure_aggregation(message: Message) -> bool:
 
 #: what a protocol reply may carry besides the metrics of stage 0: keys, ciphertexts,
 #: the masked vector, shares (and node ids); nothing about the data in the clear
-REPLY_KEYS = {TRAIN: {"pk1", "pk2"}, SHARE: {"destinations", "ciphertexts"},
-              COLLECT: {"masked"}, UNMASK: {"nodes", "shares"}}
+REPLY_KEYS = {TRAIN: {"pk1", "pk2"},
+              SHARE: {"destinations", "ciphertexts", "digests", "seed-digest"},
+              OPEN: {"rejected"}, COLLECT: {"masked"}, UNMASK: {"nodes", "shares"}}
+
+#: the setting a too-low threshold comes from (a refusal names it)
+THRESHOLD_SETTING = "privacy.secagg_threshold"
+
+
+def threshold_floor(key_sharing_nodes: int) -> int:
+    """The lowest threshold a client deals its secrets with: a majority of the nodes it
+    shares keys with, and never below 2 (with t = 1 a Shamir share is the secret)."""
+    return max(2, key_sharing_nodes // 2 + 1)
+
+
+def threshold_refusal(message: Message) -> str | None:
+    """Why a client does not train for a secure round whose threshold is below 2 (the
+    neighbourhood is not known yet: the majority is checked when the keys come)."""
+    record = message.content.config_records.get(SECAGG)
+    if record is None:
+        return None
+    try:
+        t = int(record["threshold"])
+    except (KeyError, TypeError, ValueError):
+        return f"secure aggregation without a valid threshold ({THRESHOLD_SETTING})"
+    if t < 2:
+        return (f"{THRESHOLD_SETTING} = {t} is below 2: with one share a Shamir share is "
+                "the secret, and the server could unmask this client's update")
+    return None
 
 
 def _reply(message: Message, stage: str, record: Mapping[str, Any],
@@ -238,6 +294,9 @@ def train_reply(message: Message, context: Context, upload: Any, start: State,
     """Stage 0 on the client: keep the quantised update (``upload``: the session's
     ``Upload``, uncompressed), answer with two public keys."""
     settings = SecAggSettings.from_config(message.content.config_records[SECAGG])
+    refusal = threshold_refusal(message)
+    if refusal is not None:
+        raise ValueError(f"secure aggregation refused: {refusal}")
     if upload.state is None:
         raise ValueError("secure aggregation needs the uncompressed LoRA, not a packed update")
     quantized = settings.quantizer.quantize(update_vector(upload.state, start, settings))
@@ -254,7 +313,7 @@ def train_reply(message: Message, context: Context, upload: Any, start: State,
 
 
 def client_step(message: Message, context: Context) -> Message:
-    """Stages 1-3 on the client, in order only; anything else is refused."""
+    """Stages 1-4 on the client, in order only; anything else is refused."""
     record = message.content.config_records[SECAGG]
     state = context.state.config_records.get(STATE)
     if state is None:
@@ -262,7 +321,8 @@ def client_step(message: Message, context: Context) -> Message:
     stage = str(record["stage"])
     if NEXT.get(str(state["stage"])) != stage:
         raise ValueError(f"secure aggregation: stage {stage!r} after {state['stage']!r}")
-    step = {SHARE: _share_keys, COLLECT: _masked_vector, UNMASK: _unmask}[stage]
+    step = {SHARE: _share_keys, OPEN: _open_shares, COLLECT: _masked_vector,
+            UNMASK: _unmask}[stage]
     answer = step(state, record, context)
     state["stage"] = stage
     return _reply(message, stage, answer)
@@ -279,6 +339,11 @@ def _share_keys(state: ConfigRecord, record: ConfigRecord, context: Context) -> 
     if me not in nodes or (pk1s[nodes.index(me)], pk2s[nodes.index(me)]) != (
             state["pk1"], state["pk2"]):
         raise ValueError("secure aggregation: my own public keys are not in the list")
+    if t < threshold_floor(len(nodes)):
+        raise ValueError(f"secure aggregation refused: {THRESHOLD_SETTING} = {t} is below "
+                         f"{threshold_floor(len(nodes))}, a majority of the {len(nodes)} "
+                         "nodes this client shares keys with (fewer colluders than that "
+                         "could rebuild its secrets)")
     seed = os.urandom(32)
     seed_shares = create_shares(seed, t, len(nodes))
     key_shares = create_shares(bytes(state["sk1"]), t, len(nodes))
@@ -295,40 +360,83 @@ def _share_keys(state: ConfigRecord, record: ConfigRecord, context: Context) -> 
     state.update({"seed": seed, "nodes": nodes, "pk1s": pk1s, "pk2s": pk2s,
                   "holders": [me], "seed-shares": [seed_shares[mine]],
                   "key-shares": [key_shares[mine]]})
-    return {"destinations": destinations, "ciphertexts": ciphertexts}
+    # what the server checks the shares it is handed at unmask against (one per node of
+    # ``nodes``, in that order) and the seed they must rebuild
+    digests = [digest(a) + digest(b) for a, b in zip(seed_shares, key_shares, strict=True)]
+    return {"destinations": destinations, "ciphertexts": ciphertexts, "digests": digests,
+            "seed-digest": digest(seed)}
+
+
+def _open_share(state: ConfigRecord, source: int, text: bytes) -> tuple[bytes, bytes]:
+    """(seed share, key share) that ``source`` dealt this client; ValueError when the
+    ciphertext does not decrypt or says another sender or receiver."""
+    me, nodes = int(state["node"]), [int(n) for n in state["nodes"]]
+    sk2 = bytes_to_private_key(bytes(state["sk2"]))
+    try:
+        channel = generate_shared_key(sk2, bytes_to_public_key(
+            bytes(state["pk2s"][nodes.index(source)])))
+        sender, receiver, seed_share, key_share = share_keys_plaintext_separate(
+            decrypt(channel, bytes(text)))
+    except Exception as err:  # noqa: BLE001 - any malformed ciphertext is the sender's
+        raise ValueError(f"undecryptable shares ({type(err).__name__})") from None
+    if (sender, receiver) != (source, me):
+        raise ValueError(f"shares addressed from {sender} to {receiver}")
+    return seed_share, key_share
+
+
+def _open_shares(state: ConfigRecord, record: ConfigRecord, context: Context
+                 ) -> dict[str, Any]:
+    """Open the shares the neighbours dealt this client. One whose ciphertext does not
+    decrypt or names another sender or receiver is a dropout for this client (listed in
+    ``rejected``: the server drops it before anyone masks with it), never a crash."""
+    me = int(state["node"])
+    nodes = [int(n) for n in state["nodes"]]
+    sources, texts = [int(s) for s in record["sources"]], list(record["ciphertexts"])
+    if len(set(sources)) != len(sources) or me in sources or len(sources) != len(texts):
+        raise ValueError("secure aggregation: repeated sources, or shares from myself")
+    strangers = [s for s in sources if s not in nodes]
+    if strangers:
+        raise ValueError(f"secure aggregation: shares from {len(strangers)} nodes that are "
+                         "not my neighbours")
+    holders, seed_shares, key_shares = list(state["holders"]), list(state["seed-shares"]), \
+        list(state["key-shares"])
+    rejected = []
+    for source, text in zip(sources, texts, strict=True):
+        try:
+            seed_share, key_share = _open_share(state, source, bytes(text))
+        except ValueError as err:
+            log.warning("secure aggregation: the shares from node %s are refused: %s",
+                        source, err)
+            rejected.append(source)
+            continue
+        holders.append(source)
+        seed_shares.append(seed_share)
+        key_shares.append(key_share)
+    state.update({"holders": holders, "seed-shares": seed_shares, "key-shares": key_shares})
+    return {"rejected": rejected}
 
 
 def _masked_vector(state: ConfigRecord, record: ConfigRecord, context: Context
                    ) -> dict[str, Any]:
+    """The masked vector, with a pairwise mask for each neighbour the server lists: only
+    neighbours whose shares this client holds (it could not help remove the masks of
+    another), and at least the threshold of them with itself."""
     me, t = int(state["node"]), int(state["threshold"])
     nodes, pk1s = [int(n) for n in state["nodes"]], list(state["pk1s"])
-    sources, texts = [int(s) for s in record["sources"]], list(record["ciphertexts"])
-    if len(sources) + 1 < t or len(set(sources)) != len(sources) or me in sources:
-        raise ValueError(f"secure aggregation: shares from {len(sources)} neighbours, "
-                         f"threshold {t}")
+    holders = [int(n) for n in state["holders"]]
+    sources = [int(s) for s in record["sources"]]
+    if len(set(sources)) != len(sources) or me in sources or not set(sources) <= set(holders):
+        raise ValueError("secure aggregation: masks asked with nodes whose shares I do not "
+                         "hold, repeated, or with myself")
+    if len(sources) + 1 < t:
+        raise ValueError(f"secure aggregation: masks with {len(sources)} neighbours, fewer "
+                         f"than the threshold {t} less myself")
     sk1 = bytes_to_private_key(bytes(state["sk1"]))
-    sk2 = bytes_to_private_key(bytes(state["sk2"]))
-    holders, seed_shares, key_shares = list(state["holders"]), list(state["seed-shares"]), \
-        list(state["key-shares"])
-    pair_secrets = {}
-    for source, text in zip(sources, texts, strict=True):
-        if source not in nodes:
-            raise ValueError(f"secure aggregation: a share from node {source}, not a neighbour")
-        channel = generate_shared_key(sk2, bytes_to_public_key(state["pk2s"][nodes.index(source)]))
-        sender, receiver, seed_share, key_share = share_keys_plaintext_separate(
-            decrypt(channel, text))
-        if (sender, receiver) != (source, me):
-            raise ValueError(f"secure aggregation: a share from {sender} to {receiver} came "
-                             f"as {source} to {me}")
-        holders.append(source)
-        seed_shares.append(seed_share)
-        key_shares.append(key_share)
-        pair_secrets[source] = generate_shared_key(
-            sk1, bytes_to_public_key(pk1s[nodes.index(source)]))
+    pair_secrets = {source: generate_shared_key(
+        sk1, bytes_to_public_key(pk1s[nodes.index(source)])) for source in sources}
     quantized = context.state.array_records[VECTOR]["q"].numpy()
     masked = mask_vector(quantized, bytes(state["seed"]), me, pair_secrets)
     del context.state[VECTOR]
-    state.update({"holders": holders, "seed-shares": seed_shares, "key-shares": key_shares})
     return {"masked": masked.astype("<u4").tobytes()}
 
 
@@ -379,6 +487,22 @@ def _stage_message(node: int, server_round: int, record: Mapping[str, Any]) -> M
                    group_id=str(server_round))
 
 
+#: the type of every value a protocol reply carries (bytes, or a list of bytes or ints)
+_REPLY_TYPES = {"pk1": bytes, "pk2": bytes, "seed-digest": bytes, "masked": bytes,
+                "ciphertexts": [bytes], "digests": [bytes], "shares": [bytes],
+                "destinations": [int], "rejected": [int], "nodes": [int]}
+
+
+def _well_formed(value: Any, key: str) -> bool:
+    """A reply value of its key's type (an int where bytes belong would be read as a
+    length by ``bytes()``)."""
+    kind = _REPLY_TYPES[key]
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(
+            isinstance(v, kind[0]) and not isinstance(v, bool) for v in value)
+    return isinstance(value, kind)
+
+
 class _Exchange:
     """Sends one stage, keeps the good replies, counts bytes and who was lost where."""
 
@@ -406,8 +530,8 @@ class _Exchange:
             self.outcome.bytes_up[node] = self.outcome.bytes_up.get(node, 0) + \
                 record_bytes(reply.content)
             record = reply.content.config_records.get(SECAGG)
-            if record is None or any(k not in record for k in needed):
-                self._lose(node, stage, f"reply without {', '.join(needed)}")
+            if record is None or not all(_well_formed(record.get(k), k) for k in needed):
+                self._lose(node, stage, f"reply without well-formed {', '.join(needed)}")
                 continue
             good[node] = reply
         for node in targets - set(good) - set(self.outcome.dropped):
@@ -421,61 +545,121 @@ class _Exchange:
                     stage, reason)
 
 
-def _enough(live: set[int], graph: Mapping[int, list[int]], t: int, stage: str) -> None:
+def _enough(live: set[int], graph: Mapping[int, list[int]], t: int, floor: int, stage: str
+            ) -> None:
+    """RoundFailedError unless at least ``floor`` nodes are left (the threshold, the
+    configured minimum and never fewer than ``MIN_CLIENTS``) and each has ``t`` live
+    neighbours: with fewer, the sum would tell the few what the others sent."""
+    if len(live) < floor:
+        raise SecureRoundFailed(f"too few after {stage}",
+                                f"secure aggregation: after {stage}, {len(live)} nodes are "
+                                f"left, fewer than the {floor} the round needs (threshold "
+                                f"{t}, the configured minimum, and never fewer than "
+                                f"{MIN_CLIENTS})")
     short = [n for n in live if len(set(graph[n]) & live) < t]
-    if len(live) < t:
-        raise RoundFailedError(f"secure aggregation: after {stage}, {len(live)} nodes are "
-                               f"left, fewer than the threshold {t}")
     if short:
-        raise RoundFailedError(f"secure aggregation: after {stage}, {len(short)} nodes have "
-                               f"fewer than the threshold {t} of live neighbours")
+        raise SecureRoundFailed(f"too few after {stage}",
+                                f"secure aggregation: after {stage}, {len(short)} nodes have "
+                                f"fewer than the threshold {t} of live neighbours")
+
+
+@dataclass
+class _Commitments:
+    """What each owner published at share-keys: a digest of every share it dealt (by
+    holder) and of its seed; its secret key's is its public key."""
+
+    shares: dict[int, dict[int, bytes]] = field(default_factory=dict)  # owner -> holder -> 64 B
+    seeds: dict[int, bytes] = field(default_factory=dict)
 
 
 def run_protocol(send: Send, messages: list[Message], server_round: int, neighbours: int,
-                 wanted_threshold: int, settings: SecAggSettings, size: int) -> SecureSum:
+                 wanted_threshold: int, settings: SecAggSettings, size: int,
+                 minimum: int = MIN_CLIENTS) -> SecureSum:
     """Stages 0-3 for ``messages`` (the round's train messages, without the protocol's
-    record); the sum of the vectors (``size`` words each) of the nodes that lasted."""
+    record); the sum of the vectors (``size`` words each) of the nodes that lasted.
+    RoundFailedError when, after any stage, fewer than max(threshold, ``minimum``,
+    ``MIN_CLIENTS``) nodes are left, or the shares do not rebuild what was committed."""
     nodes = [m.metadata.dst_node_id for m in messages]
     graph = neighbourhoods(nodes, neighbours)
     t = threshold_for(len(next(iter(graph.values()))), wanted_threshold)
     settings = dataclasses.replace(settings, threshold=t)
     outcome = SecureSum(np.zeros(size, dtype="<u4"), [])
+    try:
+        return _stages(send, messages, server_round, graph, t, max(t, minimum, MIN_CLIENTS),
+                       settings, outcome)
+    except RoundFailedError as err:
+        err.outcome = outcome  # type: ignore[attr-defined]  # who was lost, and why
+        raise
+
+
+def _stages(send: Send, messages: list[Message], server_round: int,
+            graph: Mapping[int, list[int]], t: int, floor: int, settings: SecAggSettings,
+            outcome: SecureSum) -> SecureSum:
+    size = outcome.total.size
     exchange = _Exchange(send, outcome, server_round)
     for m in messages:
         m.content[SECAGG] = ConfigRecord(settings.to_config())
     keyed = exchange(TRAIN, messages, ("pk1", "pk2"))
     outcome.train_replies = dict(keyed)
     live = set(keyed)
-    _enough(live, graph, t, TRAIN)
+    _enough(live, graph, t, floor, TRAIN)
     pks = {n: (bytes(r.content.config_records[SECAGG]["pk1"]),
                bytes(r.content.config_records[SECAGG]["pk2"])) for n, r in keyed.items()}
-
-    def peers(node: int) -> list[int]:
-        return [n for n in graph[node] if n in live]
+    peers = {n: [p for p in graph[n] if p in live] for n in sorted(live)}
     shared = exchange(SHARE, [_stage_message(n, server_round, {
-        "stage": SHARE, "nodes": peers(n), "pk1s": [pks[p][0] for p in peers(n)],
-        "pk2s": [pks[p][1] for p in peers(n)]}) for n in sorted(live)],
-        ("destinations", "ciphertexts"))
-    live = set(shared)
-    _enough(live, graph, t, SHARE)
-    mail = _mailboxes(shared, graph)
+        "stage": SHARE, "nodes": peers[n], "pk1s": [pks[p][0] for p in peers[n]],
+        "pk2s": [pks[p][1] for p in peers[n]]}) for n in sorted(live)],
+        ("destinations", "ciphertexts", "digests", "seed-digest"))
+    commitments = _commitments(shared, peers, exchange)
+    live = set(commitments.seeds)
+    _enough(live, graph, t, floor, SHARE)
+    mail = _mailboxes({n: shared[n] for n in live}, graph)
+    opened = exchange(OPEN, [_stage_message(n, server_round, {
+        "stage": OPEN, "sources": [s for s, _ in mail[n]],
+        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("rejected",))
+    accepted = _accepted(opened, mail, exchange)
+    live = set(accepted)
+    _enough(live, graph, t, floor, OPEN)
     keyed_set = set(live)  # nodes whose shares are out: their masks are in others' vectors
     masked = exchange(COLLECT, [_stage_message(n, server_round, {
-        "stage": COLLECT, "sources": [s for s, _ in mail[n]],
-        "ciphertexts": [c for _, c in mail[n]]}) for n in sorted(live)], ("masked",))
+        "stage": COLLECT, "sources": sorted(accepted[n])}) for n in sorted(live)],
+        ("masked",))
     vectors = _vectors(masked, size, exchange)
     live = set(vectors)
-    _enough(live, graph, t, COLLECT)
+    _enough(live, graph, t, floor, COLLECT)
     dead = keyed_set - live
-    asked = {n: {"active": [p for p in graph[n] if p in live],
-                 "dead": [p for p in graph[n] if p in dead]} for n in sorted(live)}
+    asked = {n: {"active": [p for p in graph[n] if p in live and (p == n or p in accepted[n])],
+                 "dead": [p for p in graph[n] if p in dead and p in accepted[n]]}
+             for n in sorted(live)}
     unmasked = exchange(UNMASK, [_stage_message(n, server_round, {"stage": UNMASK, **ask})
                                  for n, ask in asked.items()], ("nodes", "shares"))
-    shares = _shares(unmasked, asked, live | dead)
+    shares = _shares(unmasked, asked, live | dead, commitments, exchange)
     total = modular_sum([vectors[n] for n in sorted(live)])
-    outcome.total = _remove_masks(total, shares, live, dead, graph, pks, t)
+    outcome.total = _remove_masks(total, shares, live, dead, accepted, pks, commitments, t)
     outcome.survivors = sorted(live)
     return outcome
+
+
+def _commitments(shared: Mapping[int, Message], peers: Mapping[int, list[int]],
+                 exchange: _Exchange) -> _Commitments:
+    """Each owner's digests by holder (the order of the node list it was sent); a node
+    whose reply does not deal exactly one share to each of its neighbours is lost (a
+    missing one would leave a pairwise mask in the sum that nobody can remove)."""
+    out = _Commitments()
+    for node, reply in shared.items():
+        record = reply.content.config_records[SECAGG]
+        digests = [bytes(d) for d in record["digests"]]
+        destinations = [int(d) for d in record["destinations"]]
+        others = [p for p in peers[node] if p != node]
+        if (sorted(destinations) != sorted(others) or len(record["ciphertexts"]) !=
+                len(destinations) or len(digests) != len(peers[node]) or
+                any(len(d) != 64 for d in digests) or len(bytes(record["seed-digest"])) != 32):
+            exchange._lose(node, SHARE, "shares not dealt to exactly its neighbours, or "
+                                        "malformed digests")
+            continue
+        out.shares[node] = dict(zip(peers[node], digests, strict=True))
+        out.seeds[node] = bytes(record["seed-digest"])
+    return out
 
 
 def _mailboxes(shared: Mapping[int, Message], graph: Mapping[int, list[int]]
@@ -488,6 +672,25 @@ def _mailboxes(shared: Mapping[int, Message], graph: Mapping[int, list[int]]
             if int(dst) in mail and int(dst) in graph[source] and int(dst) != source:
                 mail[int(dst)].append((source, bytes(text)))
     return mail
+
+
+def _accepted(opened: Mapping[int, Message], mail: Mapping[int, list[tuple[int, bytes]]],
+              exchange: _Exchange) -> dict[int, set[int]]:
+    """node -> the neighbours whose shares it opened, for the nodes still in: a node
+    whose shares some neighbour could not open is out before anyone masks with it (so
+    its masks need no rebuilding); a lying neighbour can push an honest node out, not
+    learn anything of it."""
+    accepted: dict[int, set[int]] = {}
+    refused: set[int] = set()
+    for node, reply in opened.items():
+        offered = {s for s, _ in mail[node]}
+        rejected = {int(s) for s in reply.content.config_records[SECAGG]["rejected"]} & offered
+        accepted[node] = offered - rejected
+        refused |= rejected
+    for node in sorted(refused & set(accepted)):
+        exchange._lose(node, OPEN, "a neighbour could not open the shares it sent")
+    live = set(accepted) - refused
+    return {n: a & live for n, a in accepted.items() if n in live}
 
 
 def _vectors(masked: Mapping[int, Message], size: int, exchange: _Exchange
@@ -504,35 +707,78 @@ def _vectors(masked: Mapping[int, Message], size: int, exchange: _Exchange
 
 
 def _shares(unmasked: Mapping[int, Message], asked: Mapping[int, Mapping[str, list[int]]],
-            owners: set[int]) -> dict[int, list[bytes]]:
+            owners: set[int], commitments: _Commitments, exchange: _Exchange
+            ) -> dict[int, list[bytes]]:
     """owner -> the shares of its secret the survivors sent; only those each was asked
-    for (a share of the other kind would spoil the reconstruction)."""
+    for (a share of the other kind would spoil the reconstruction), each checked against
+    the digest its owner published. A holder that sends one share that does not match
+    (or one twice) is lost at unmask (all its shares are set aside; its vector stays
+    in the sum)."""
     shares: dict[int, list[bytes]] = {n: [] for n in owners}
-    for node, reply in unmasked.items():
+    for holder, reply in sorted(unmasked.items()):
         record = reply.content.config_records[SECAGG]
-        wanted = set(asked[node]["active"]) | set(asked[node]["dead"])
-        for owner, share in zip(record["nodes"], record["shares"], strict=True):
-            if int(owner) in wanted:
-                shares[int(owner)].append(bytes(share))
+        seeds, keys_of = set(asked[holder]["active"]), set(asked[holder]["dead"])
+        sent = list(zip(record["nodes"], record["shares"], strict=False))
+        good = [(int(o), bytes(s)) for o, s in sent if _verified(
+            int(o), holder, bytes(s), int(o) in seeds, commitments)
+            and (int(o) in seeds or int(o) in keys_of)]
+        if len(good) != len(sent) or len(sent) != len(record["shares"]) or \
+                len(sent) != len(record["nodes"]) or len({o for o, _ in good}) != len(good):
+            exchange._lose(holder, UNMASK, "a share that does not match its owner's digest")
+            continue
+        for owner, share in good:
+            shares[owner].append(share)
     return shares
 
 
+def _verified(owner: int, holder: int, share: bytes, of_seed: bool,
+              commitments: _Commitments) -> bool:
+    published = commitments.shares.get(owner, {}).get(holder)
+    if published is None:
+        return False
+    return digest(share) == (published[:32] if of_seed else published[32:])
+
+
+def _rebuild(shares: list[bytes], t: int, what: str) -> bytes:
+    """The secret from its verified shares; RoundFailedError when too few, or when they
+    do not combine (an owner that dealt inconsistent shares)."""
+    if len(shares) < t:
+        raise SecureRoundFailed("shares", f"secure aggregation: {len(shares)} valid shares "
+                                f"of {what}, fewer than the threshold {t}")
+    try:
+        return combine_shares(shares)
+    except Exception as err:  # noqa: BLE001 - pycryptodome's unpad and length errors
+        raise SecureRoundFailed("shares", f"secure aggregation: the shares of {what} do "
+                                f"not combine ({type(err).__name__})") from None
+
+
 def _remove_masks(total: np.ndarray, shares: Mapping[int, list[bytes]], live: set[int],
-                  dead: set[int], graph: Mapping[int, list[int]],
-                  pks: Mapping[int, tuple[bytes, bytes]], t: int) -> np.ndarray:
-    short = sorted(n for n, s in shares.items() if len(s) < t)
-    if short:
-        raise RoundFailedError(f"secure aggregation: fewer than {t} shares to unmask "
-                               f"{len(short)} nodes")
+                  dead: set[int], accepted: Mapping[int, set[int]],
+                  pks: Mapping[int, tuple[bytes, bytes]], commitments: _Commitments, t: int
+                  ) -> np.ndarray:
+    """The sum without the survivors' self masks and the dropped nodes' pairwise masks;
+    each rebuilt secret is checked against what its owner committed to (the digest of
+    its seed, its public key), so a bad share fails the round instead of corrupting it."""
     for node in sorted(live):
-        total = add_signed(total, self_mask(combine_shares(shares[node]), total.size), -1)
+        seed = _rebuild(shares[node], t, "a survivor's seed")
+        if digest(seed) != commitments.seeds[node]:
+            raise SecureRoundFailed("shares", "secure aggregation: a survivor's seed shares "
+                                    "rebuild a seed other than the one it committed to")
+        total = add_signed(total, self_mask(seed, total.size), -1)
     for node in sorted(dead):
-        secret_key = bytes_to_private_key(combine_shares(shares[node]))
-        for other in graph[node]:
-            if other in live:  # ``other`` added sign(other, node) * PRG(s): take it back
-                secret = generate_shared_key(secret_key, bytes_to_public_key(pks[other][0]))
-                total = add_signed(total, pair_mask(secret, total.size),
-                                   -pair_sign(other, node))
+        secret = _rebuild(shares[node], t, "a dropped node's key")
+        try:
+            secret_key = bytes_to_private_key(secret)
+            ok = public_key_to_bytes(secret_key.public_key()) == pks[node][0]
+        except Exception:  # noqa: BLE001 - not a key at all
+            ok = False
+        if not ok:
+            raise SecureRoundFailed("shares", "secure aggregation: a dropped node's key "
+                                    "shares rebuild a key other than its public key")
+        for other in sorted(live):  # ``other`` added sign(other, node) * PRG(s): take it back
+            if node in accepted[other]:
+                pair = generate_shared_key(secret_key, bytes_to_public_key(pks[other][0]))
+                total = add_signed(total, pair_mask(pair, total.size), -pair_sign(other, node))
     return total
 
 
@@ -555,9 +801,6 @@ def round_settings(strategy: Any, messages: Sequence[Message]) -> SecAggSettings
     return SecAggSettings(0, max(ranks), fields, p.clip_norm, noise, p.secagg_bits)
 
 
-#: fewer clients than this in a round and the sum would tell each of them the others'
-MIN_CLIENTS = 3
-
 
 def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Message]
                  ) -> MetricRecord:
@@ -572,16 +815,17 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     entries = layout(strategy.expected, settings.rank, settings.fields)
     size = sum(a * b for _, (a, b) in entries)
     settings.quantizer.check_capacity(len(nodes))
+    minimum, _ = strategy.population.minimum_replies()
     outcome = run_protocol(send, messages, server_round, p.secagg_neighbours,
-                           p.secagg_threshold, settings, size)
-    minimum, rule = strategy.population.minimum_replies()
-    if len(outcome.survivors) < minimum:
-        raise RoundFailedError(f"round {server_round}: {len(outcome.survivors)} clients in "
-                               f"the secure sum, fewer than {rule}")
-    summed = settings.quantizer.dequantize_sum(outcome.total, len(outcome.survivors))
+                           p.secagg_threshold, settings, size, minimum)
+    try:
+        summed = checked_sum(outcome, settings, entries,
+                             strategy.scenario.federation.max_update_norm)
+    except RoundFailedError as err:
+        err.outcome = outcome  # type: ignore[attr-defined]
+        raise
     start = time.perf_counter()
-    update = _summed_update(strategy, outcome.survivors, vector_to_state(summed, entries),
-                            settings)
+    update = _summed_update(strategy, outcome.survivors, summed, settings)
     if strategy.dp is None:
         strategy.global_adapter = strategy.aggregator.aggregate([update],
                                                                 strategy.global_adapter)
@@ -590,6 +834,45 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
                                               [update] * len(outcome.survivors))
     return _round_metrics(strategy, server_round, outcome, settings,
                           time.perf_counter() - start)
+
+
+def checked_sum(outcome: SecureSum, settings: SecAggSettings,
+                entries: list[tuple[str, tuple[int, int]]], max_update_norm: float) -> State:
+    """The dequantised sum, if it is one the survivors could have sent: every coordinate
+    within [-n R, n R] (a word past that is a client's forged value, e.g. 2^31 added to
+    its masked vector) and the mean's norm within ``federation.max_update_norm``
+    (0: no bound); else RoundFailedError and nothing is released."""
+    n = len(outcome.survivors)
+    try:
+        settings.quantizer.check_sum(outcome.total, n)
+    except RangeError as err:
+        raise SecureRoundFailed("range check", f"secure aggregation: {err}") from None
+    summed = settings.quantizer.dequantize_sum(outcome.total, n)
+    norm = float(np.linalg.norm(summed / n))
+    if max_update_norm > 0 and norm > max_update_norm:
+        raise SecureRoundFailed("max_update_norm", f"secure aggregation: the mean update's "
+                                f"norm {norm:.4g} exceeds federation.max_update_norm = "
+                                f"{max_update_norm:g}")
+    return vector_to_state(summed, entries)
+
+
+def failed_round(strategy: Any, server_round: int, err: RoundFailedError) -> MetricRecord:
+    """A secure round that could not release its sum: the global adapter stays (under DP
+    the round releases noise only and is charged, as a round with too few clients is:
+    the server may have seen the noised sum before it was refused); the run goes on."""
+    log.warning("round %d failed: %s", server_round, err)
+    outcome = getattr(err, "outcome", None)
+    if outcome is not None:
+        _count_losses(strategy, outcome)
+    metrics: dict[str, Any] = {"num-clients": 0, "seconds-aggregate": 0.0,
+                               "secagg-failed": 1}
+    if strategy.dp is not None:
+        strategy.global_adapter = strategy.dp_release(server_round, [])
+        metrics.update({k.replace("_", "-"): float(v)
+                        for k, v in strategy.dp.metrics().items()})
+    else:
+        strategy.stats.dropped.append(f"round failed: {err}")
+    return MetricRecord(metrics)
 
 
 def _too_few(strategy: Any, server_round: int, clients: int) -> MetricRecord:
@@ -642,10 +925,19 @@ def _summed_update(strategy: Any, survivors: list[int], summed: State,
                         client_id="secure-sum", start=factors_from_state_dict(start, scale))
 
 
+def _count_losses(strategy: Any, outcome: SecureSum) -> None:
+    """Who the protocol lost and why, and its bytes, into the round's stats."""
+    stats, private = strategy.stats, strategy.dp is not None
+    stats.dropped.extend(f"{'a sampled client' if private else f'node {n}'}: secure "
+                         f"aggregation, {why}" for n, why in sorted(outcome.dropped.items()))
+    stats.bytes_up += sum(outcome.bytes_up.values())
+    stats.bytes_down += sum(outcome.bytes_down.values())
+
+
 def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                    settings: SecAggSettings, seconds: float) -> MetricRecord:
     """Like ``FedtuneStrategy.aggregate_train``'s, from the survivors' stage-0 metrics;
-    each client's record counts the bytes of all four stages."""
+    each client's record counts the bytes of all the stages."""
     stats = strategy.stats
     losses, examples = [], []
     private = strategy.dp is not None  # client-level DP: who took part is a secret
@@ -663,10 +955,7 @@ def _round_metrics(strategy: Any, server_round: int, outcome: SecureSum,
                   + outcome.bytes_down.get(node, 0), "bytes_up_dense": 0}
         stats.client_records.append(record)
         strategy.on_client(record)
-    stats.dropped.extend(f"{'a sampled client' if private else f'node {n}'}: secure "
-                         f"aggregation, {why}" for n, why in sorted(outcome.dropped.items()))
-    stats.bytes_up += sum(outcome.bytes_up.values())
-    stats.bytes_down += sum(outcome.bytes_down.values())
+    _count_losses(strategy, outcome)
     total = sum(examples)
     loss = {} if any(math.isnan(x) for x in losses) else {  # none under client-level DP
         "train-loss": sum(x * n for x, n in zip(losses, examples, strict=True)) / total}

@@ -108,6 +108,20 @@ class Quantizer:
         """|dequantised sum - true sum| per coordinate is below this."""
         return clients * self.step
 
+    def check_sum(self, total: np.ndarray, clients: int) -> None:
+        """RangeError unless every coordinate of the unmasked sum of ``clients`` vectors
+        is one that many honest vectors can make (0 .. clients * levels, i.e. the
+        dequantised sum in [-clients R, clients R]). A client controls its own word mod
+        2^32, so this bounds the sum, not its share of it: one client can still move a
+        coordinate anywhere inside the range (docs/privacy.md, "Integrity")."""
+        outside = int(np.count_nonzero(np.asarray(total, dtype=np.uint64)
+                                       > clients * self.levels))
+        if outside:
+            raise RangeError(f"{outside} of {np.size(total)} coordinates of the unmasked "
+                             f"sum of {clients} clients lie outside "
+                             f"[-{clients} R, {clients} R] (R = {self.value_range:g}): a "
+                             "client sent a value no clipped update quantises to")
+
 
 # ---- masks ------------------------------------------------------------------------------
 def derive_key(secret: bytes, label: str) -> bytes:
@@ -160,6 +174,16 @@ def modular_sum(vectors: list[np.ndarray]) -> np.ndarray:
     for v in vectors:
         total = add_signed(total, v.astype(WORD), 1)
     return total
+
+
+# ---- commitments -------------------------------------------------------------------------
+def digest(data: bytes) -> bytes:
+    """SHA-256 of ``data``: what the owner of a secret publishes about each Shamir share
+    it deals (and about its seed), so the server can tell a share a holder made up from
+    the one it was given. A share is uniform, so its digest says nothing of the secret."""
+    hasher = hashes.Hash(hashes.SHA256())
+    hasher.update(bytes(data))
+    return hasher.finalize()
 
 
 def tail_probability(tail: float = NOISE_TAIL) -> float:
