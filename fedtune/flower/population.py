@@ -13,6 +13,7 @@ reproducible experiment: who was sampled is then a secret the server keeps to it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import secrets
@@ -53,6 +54,13 @@ def _with_fixed_rank(profile: str, rank: int) -> str | None:
     if fields.get("rank") != "auto":
         return None
     return tomli_w.dumps({**fields, "rank": rank})
+
+
+def hidden_name(name: str) -> str:
+    """What a server under client-level DP keeps of a client's name: a digest, so that
+    no name is written to the checkpoint, the run record or the log (anyone who guesses
+    a name can still check it; the digest only keeps the files from spelling it)."""
+    return "name-sha256:" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
 def client_sampler(scenario: Scenario) -> random.Random:
@@ -127,8 +135,10 @@ class Population:
                 continue
             identity = reply.content.config_records.get(keys.IDENTITY)
             if identity is not None:  # a deployed client: known by its name
-                named[node] = (str(identity[keys.CLIENT_NAME]),
-                               str(identity.get(keys.CLIENT_PROFILE, "")))
+                name = str(identity[keys.CLIENT_NAME])
+                if self.scenario.privacy.client_level:  # known by its digest only
+                    name = hidden_name(name)
+                named[node] = (name, str(identity.get(keys.CLIENT_PROFILE, "")))
                 continue
             partition = int(reply.content.metric_records[keys.METRICS][keys.PARTITION])
             if not 0 <= partition < len(self.settings):

@@ -382,8 +382,10 @@ def _stage_message(node: int, server_round: int, record: Mapping[str, Any]) -> M
 class _Exchange:
     """Sends one stage, keeps the good replies, counts bytes and who was lost where."""
 
-    def __init__(self, send: Send, outcome: SecureSum, server_round: int) -> None:
+    def __init__(self, send: Send, outcome: SecureSum, server_round: int,
+                 private: bool = False) -> None:
         self.send, self.outcome, self.round = send, outcome, server_round
+        self.private = private  # client-level DP: log no node and no reason
 
     def __call__(self, stage: str, messages: list[Message], needed: Sequence[str]
                  ) -> dict[int, Message]:
@@ -417,6 +419,9 @@ class _Exchange:
 
     def _lose(self, node: int, stage: str, reason: str) -> None:
         self.outcome.dropped[node] = f"{stage}: {reason}"
+        if self.private:
+            log.warning("round %d: secure aggregation lost a client at %s", self.round, stage)
+            return
         log.warning("round %d: secure aggregation lost node %s at %s: %s", self.round, node,
                     stage, reason)
 
@@ -432,7 +437,8 @@ def _enough(live: set[int], graph: Mapping[int, list[int]], t: int, stage: str) 
 
 
 def run_protocol(send: Send, messages: list[Message], server_round: int, neighbours: int,
-                 wanted_threshold: int, settings: SecAggSettings, size: int) -> SecureSum:
+                 wanted_threshold: int, settings: SecAggSettings, size: int,
+                 private: bool = False) -> SecureSum:
     """Stages 0-3 for ``messages`` (the round's train messages, without the protocol's
     record); the sum of the vectors (``size`` words each) of the nodes that lasted."""
     nodes = [m.metadata.dst_node_id for m in messages]
@@ -440,7 +446,7 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
     t = threshold_for(len(next(iter(graph.values()))), wanted_threshold)
     settings = dataclasses.replace(settings, threshold=t)
     outcome = SecureSum(np.zeros(size, dtype="<u4"), [])
-    exchange = _Exchange(send, outcome, server_round)
+    exchange = _Exchange(send, outcome, server_round, private)
     for m in messages:
         m.content[SECAGG] = ConfigRecord(settings.to_config())
     keyed = exchange(TRAIN, messages, ("pk1", "pk2"))
@@ -552,6 +558,8 @@ def round_settings(strategy: Any, messages: Sequence[Message]) -> SecAggSettings
     fields = ("B",) if strategy.aggregator.capabilities.freeze_A else ("A", "B")
     noise = max(float(m.content.config_records[keys.CONFIG].get(keys.DP_NOISE_STD, 0.0))
                 for m in messages)
+    if strategy.dp is not None:  # the population's rank: the sample must not show
+        ranks = {strategy.release_rank}
     return SecAggSettings(0, max(ranks), fields, p.clip_norm, noise, p.secagg_bits)
 
 
@@ -573,7 +581,7 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     size = sum(a * b for _, (a, b) in entries)
     settings.quantizer.check_capacity(len(nodes))
     outcome = run_protocol(send, messages, server_round, p.secagg_neighbours,
-                           p.secagg_threshold, settings, size)
+                           p.secagg_threshold, settings, size, private=strategy.dp is not None)
     minimum, rule = strategy.population.minimum_replies()
     if len(outcome.survivors) < minimum:
         raise RoundFailedError(f"round {server_round}: {len(outcome.survivors)} clients in "

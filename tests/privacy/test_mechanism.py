@@ -204,4 +204,6 @@ def test_missing_start_is_an_error():
     update = ClientUpdate({"m": base}, 1, "0")
     dp = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0, sampled=1)
     with pytest.raises(ValueError, match="needs the start"):
-        factor_release([update], None, dp, GaussianNoise(0))
+        factor_release([update], {"m": base}, dp, GaussianNoise(0))
+    with pytest.raises(ValueError, match="needs its base"):
+        factor_release([], None, dp, GaussianNoise(0))
