@@ -59,10 +59,20 @@ class BudgetStop(RuntimeError):
 
 def dp_settings(scenario: Scenario, settings: Iterable[ClientSettings]) -> DPSettings | None:
     """The run's client-level DP (None without): distributed DP needs one LoRA scale, as
-    every client clips and noises its update at its own scale."""
+    every client clips and noises its update at its own scale, and one rank, as a client
+    noises only the components of its own rank: the components above the smallest
+    rank of a release at the population's rank would carry less noise than z C."""
     p = scenario.privacy
     if not p.client_level:
         return None
+    settings = list(settings)
+    ranks = sorted({s.rank for s in settings})
+    if p.mode == "distributed" and len(ranks) > 1:
+        raise ConfigError(
+            f"privacy.mode = 'distributed' needs one LoRA rank across clients, got {ranks}: "
+            "each client noises only the components of its own rank, so in a release of "
+            f"rank {ranks[-1]} the components above rank {ranks[0]} would carry less noise "
+            "than z C; use mode = 'central' or one rank (clients.rank_policy = 'min')")
     scales = {s.alpha / s.rank for s in settings}
     if p.mode == "distributed" and len(scales) > 1:
         raise ConfigError(

@@ -176,3 +176,18 @@ def test_no_file_of_the_run_directory_nor_the_servers_log_names_a_client(named_r
     assert summary["status"] == "completed", summary.get("error")
     assert [r["clients_dropped"] for r in summary["rounds"]] == [1, 1]  # counted
     assert [r["clients_replied"] for r in summary["rounds"]] == [4, 4]
+
+
+def test_distributed_dp_with_mixed_ranks_is_refused(tmp_path):
+    """A client noises only the components of its own rank: with mixed ranks, the
+    components of the population's rank above the smallest would carry less than z C
+    (only the wider clients' shares), so the run refuses to start, naming the ranks."""
+    from fedtune.config import ConfigError
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    wide, narrow = _profile(tmp_path, 8), _profile(tmp_path, 2)
+    scenario = load_scenario("tiny", [
+        'federation.aggregator="zeropad"', f'clients.profiles=["{wide}", "{narrow}"]',
+        'privacy.mode="distributed"', "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match=r"one LoRA rank across clients, got \[2, 8\]"):
+        FedtuneStrategy(scenario)
