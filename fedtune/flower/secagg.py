@@ -558,8 +558,6 @@ def round_settings(strategy: Any, messages: Sequence[Message]) -> SecAggSettings
     fields = ("B",) if strategy.aggregator.capabilities.freeze_A else ("A", "B")
     noise = max(float(m.content.config_records[keys.CONFIG].get(keys.DP_NOISE_STD, 0.0))
                 for m in messages)
-    if strategy.dp is not None:  # the population's rank: the sample must not show
-        ranks = {strategy.release_rank}
     return SecAggSettings(0, max(ranks), fields, p.clip_norm, noise, p.secagg_bits)
 
 
