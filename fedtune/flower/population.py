@@ -25,7 +25,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedtune.config import Scenario
+from fedtune.config import ConfigError, Scenario
 from fedtune.core.seeds import sampler, stream
 from fedtune.flower import messages as keys
 from fedtune.flower.identity import Claim, NameKeys
@@ -61,6 +61,20 @@ def hidden_name(name: str) -> str:
     no name is written to the checkpoint, the run record or the log (anyone who guesses
     a name can still check it; the digest only keeps the files from spelling it)."""
     return "name-sha256:" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def check_distributed_ranks(scenario: Scenario, ranks: Iterable[int]) -> None:
+    """Distributed DP needs one rank: each client noises only the components of its own
+    rank, so in a release of the population's rank the components above the smallest
+    would carry less noise than z C (only the wider clients' shares)."""
+    p = scenario.privacy
+    found = sorted(set(ranks))
+    if p.client_level and p.mode == "distributed" and len(found) > 1:
+        raise ConfigError(
+            f"privacy.mode = 'distributed' needs one LoRA rank across clients, got {found}: "
+            "each client noises only the components of its own rank, so in a release of "
+            f"rank {found[-1]} the components above rank {found[0]} would carry less noise "
+            "than z C; use mode = 'central' or one rank (clients.rank_policy = 'min')")
 
 
 def client_sampler(scenario: Scenario) -> random.Random:
@@ -218,6 +232,7 @@ class Population:
                 tomllib.loads(text), origin=f"the profile client {partition} declared")
         settings = settings_from_profiles(self.scenario, profiles)
         check_ranks(self.scenario, [s.rank for s in settings])
+        check_distributed_ranks(self.scenario, [s.rank for s in settings])
         self.settings = tuple(settings)
 
     # ---- who takes part --------------------------------------------------------------------

@@ -40,7 +40,7 @@ from fedtune.core.codec import (
 from fedtune.core.seeds import round_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
-from fedtune.flower.population import Population, RoundFailedError
+from fedtune.flower.population import Population, RoundFailedError, check_distributed_ranks
 from fedtune.flower.round_stats import RoundStats
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.sampling import PoissonCohort, rate_for
@@ -66,13 +66,7 @@ def dp_settings(scenario: Scenario, settings: Iterable[ClientSettings]) -> DPSet
     if not p.client_level:
         return None
     settings = list(settings)
-    ranks = sorted({s.rank for s in settings})
-    if p.mode == "distributed" and len(ranks) > 1:
-        raise ConfigError(
-            f"privacy.mode = 'distributed' needs one LoRA rank across clients, got {ranks}: "
-            "each client noises only the components of its own rank, so in a release of "
-            f"rank {ranks[-1]} the components above rank {ranks[0]} would carry less noise "
-            "than z C; use mode = 'central' or one rank (clients.rank_policy = 'min')")
+    check_distributed_ranks(scenario, [s.rank for s in settings])
     scales = {s.alpha / s.rank for s in settings}
     if p.mode == "distributed" and len(scales) > 1:
         raise ConfigError(

@@ -191,3 +191,19 @@ def test_distributed_dp_with_mixed_ranks_is_refused(tmp_path):
         'privacy.mode="distributed"', "privacy.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match=r"one LoRA rank across clients, got \[2, 8\]"):
         FedtuneStrategy(scenario)
+
+
+def test_under_distributed_dp_a_declared_profile_of_another_rank_falls_back():
+    """A deployed client declaring a wider rank would make the ranks mixed mid-run: its
+    profile is refused (it trains the server's settings) and the ranks stay one."""
+    from fedtune.flower.strategy import FedtuneStrategy
+
+    scenario = load_scenario("tiny", [
+        "data.num_clients=3", 'federation.aggregator="zeropad"',
+        'privacy.mode="distributed"', "privacy.noise_multiplier=1.0"])
+    strategy = FedtuneStrategy(scenario)
+    wide = ('name = "wide"\nmemory_budget_mb = 4000\ndevice = "cpu"\n'
+            'quantization = "none"\nrank = 8\nalpha_ratio = 2.0\n')
+    strategy._register_named({1: ("a", wide), 2: ("b", ""), 3: ("c", "")})
+    assert {s.rank for s in strategy.settings} == {scenario.lora.rank}
+    assert strategy.declared == {}
