@@ -42,11 +42,18 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         dropped += f"  epsilon {record['epsilon']:.3g} (delta {record['delta']:g})"
     if record.get("sample_epsilon_max") is not None:
         dropped += f"  DP-SGD epsilon <= {record['sample_epsilon_max']:.3g}"
+    if record.get("clients_dropped"):  # client-level DP publishes the count only
+        dropped = f"  dropped {record['clients_dropped']}" + dropped
+    traffic = ""  # client-level DP withholds bytes and durations
+    if record.get("bytes_up") is not None:
+        traffic = (f"  up {_fmt_bytes(record['bytes_up'])}  "
+                   f"down {_fmt_bytes(record['bytes_down'])}")
+    if record.get("seconds") is not None:
+        traffic += f"  {record['seconds']:.1f} s"
     return (
         f"[bold]round {record['round']}/{rounds}[/]  train loss {trained}  "
         f"held-out loss {held_out}  clients {record['clients_replied']}/"
-        f"{record['clients_sampled']}{dropped}  up {_fmt_bytes(record['bytes_up'])}  "
-        f"down {_fmt_bytes(record['bytes_down'])}  {record['seconds']:.1f} s"
+        f"{record['clients_sampled']}{dropped}{traffic}"
     )
 
 

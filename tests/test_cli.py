@@ -80,10 +80,10 @@ def test_a_round_line_under_client_level_dp_shows_no_train_loss():
     from fedtune.cli import round_line
 
     record = {"round": 1, "train_loss": None, "eval_loss": None, "clients_replied": 1,
-              "clients_sampled": 2, "bytes_up": 0, "bytes_down": 0, "seconds": 1.0,
-              "epsilon": 1.5, "delta": 1e-3}
-    line = round_line(record, 2)
-    assert "train loss n/a" in line and "epsilon 1.5" in line
+              "clients_sampled": 2, "clients_dropped": 1, "epsilon": 1.5, "delta": 1e-3}
+    line = round_line(record, 2)  # a published record: no bytes, no seconds, counts
+    assert "train loss n/a" in line and "epsilon 1.5" in line and "dropped 1" in line
+    assert " up " not in line and " s" not in line.split("epsilon")[1]
 
 
 def _readme_commands(subcommands: tuple[str, ...]) -> list[list[str]]:

@@ -13,6 +13,7 @@ reproducible experiment: who was sampled is then a secret the server keeps to it
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import secrets
@@ -24,7 +25,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedtune.config import Scenario
+from fedtune.config import ConfigError, Scenario
 from fedtune.core.seeds import sampler, stream
 from fedtune.flower import messages as keys
 from fedtune.flower.identity import Claim, NameKeys
@@ -53,6 +54,27 @@ def _with_fixed_rank(profile: str, rank: int) -> str | None:
     if fields.get("rank") != "auto":
         return None
     return tomli_w.dumps({**fields, "rank": rank})
+
+
+def hidden_name(name: str) -> str:
+    """What a server under client-level DP keeps of a client's name: a digest, so that
+    no name is written to the checkpoint, the run record or the log (anyone who guesses
+    a name can still check it; the digest only keeps the files from spelling it)."""
+    return "name-sha256:" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def check_distributed_ranks(scenario: Scenario, ranks: Iterable[int]) -> None:
+    """Distributed DP needs one rank: each client noises only the components of its own
+    rank, so in a release of the population's rank the components above the smallest
+    would carry less noise than z C (only the wider clients' shares)."""
+    p = scenario.privacy
+    found = sorted(set(ranks))
+    if p.client_level and p.mode == "distributed" and len(found) > 1:
+        raise ConfigError(
+            f"privacy.mode = 'distributed' needs one LoRA rank across clients, got {found}: "
+            "each client noises only the components of its own rank, so in a release of "
+            f"rank {found[-1]} the components above rank {found[0]} would carry less noise "
+            "than z C; use mode = 'central' or one rank (clients.rank_policy = 'min')")
 
 
 def client_sampler(scenario: Scenario) -> random.Random:
@@ -127,8 +149,10 @@ class Population:
                 continue
             identity = reply.content.config_records.get(keys.IDENTITY)
             if identity is not None:  # a deployed client: known by its name
-                named[node] = (str(identity[keys.CLIENT_NAME]),
-                               str(identity.get(keys.CLIENT_PROFILE, "")))
+                name = str(identity[keys.CLIENT_NAME])
+                if self.scenario.privacy.client_level:  # known by its digest only
+                    name = hidden_name(name)
+                named[node] = (name, str(identity.get(keys.CLIENT_PROFILE, "")))
                 continue
             partition = int(reply.content.metric_records[keys.METRICS][keys.PARTITION])
             if not 0 <= partition < len(self.settings):
@@ -208,6 +232,7 @@ class Population:
                 tomllib.loads(text), origin=f"the profile client {partition} declared")
         settings = settings_from_profiles(self.scenario, profiles)
         check_ranks(self.scenario, [s.rank for s in settings])
+        check_distributed_ranks(self.scenario, [s.rank for s in settings])
         self.settings = tuple(settings)
 
     # ---- who takes part --------------------------------------------------------------------

@@ -506,8 +506,10 @@ def _well_formed(value: Any, key: str) -> bool:
 class _Exchange:
     """Sends one stage, keeps the good replies, counts bytes and who was lost where."""
 
-    def __init__(self, send: Send, outcome: SecureSum, server_round: int) -> None:
+    def __init__(self, send: Send, outcome: SecureSum, server_round: int,
+                 private: bool = False) -> None:
         self.send, self.outcome, self.round = send, outcome, server_round
+        self.private = private  # client-level DP: log no node and no reason
 
     def __call__(self, stage: str, messages: list[Message], needed: Sequence[str]
                  ) -> dict[int, Message]:
@@ -541,6 +543,9 @@ class _Exchange:
 
     def _lose(self, node: int, stage: str, reason: str) -> None:
         self.outcome.dropped[node] = f"{stage}: {reason}"
+        if self.private:
+            log.warning("round %d: secure aggregation lost a client at %s", self.round, stage)
+            return
         log.warning("round %d: secure aggregation lost node %s at %s: %s", self.round, node,
                     stage, reason)
 
@@ -574,7 +579,7 @@ class _Commitments:
 
 def run_protocol(send: Send, messages: list[Message], server_round: int, neighbours: int,
                  wanted_threshold: int, settings: SecAggSettings, size: int,
-                 minimum: int = MIN_CLIENTS) -> SecureSum:
+                 minimum: int = MIN_CLIENTS, private: bool = False) -> SecureSum:
     """Stages 0-3 for ``messages`` (the round's train messages, without the protocol's
     record); the sum of the vectors (``size`` words each) of the nodes that lasted.
     RoundFailedError when, after any stage, fewer than max(threshold, ``minimum``,
@@ -586,7 +591,7 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
     outcome = SecureSum(np.zeros(size, dtype="<u4"), [])
     try:
         return _stages(send, messages, server_round, graph, t, max(t, minimum, MIN_CLIENTS),
-                       settings, outcome)
+                       settings, outcome, private)
     except RoundFailedError as err:
         err.outcome = outcome  # type: ignore[attr-defined]  # who was lost, and why
         raise
@@ -594,9 +599,9 @@ def run_protocol(send: Send, messages: list[Message], server_round: int, neighbo
 
 def _stages(send: Send, messages: list[Message], server_round: int,
             graph: Mapping[int, list[int]], t: int, floor: int, settings: SecAggSettings,
-            outcome: SecureSum) -> SecureSum:
+            outcome: SecureSum, private: bool = False) -> SecureSum:
     size = outcome.total.size
-    exchange = _Exchange(send, outcome, server_round)
+    exchange = _Exchange(send, outcome, server_round, private)
     for m in messages:
         m.content[SECAGG] = ConfigRecord(settings.to_config())
     keyed = exchange(TRAIN, messages, ("pk1", "pk2"))
@@ -817,7 +822,8 @@ def secure_train(strategy: Any, send: Send, server_round: int, messages: list[Me
     settings.quantizer.check_capacity(len(nodes))
     minimum, _ = strategy.population.minimum_replies()
     outcome = run_protocol(send, messages, server_round, p.secagg_neighbours,
-                           p.secagg_threshold, settings, size, minimum)
+                           p.secagg_threshold, settings, size, minimum,
+                           private=strategy.dp is not None)
     try:
         summed = checked_sum(outcome, settings, entries,
                              strategy.scenario.federation.max_update_norm)

@@ -17,6 +17,7 @@ from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_che
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
+from fedtune.privacy.publish import WITHHELD, adapter_bytes_by_rank, private_round
 from fedtune.runs.rundir import ADAPTER_DIR, SCENARIO_FILE, RunRecorder, new_run_dir
 
 log = logging.getLogger("fedtune")
@@ -59,6 +60,7 @@ def run_federation(
     report = progress or (lambda record: None)
 
     def on_round(record: dict[str, Any]) -> None:
+        record = published(strategy, record)  # the one place a round record leaves
         if record["round"] == 0:
             if record["eval_loss"] is not None:
                 recorder.log_initial_eval(record["eval_loss"])
@@ -117,6 +119,13 @@ def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
     return done + 1
 
 
+def published(strategy: FedtuneStrategy, record: dict[str, Any]) -> dict[str, Any]:
+    """A round's record as the run directory, the checkpoint and the progress line get
+    it: under client-level DP counts and the mechanism's numbers only
+    (``fedtune.privacy.publish``), whichever path (plain or secure) built it."""
+    return record if strategy.dp is None else private_round(record)
+
+
 def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
     """The summary's privacy section: the plan, what was spent, and any early stop."""
     p = strategy.scenario.privacy
@@ -131,6 +140,9 @@ def privacy_report(strategy: FedtuneStrategy) -> dict[str, Any] | None:
             "held-out losses are un-noised)" if strategy.federated_eval else "off")
         report["published_counts"] = ("clients sampled, replied, dropped per round (not "
                                       "covered by epsilon); never who")
+        report["withheld"] = WITHHELD
+        report["adapter_bytes_by_rank"] = adapter_bytes_by_rank(
+            strategy.expected, {s.rank for s in strategy.settings})
     report.update(secagg.server_view(p, strategy.dp))
     if p.sample_level:
         report.update(sample_noise_multiplier=p.sample_noise_multiplier,

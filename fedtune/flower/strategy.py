@@ -41,7 +41,7 @@ from fedtune.core.seeds import round_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import replies as checks
 from fedtune.flower.orders import scenario_orders
-from fedtune.flower.population import Population, RoundFailedError
+from fedtune.flower.population import Population, RoundFailedError, check_distributed_ranks
 from fedtune.flower.round_stats import RoundStats
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.sampling import PoissonCohort, rate_for
@@ -60,10 +60,14 @@ class BudgetStop(RuntimeError):
 
 def dp_settings(scenario: Scenario, settings: Iterable[ClientSettings]) -> DPSettings | None:
     """The run's client-level DP (None without): distributed DP needs one LoRA scale, as
-    every client clips and noises its update at its own scale."""
+    every client clips and noises its update at its own scale, and one rank, as a client
+    noises only the components of its own rank: the components above the smallest
+    rank of a release at the population's rank would carry less noise than z C."""
     p = scenario.privacy
     if not p.client_level:
         return None
+    settings = list(settings)
+    check_distributed_ranks(scenario, [s.rank for s in settings])
     scales = {s.alpha / s.rank for s in settings}
     if p.mode == "distributed" and len(scales) > 1:
         raise ConfigError(
@@ -228,6 +232,10 @@ class FedtuneStrategy(Strategy):
             raise ValueError("reply from a node that was not sampled")
         settings = self._settings(node)
         update = checks.train_update(message.content, settings, self._rules())
+        if self._factor_dp and update.metrics["rank"] > self._release_rank_now():
+            raise ValueError(f"rank {update.metrics['rank']} is above the release's rank "
+                             f"{self._release_rank_now()} (fixed at round 1 under "
+                             "client-level DP)")
         if update.metrics["rank"] < settings.rank:
             self.population.pruned_rank[settings.partition] = int(update.metrics["rank"])
         return update
@@ -281,9 +289,10 @@ class FedtuneStrategy(Strategy):
             self.stats.dropped.append(f"node {node}: {reason}")
             log.warning("round %d: dropped reply from node %s: %s", server_round, node,
                         reason)
-        else:
+        else:  # nor its reason: a refusing client names itself in it
             self.stats.dropped.append("a sampled client's reply was not used")
-            log.warning("round %d: dropped a reply: %s", server_round, reason)
+            log.warning("round %d: dropped a reply (under client-level DP its reason is "
+                        "not logged: it may name the client)", server_round)
 
     def _check_minimum(self, server_round: int, updates: list[ClientUpdate]) -> None:
         minimum, rule = self.population.minimum_replies()
@@ -294,25 +303,47 @@ class FedtuneStrategy(Strategy):
 
     def dp_release(self, server_round: int, updates: list[ClientUpdate]) -> GlobalAdapter:
         """The DP wrapper's release: the clipped sum over the expected cohort q * N (not
-        the replies), the accountant charged at the q this round was drawn with."""
+        the replies), the accountant charged at the q this round was drawn with, in the
+        population's shape from round 1 (never the shape of the clients sampled)."""
         assert self.dp is not None and self.cohort is not None
-        empty_base = None
-        if not updates and self.global_adapter is None:
-            empty_base = self._seeded_start()
+        first_base = self.population_start() if self.global_adapter is None else None
         return self.dp.aggregate(updates, self.global_adapter, server_round,
                                  self.cohort.expected, [s.rank for s in self.settings],
-                                 sample_rate=self.cohort.rate, empty_base=empty_base)
+                                 sample_rate=self.cohort.rate, first_base=first_base)
 
-    def _seeded_start(self) -> dict[str, LoraFactors]:
-        """The start a client of the widest rank has in the first round (the seeded init):
-        what a first round's noise goes on when no update arrived."""
+    @property
+    def _factor_dp(self) -> bool:
+        """Client-level DP releasing factors (fedavg, zeropad, ffa): the release's shape
+        is the population's, and no reply may be wider."""
+        return self.dp is not None and self.aggregator.capabilities.dp_form == "factor"
+
+    def _release_rank_now(self) -> int:
+        """The released adapter's rank (the population's largest before round 1)."""
+        if self.global_adapter is None:
+            return self.release_rank
+        return max(f.rank for f in self.global_adapter.factors.values())
+
+    @property
+    def release_rank(self) -> int:
+        """The rank of every release under client-level DP: the largest any client of
+        the population may train (its planned settings, known before round 1)."""
+        return max(s.rank for s in self.settings)
+
+    def population_start(self) -> dict[str, LoraFactors]:
+        """What the first release goes on: the seeded start of a client of the
+        population's largest rank (the seeded init, public), at the population's scale
+        (the clients' common alpha / r, or 1 when they differ, as ``shared_scale``)."""
         settings = max(self.settings, key=lambda s: s.rank)
         like = {}
         for module, (size_in, size_out) in self.expected.items():
             like[module + A_SUFFIX] = torch.empty(settings.rank, size_in)
             like[module + B_SUFFIX] = torch.empty(size_out, settings.rank)
         state = checks.client_start_state(settings, like, self._rules())
-        return factors_from_state_dict(state, settings.alpha / settings.rank)
+        own = settings.alpha / settings.rank
+        scales = {s.alpha / s.rank for s in self.settings}
+        scale = scales.pop() if len(scales) == 1 else 1.0
+        return {m: LoraFactors(A=f.A, B=f.B * (own / scale), scale=scale)
+                for m, f in factors_from_state_dict(state, own).items()}
 
     def _train_loss(self, updates: list[ClientUpdate]) -> dict[str, float]:
         """The example-weighted training loss, never under DP (an un-noised number about
@@ -372,14 +403,14 @@ class FedtuneStrategy(Strategy):
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
-                log.warning("round %d: evaluation failed on node %s: %s", server_round,
-                            node, message.error.reason)
+                self._eval_failed(server_round, node, "evaluation failed",
+                                  message.error.reason)
                 continue
             try:
                 loss, count, m = checks.eval_numbers(message.content)
             except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
-                log.warning("round %d: ignored the evaluation of node %s: %s", server_round,
-                            node, checks.drop_reason(err))
+                self._eval_failed(server_round, node, "ignored the evaluation",
+                                  checks.drop_reason(err))
                 continue
             loss_sum += loss * count
             tokens += count
@@ -388,6 +419,15 @@ class FedtuneStrategy(Strategy):
         if tokens == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens})
+
+    def _eval_failed(self, server_round: int, node: int, what: str, reason: str) -> None:
+        """Log an evaluation that is not used; under client-level DP without the node or
+        the reason (a refusing client names itself in it)."""
+        if self.dp is None:
+            log.warning("round %d: %s on node %s: %s", server_round, what, node, reason)
+        else:
+            log.warning("round %d: %s on a client (reason not logged under client-level "
+                        "DP)", server_round, what)
 
     @property
     def federated_eval(self) -> bool:

@@ -10,9 +10,11 @@ the server itself sent (a public value), and the denominator m is the number of 
 Two forms, chosen by aggregator:
 
 * ``factor`` (fedavg, zeropad, ffa): the released sum is the clients' factor updates
-  (dA, dB; for ffa only dB, A is frozen and public), zero-padded to the global rank and
-  expressed at the global adapter's scale. The clip norm bounds exactly that vector; the
-  noise goes on every trainable factor entry.
+  (dA, dB; for ffa only dB, A is frozen and public), zero-padded to the release's rank
+  and expressed at the global adapter's scale. The release's shape is the population's
+  (its largest rank, from round 1), never that of the clients sampled, so the shape says
+  nothing about who took part. The clip norm bounds exactly that vector (the padding is
+  zeros: sensitivity C whatever the shape); the noise goes on every trainable entry.
 * ``dense`` (flora, flexlora): the released sum is the clients' weight-space updates
   ``s_k B_k A_k - start`` summed per module as a dense out x in matrix (the clip uses
   their Frobenius norm, computed in factored form); noise goes on that dense sum and the
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedtune.core.adapters import ClientUpdate, LoraFactors, shared_scale
+from fedtune.core.adapters import ClientUpdate, LoraFactors
 from fedtune.core.lowrank import pad_cols, pad_rows, truncate
 from fedtune.privacy.clip import clip_factor, clip_to_norm, product_norm
 from fedtune.privacy.noise import GaussianNoise
@@ -113,33 +115,38 @@ def factor_delta(update: ClientUpdate, base: Mapping[str, LoraFactors],
     return out
 
 
-def factor_base(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None
-                ) -> dict[str, LoraFactors]:
-    """What the noised sum is added to: the previous global adapter, or, where a client of
-    larger rank took part (or in the first round), that client's start (the same global
-    extended with its seeded fresh components) at the global scale."""
-    base: dict[str, LoraFactors] = {}
-    for module in sorted(updates[0].factors):
-        starts = [_start(u, module) for u in updates]
-        widest = max(starts, key=lambda s: s.rank)
-        old = None if previous is None else previous.get(module)
-        if old is not None and old.rank >= widest.rank:
-            base[module] = old
-            continue
-        scale = old.scale if old is not None else shared_scale(starts)
-        base[module] = LoraFactors(A=widest.A, B=widest.B * (widest.scale / scale), scale=scale)
-    return base
+def check_fits(updates: Sequence[ClientUpdate], base: Mapping[str, LoraFactors]) -> None:
+    """Every update fits the release's shape: its modules are the base's and its rank is
+    at most the base's. The shape is the population's, fixed before round 1, never
+    widened to the clients sampled (a wider release would say that a wide client took
+    part, and for that client amplification by sampling would not hold)."""
+    for update in updates:
+        if set(update.factors) != set(base):
+            raise PrivacyError(f"client {update.client_id or '?'}: its modules are not the "
+                               "release's")
+        wide = [m for m, f in update.factors.items() if f.rank > base[m].rank]
+        if wide:
+            raise PrivacyError(
+                f"client {update.client_id or '?'}: rank {update.factors[wide[0]].rank} is "
+                f"above the release's rank {base[wide[0]].rank} (the population's largest, "
+                "fixed before round 1)")
 
 
-def factor_release(updates: Sequence[ClientUpdate], previous: Mapping[str, LoraFactors] | None,
+def factor_release(updates: Sequence[ClientUpdate], base: Mapping[str, LoraFactors] | None,
                    dp: ClientLevelDP, noise: GaussianNoise, trainable: Sequence[str] = ("A", "B")
                    ) -> Release:
     """base + (sum of clipped factor updates) / m + N(0, (z C / m)^2) on trainable entries.
-    With no update (nobody sampled, or nobody replied) the base is ``previous`` and the
-    release is pure noise on it: a round that touched no data still looks like any other."""
-    if not updates and previous is None:
-        raise PrivacyError("a round without updates needs the adapter to add noise to")
-    base = factor_base(updates, previous) if updates else dict(previous)
+
+    ``base`` is public and has the release's shape: the previous global adapter, or in
+    the first round the seeded start of a client of the population's largest rank. Each
+    update is zero-padded to it, so the padding carries only noise, and the noise goes on
+    every entry of that shape, whoever was sampled. With no update (nobody sampled, or
+    nobody replied) the release is pure noise on the base: a round that touched no data
+    looks like any other."""
+    if base is None:
+        raise PrivacyError("a factor release needs its base: the public adapter of the "
+                           "population's shape the noised sum is added to")
+    check_fits(updates, base)
     total = {f"{m}/{f}": torch.zeros_like(getattr(ref, f), dtype=torch.float64)
              for m, ref in base.items() for f in trainable}
     release = Release(factors={})

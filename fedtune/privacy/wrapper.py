@@ -159,30 +159,31 @@ class ClientLevelDPAggregator:
     def aggregate(self, updates: list[ClientUpdate], previous: GlobalAdapter | None,
                   server_round: int, sampled: float, ranks: Sequence[int],
                   sample_rate: float | None = None,
-                  empty_base: dict[str, LoraFactors] | None = None) -> GlobalAdapter:
+                  first_base: dict[str, LoraFactors] | None = None) -> GlobalAdapter:
         """The round's release and the accountant's step for it.
 
         ``sampled`` is the fixed denominator m (the expected cohort q * N, not the
         clients that replied); ``sample_rate`` the q this round's sample was drawn with
         (default: the planned one), which the accountant is charged; ``ranks`` every
-        client's rank, for a dense release's truncation; ``empty_base`` what the noise
-        goes on when no update came and there is no previous adapter (the clients' seeded
-        start). Central mode clips and noises here. In distributed mode the clients did
+        client's rank, for a dense release's truncation; ``first_base`` what the first
+        release goes on when there is no previous adapter: the seeded start of a client
+        of the population's largest rank, so that the release has the population's shape
+        from round 1 whoever was sampled (a dense release uses it only when no update
+        came). Central mode clips and noises here. In distributed mode the clients did
         both and the server sums, topping the noise up to z C when fewer than
         ``min_clients`` shares arrived (a small cohort must not mean less noise)."""
         s = self.settings
         central = s.mode == "central"
         dp = ClientLevelDP(s.clip_norm, self._server_noise_multiplier(len(updates)), sampled,
                            clip=central)
-        factors = None if previous is None else previous.factors
-        if not updates and factors is None:
-            factors = empty_base
+        factors = first_base if previous is None else previous.factors
         noise = self.noise(server_round)
         if self.aggregator.capabilities.dp_form == "factor":
             release = factor_release(updates, factors, dp, noise, self.trainable)
         else:
             rank = self.aggregator.dp_release_rank(ranks)
-            release = dense_release(updates, factors, dp, noise, rank)
+            on = previous.factors if previous is not None else (None if updates else factors)
+            release = dense_release(updates, on, dp, noise, rank)
         self.accountant.step(s.noise_multiplier, sample_rate or s.sample_rate)
         self._metrics = self._release_metrics(release, len(updates), sampled, server_round)
         round_number = 1 if previous is None else previous.round + 1

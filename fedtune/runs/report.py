@@ -69,13 +69,13 @@ def _bar_pair(ax: Any, rounds: list[dict[str, Any]], left: tuple[str, str],
     """Two bars per round side by side: (record key, label) each, values / ``scale``."""
     x = [r["round"] for r in rounds]
     for shift, (key, label) in ((-width / 2, left), (width / 2, right)):
-        ax.bar([v + shift for v in x], [r.get(key, 0) / scale for r in rounds], width,
+        ax.bar([v + shift for v in x], [(r.get(key) or 0) / scale for r in rounds], width,
                label=label)
 
 
 def traffic_plot(summary: dict[str, Any]) -> str | None:
     rounds = summary["rounds"]
-    if not rounds:
+    if not any(r.get("bytes_up") is not None for r in rounds):  # none, or withheld (DP)
         return None
     fig, ax = _figure()
     _bar_pair(ax, rounds, ("bytes_up", "up (clients to server)"),
@@ -204,7 +204,7 @@ def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | N
     if initial.get("eval_perplexity") is not None and final.get("eval_perplexity") is not None:
         facts.append(f"held-out perplexity {initial['eval_perplexity']:.2f} → "
                      f"{final['eval_perplexity']:.2f}{_over_tokens(summary)}")
-    if totals:
+    if totals.get("bytes_up") is not None:  # client-level DP withholds traffic
         facts.append(f"traffic {totals.get('bytes_up', 0) / MB:.2f} MB up, "
                      f"{totals.get('bytes_down', 0) / MB:.2f} MB down")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>fedtune run "

@@ -139,16 +139,21 @@ class RunRecorder:
 
     def totals(self) -> dict[str, Any]:
         """Traffic and time over all rounds; ``upload_ratio`` is dense fp32 update bytes
-        over the bytes that really travelled up (1.0 without compression)."""
-        up = sum(r.get("bytes_up", 0) for r in self.rounds)
-        dense = sum(r.get("bytes_up_dense", 0) for r in self.rounds)
+        over the bytes that really travelled up (1.0 without compression). A total whose
+        rounds published no value (client-level DP withholds bytes and durations) is
+        None, not 0."""
+        up, dense = self._total("bytes_up"), self._total("bytes_up_dense")
         return {
             "bytes_up": up,
-            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
+            "bytes_down": self._total("bytes_down"),
             "bytes_up_dense": dense,
-            "upload_ratio": dense / up if up else None,
-            "seconds": sum(r.get("seconds", 0.0) for r in self.rounds),
+            "upload_ratio": dense / up if up and dense is not None else None,
+            "seconds": self._total("seconds"),
         }
+
+    def _total(self, key: str) -> Any:
+        values = [r[key] for r in self.rounds if r.get(key) is not None]
+        return sum(values) if values or not self.rounds else None
 
     def write_summary(self) -> None:
         atomic_write_text(self.path / SUMMARY_FILE, json.dumps(self.summary(), indent=2))

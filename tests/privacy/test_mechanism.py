@@ -204,4 +204,60 @@ def test_missing_start_is_an_error():
     update = ClientUpdate({"m": base}, 1, "0")
     dp = ClientLevelDP(clip_norm=1.0, noise_multiplier=1.0, sampled=1)
     with pytest.raises(ValueError, match="needs the start"):
-        factor_release([update], None, dp, GaussianNoise(0))
+        factor_release([update], {"m": base}, dp, GaussianNoise(0))
+    with pytest.raises(ValueError, match="needs its base"):
+        factor_release([], None, dp, GaussianNoise(0))
+
+
+def _population_release(ranks, base, sampled, z=0.0, seed=0):
+    """The factor release of clients of ``ranks`` (each started at its slice of
+    ``base``, moved by about 1), expected cohort ``sampled``, clip 0.5."""
+    updates = [_update(LoraFactors(A=base.A[:r], B=base.B[:, :r], scale=base.scale),
+                       40 + k, 1.0, k) for k, r in enumerate(ranks)]
+    dp = ClientLevelDP(clip_norm=0.5, noise_multiplier=z, sampled=sampled)
+    return factor_release(updates, {"m": base}, dp, GaussianNoise(seed))
+
+
+def test_the_release_has_the_populations_shape_whoever_was_sampled():
+    """A population of ranks (2, 2, 2, 8): whether the rank-8 client was sampled or not,
+    or nobody, the release is rank 8 (the base's) with the same number of noised
+    entries; the padding is zeros (without noise, rows the sampled clients lack stay
+    the base's), and the noise covers every entry of that shape (std z C / m on rows
+    no sampled client has). The round loop makes the base of round 1 the seeded start
+    at the population's largest rank (tests/flower/test_secret_cohort.py), where the
+    release used to be widened to the widest client sampled."""
+    base = _factors(8, 2.0, 5)
+    samples = [[], [2], [2, 2], [2, 8], [8], [2, 2, 2, 8]]
+    releases = [_population_release(s, base, sampled=2) for s in samples]
+    for release in releases:
+        out = release.factors["m"]
+        assert (out.A.shape, out.B.shape, out.scale) == ((8, IN), (OUT, 8), 2.0)
+        assert release.released == 8 * (IN + OUT)
+    narrow = releases[2].factors["m"]  # only rank-2 clients: padding is zeros
+    assert torch.equal(narrow.A[2:], base.A[2:]) and torch.equal(narrow.B[:, 2:], base.B[:, 2:])
+    assert not torch.equal(narrow.A[:2], base.A[:2])
+    z, m = 4.0, 2
+    noisy = _population_release([2, 2], base, sampled=m, z=z, seed=3).factors["m"]
+    residual = torch.cat([(noisy.A[2:] - base.A[2:]).flatten(),
+                          (noisy.B[:, 2:] - base.B[:, 2:]).flatten()]).double()
+    assert float(residual.std()) == pytest.approx(z * 0.5 / m, rel=0.12)
+
+
+def test_a_client_of_the_population_moves_the_padded_sum_by_at_most_C():
+    """Sensitivity stays C at the population's shape: adding the rank-8 client to a
+    cohort of rank-2 clients moves the (noise-free) release by at most C / m; zero
+    padding adds nothing to a client's norm."""
+    base = _factors(8, 2.0, 6)
+    without = _population_release([2, 2], base, sampled=3).factors["m"]
+    with_wide = _population_release([2, 2, 8], base, sampled=3).factors["m"]
+    moved = math.sqrt(float((with_wide.A - without.A).double().pow(2).sum()
+                            + (with_wide.B - without.B).double().pow(2).sum()))
+    assert moved <= 0.5 / 3 * (1 + 1e-5)
+    assert moved == pytest.approx(0.5 / 3, rel=1e-4)  # it moved by about 1: clipped to C
+
+
+def test_an_update_wider_than_the_release_is_refused():
+    base = _factors(2, 2.0, 7)
+    wide = _update(_factors(4, 2.0, 8), 9, 0.1, 0)
+    with pytest.raises(ValueError, match="above the release's rank 2"):
+        factor_release([wide], {"m": base}, ClientLevelDP(1.0, 1.0, 1), GaussianNoise(0))

@@ -61,6 +61,11 @@ def _updates(clients=2):
     return out
 
 
+def _base():
+    """The public start every stand-in client had (the first release goes on it)."""
+    return {"m": _updates(clients=1)[0].start["m"]}
+
+
 def _noise(server_round):
     return GaussianNoise(server_noise_seed(round_seed(RUN_SEED, server_round)))
 
@@ -68,8 +73,9 @@ def _noise(server_round):
 def test_a_factor_release_is_the_mechanisms_with_the_rounds_noise_seed():
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(), RUN_SEED)
     updates = _updates()
-    adapter = dp.aggregate(updates, None, server_round=3, sampled=4, ranks=[2, 2])
-    expected = factor_release(updates, None, ClientLevelDP(1.0, 1.0, 4), _noise(3))
+    adapter = dp.aggregate(updates, None, server_round=3, sampled=4, ranks=[2, 2],
+                           first_base=_base())
+    expected = factor_release(updates, _base(), ClientLevelDP(1.0, 1.0, 4), _noise(3))
     assert adapter.round == 1
     assert torch.equal(adapter.factors["m"].A, expected.factors["m"].A)
     assert torch.equal(adapter.factors["m"].B, expected.factors["m"].B)
@@ -83,7 +89,8 @@ def test_a_factor_release_is_the_mechanisms_with_the_rounds_noise_seed():
 def test_frozen_A_releases_only_B():
     dp = ClientLevelDPAggregator(_Aggregator(freeze_A=True), _settings(), RUN_SEED)
     updates = _updates()
-    adapter = dp.aggregate(updates, None, server_round=1, sampled=2, ranks=[2, 2])
+    adapter = dp.aggregate(updates, None, server_round=1, sampled=2, ranks=[2, 2],
+                           first_base=_base())
     assert dp.trainable == ("B",)
     assert torch.equal(adapter.factors["m"].A, updates[0].start["m"].A)
 
@@ -107,8 +114,9 @@ def test_distributed_mode_neither_clips_nor_noises_nor_publishes_the_clients_nor
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(mode="distributed", min_clients=2),
                                  RUN_SEED)
     updates = _updates()
-    adapter = dp.aggregate(updates, None, server_round=1, sampled=2, ranks=[2, 2])
-    plain = factor_release(updates, None, ClientLevelDP(1.0, 1.0, 2, clip=False,
+    adapter = dp.aggregate(updates, None, server_round=1, sampled=2, ranks=[2, 2],
+                           first_base=_base())
+    plain = factor_release(updates, _base(), ClientLevelDP(1.0, 1.0, 2, clip=False,
                                                         add_noise=False), GaussianNoise(0))
     assert torch.equal(adapter.factors["m"].B, plain.factors["m"].B)
     metrics = dp.metrics()
@@ -125,8 +133,9 @@ def test_distributed_mode_tops_the_noise_up_when_fewer_shares_than_min_clients_a
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(
         mode="distributed", min_clients=4, noise_multiplier=z, secure_noise=False), RUN_SEED)
     updates = _updates(clients=1)
-    adapter = dp.aggregate(updates, None, server_round=2, sampled=m, ranks=[2])
-    topped = factor_release(updates, None, ClientLevelDP(1.0, z * math.sqrt(3 / 4), m,
+    adapter = dp.aggregate(updates, None, server_round=2, sampled=m, ranks=[2],
+                           first_base=_base())
+    topped = factor_release(updates, _base(), ClientLevelDP(1.0, z * math.sqrt(3 / 4), m,
                                                          clip=False), _noise(2))
     assert torch.equal(adapter.factors["m"].B, topped.factors["m"].B)
     assert dp.metrics()["dp_noise_std"] == pytest.approx(z * 1.0 / m)  # z C / m in all
@@ -136,8 +145,8 @@ def test_the_accountant_is_charged_the_rate_used_and_the_divisor_is_the_expected
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(), RUN_SEED)
     updates = _updates(clients=1)  # one client replied of an expected cohort of 2.5
     adapter = dp.aggregate(updates, None, server_round=1, sampled=2.5, ranks=[2],
-                           sample_rate=0.8)
-    expected = factor_release(updates, None, ClientLevelDP(1.0, 1.0, 2.5), _noise(1))
+                           sample_rate=0.8, first_base=_base())
+    expected = factor_release(updates, _base(), ClientLevelDP(1.0, 1.0, 2.5), _noise(1))
     assert torch.equal(adapter.factors["m"].A, expected.factors["m"].A)
     assert dp.accountant.history == [(1.0, 0.8, 1)]
     assert dp.report()["sample_rate_max_used"] == 0.8
@@ -149,7 +158,7 @@ def test_a_round_without_updates_releases_noise_and_is_charged():
     (whether a round releases must not depend on who was drawn)."""
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(), RUN_SEED)
     base = {"m": _updates(clients=1)[0].start["m"]}
-    adapter = dp.aggregate([], None, server_round=1, sampled=2, ranks=[2], empty_base=base)
+    adapter = dp.aggregate([], None, server_round=1, sampled=2, ranks=[2], first_base=base)
     noise = _noise(1)
     A = base["m"].A.double() + noise.sample(base["m"].A.shape, 0.5, torch.float64)
     B = base["m"].B.double() + noise.sample(base["m"].B.shape, 0.5, torch.float64)
@@ -162,12 +171,14 @@ def test_norm_statistics_only_in_a_reproducible_experiment_and_from_clipped_norm
     """Both raw norms are above the clip norm 1.0: an experiment sees mean = max = 1.0,
     a private run no norm statistic at all."""
     experiment = ClientLevelDPAggregator(_Aggregator(), _settings(secure_noise=False), RUN_SEED)
-    experiment.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2])
+    experiment.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2],
+                           first_base=_base())
     metrics = experiment.metrics()
     assert metrics["dp_update_norm_max"] == metrics["dp_update_norm_mean"] == 1.0
     assert metrics["dp_clipped_fraction"] == 1.0
     private = ClientLevelDPAggregator(_Aggregator(), _settings(secure_noise=True), RUN_SEED)
-    private.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2])
+    private.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2],
+                           first_base=_base())
     assert "dp_update_norm_max" not in private.metrics()
 
 
@@ -175,7 +186,8 @@ def test_the_budget_stops_before_the_round_that_would_overspend_and_survives_a_r
     one_round = epsilon_after([(1.0, 0.5, 1)], 1e-5)
     dp = ClientLevelDPAggregator(_Aggregator(), _settings(budget=one_round), RUN_SEED)
     assert dp.stop_before(1) is None
-    dp.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2])
+    dp.aggregate(_updates(), None, server_round=1, sampled=2, ranks=[2, 2],
+                           first_base=_base())
     reason = dp.stop_before(2)
     assert reason is not None and reason.startswith("privacy budget: round 2") and dp.stopped
     restored = ClientLevelDPAggregator(_Aggregator(), _settings(budget=one_round), RUN_SEED)
