@@ -9,6 +9,12 @@ sequence's own token mean, summed; this measures what that did to the held-out l
 
     .venv/bin/python benchmarks/bench_dpsgd_chat.py --before 23b19dc~1
     .venv/bin/python benchmarks/bench_dpsgd_chat.py --before 23b19dc~1 --set run.rounds=1
+    .venv/bin/python benchmarks/bench_dpsgd_chat.py --row-norms 12
+
+``--row-norms`` prints, for client 0's first blocks at the initial LoRA, each block's
+labelled tokens and the norm of its own loss's gradient: where every norm is above C,
+clipping gives the two versions the same step (a row's old per-sample gradient was a
+positive multiple of its new one), so their utility can only differ through rows below C.
 
 Each run is a ``fedtune simulate`` (Ray, 3 clients); on a loaded 2-core machine one
 2-round run took about 8 minutes.
@@ -61,12 +67,48 @@ def simulate(tree: Path, sets: list[str], out_dir: Path) -> dict[str, Any]:
             "epsilon": summary["rounds"][-1].get("sample_epsilon_max")}
 
 
+def row_norms(rows: int) -> None:
+    """Per-block labelled tokens and gradient norms (this checkout's per-sequence loss)."""
+    import torch
+
+    from fedtune.config import load_scenario
+    from fedtune.data.tokenize import IGNORE_INDEX
+    from fedtune.model.cache import get_peft_model
+    from fedtune.model.lora import reset_lora
+    from fedtune.train.batches import client_batch
+    from fedtune.train.dpsgd import per_sequence_loss
+    from fedtune.train.local import packed_inputs
+
+    scenario = load_scenario("chat", ["model.device='cpu'"])
+    model, _ = get_peft_model(scenario.model, scenario.lora, scenario.run.seed)
+    reset_lora(model, scenario.run.seed)
+    model.train()  # LoRA dropout on, as in training, seeded
+    torch.manual_seed(scenario.run.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = client_batch(scenario, 0).train
+    print("| block | labelled tokens | own loss | gradient norm |\n|---|---|---|---|")
+    for i in range(min(rows, len(data))):
+        block = data.rows(slice(i, i + 1))
+        logits = model(**packed_inputs(block.input_ids, block.position_ids)).logits
+        loss = per_sequence_loss(logits, block.labels).sum()
+        norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).norm()
+        labelled = int((block.labels[:, 1:] != IGNORE_INDEX).sum())
+        print(f"| {i} | {labelled} | {float(loss):.3f} | {float(norm):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", required=True, help="git ref of the old version")
+    parser.add_argument("--before", help="git ref of the old version")
+    parser.add_argument("--row-norms", type=int, default=0,
+                        help="only print this many blocks' gradient norms")
     parser.add_argument("--set", dest="sets", action="append", default=[],
                         help="extra scenario override for both runs (repeatable)")
     args = parser.parse_args()
+    if args.row_norms:
+        row_norms(args.row_norms)
+        return
+    if not args.before:
+        parser.error("--before REF is needed to compare two versions")
     with tempfile.TemporaryDirectory(prefix="bench-dpsgd-") as tmp:
         work = Path(tmp)
         rows = {"before": simulate(export(args.before, work), args.sets, work / "runs"),
