@@ -186,8 +186,8 @@ def test_one_added_sequence_moves_the_clipped_sum_by_at_most_c(still_model, monk
     """C just above each of the repeated rows' gradient norm, so they go unclipped: with
     each sequence's loss its own mean over its labelled tokens, adding one sequence adds
     one clipped gradient and nothing else. Averaging the loss over the batch's tokens
-    instead rescales every other row by the tokens the new one brings (about 2.5 C and
-    2.8 C of move here)."""
+    instead rescales every other row by the tokens the new one brings (about 2.8 C of
+    move in both batches here)."""
     model = still_model
     batch, neighbour = batches(8)
     norm = _sequence_gradient_norm(model, batch.input_ids[0], batch.labels[0],
