@@ -92,8 +92,9 @@ def _dp_optimizer(reproducible: bool) -> type:
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each row's next-token loss averaged over its own labelled tokens, ``[batch]``; 0 for
     a row with none. ``labels`` are aligned with the ids (position t + 1 is the target of
-    logits t), as for transformers' ``labels=``. Per-token losses, not a second fp32
-    copy of the logits' log-softmax, are what is kept."""
+    logits t), as for transformers' ``labels=``. Memory as transformers' loss: one fp32
+    log-softmax of the ``[batch, seq_len, vocab]`` logits (an upcast copy only where they
+    are not fp32), kept for the backward; the mean needs no more than per-token losses."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="none")
