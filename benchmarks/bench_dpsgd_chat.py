@@ -93,7 +93,7 @@ def row_norms(rows: int) -> None:
         loss = per_sequence_loss(logits, block.labels).sum()
         norm = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]).norm()
         labelled = int((block.labels[:, 1:] != IGNORE_INDEX).sum())
-        print(f"| {i} | {labelled} | {float(loss):.3f} | {float(norm):.3f} |")
+        print(f"| {i} | {labelled} | {float(loss.detach()):.3f} | {float(norm):.3f} |")
 
 
 def main() -> None:
