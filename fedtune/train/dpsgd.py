@@ -3,9 +3,18 @@
 Each step draws a Poisson batch (every training sequence joins with probability
 q = batch_size / n, which is what the accountant's subsampling analysis assumes), clips
 every sequence's gradient of the trainable LoRA parameters to C, sums, adds
-N(0, (z C)^2) and divides by the expected batch size. Only LoRA parameters train, so only
+N(0, (z C)^2) and divides by the expected batch size (a constant: dividing by the drawn
+size would make the step depend on who joined). Only LoRA parameters train, so only
 their per-sample gradients are materialised. The hooks are removed afterwards: the model
 is cached and serves later rounds without them.
+
+A sequence's gradient is that of its own loss, the mean over its own labelled tokens
+(``per_sequence_loss``), and the batch's loss is the sum of those (Opacus'
+``loss_reduction="sum"``). Transformers' causal-LM loss averages over every labelled
+token of the batch instead, which ties each row's gradient to the other rows' token
+counts: with chat or padded blocks one added sequence then rescaled every other row and
+moved the clipped sum by several C. With the sum, adding or removing a sequence adds or
+removes one clipped gradient, of norm at most C, whatever the other rows hold.
 
 The guarantee rests on two random choices, which sequences join each batch and the
 noise, so both come from OS entropy (``fedtune.privacy.noise``) unless the caller asks
@@ -22,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedtune.config import TrainConfig
@@ -56,10 +66,18 @@ def _dp_optimizer(reproducible: bool) -> type:
     from opacus.optimizers import DPOptimizer
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-    if reproducible:
-        return DPOptimizer
+    class SummedLossDPOptimizer(DPOptimizer):
+        """For a loss summed over the batch (``loss_reduction="sum"``, where Opacus would
+        not divide at all): the noised sum divided by the fixed expected batch size."""
 
-    class OsEntropyDPOptimizer(DPOptimizer):
+        def scale_grad(self) -> None:
+            for p in self.params:
+                p.grad /= self.expected_batch_size * self.accumulated_iterations
+
+    if reproducible:
+        return SummedLossDPOptimizer
+
+    class OsEntropyDPOptimizer(SummedLossDPOptimizer):
         def add_noise(self) -> None:
             source = GaussianNoise(None)
             std = self.noise_multiplier * self.max_grad_norm
@@ -69,6 +87,30 @@ def _dp_optimizer(reproducible: bool) -> type:
                 p.grad = (p.summed_grad + noise.to(p.summed_grad)).view_as(p)
                 _mark_as_processed(p.summed_grad)
     return OsEntropyDPOptimizer
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's next-token loss averaged over its own labelled tokens, ``[batch]``; 0 for
+    a row with none. ``labels`` are aligned with the ids (position t + 1 is the target of
+    logits t), as for transformers' ``labels=``. Memory as transformers' loss: one fp32
+    log-softmax of the ``[batch, seq_len, vocab]`` logits (an upcast copy only where they
+    are not fp32), kept for the backward; the mean needs no more than per-token losses."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (targets != IGNORE_INDEX).sum(dim=1)
+    return token_losses.view_as(targets).sum(dim=1) / counts.clamp(min=1)
+
+
+def _backward_per_sequence(wrapped: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                           positions: torch.Tensor | None) -> torch.Tensor:
+    """Forward and backward of the summed per-sequence loss, which leaves each row's own
+    gradient in Opacus' per-sample gradients; returns the rows' losses."""
+    logits = wrapped(**packed_inputs(ids, positions)).logits
+    losses = per_sequence_loss(logits, labels)
+    del logits
+    losses.sum().backward()
+    return losses.detach()
 
 
 def _poisson_rows(n: int, rate: float, batches: torch.Generator | None) -> torch.Tensor:
@@ -98,7 +140,8 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     Batches and noise come from OS entropy; ``reproducible`` draws both from ``seed``
     (an experiment run: see the module's docstring). ``labels`` (default: the ids) and
     ``position_ids`` as for ``train_local``: a block's loss, and so its clipped gradient,
-    counts its labelled tokens only.
+    is the mean over its own labelled tokens (a block with none adds nothing). The
+    reported loss is the mean over steps of the batch's mean per-sequence loss.
     """
     check_blocks(sequences, labels)
     labels = sequences if labels is None else labels
@@ -116,12 +159,12 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
     optimizer_class = _dp_optimizer(reproducible)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about secure_mode and the generator
-        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         optimizer = optimizer_class(torch.optim.AdamW(params, lr=cfg.lr,
                                                       weight_decay=cfg.weight_decay),
                                     noise_multiplier=dp.noise_multiplier,
                                     max_grad_norm=dp.clip_norm, expected_batch_size=expected,
-                                    loss_reduction="mean", generator=noise_gen)
+                                    loss_reduction="sum", generator=noise_gen)
     losses: list[float] = []
     tokens = 0
     start = time.perf_counter()
@@ -143,10 +186,9 @@ def train_local_dpsgd(model: nn.Module, sequences: torch.Tensor, cfg: TrainConfi
                     continue
                 ids, targets = sequences[rows].to(dev), labels[rows].to(dev)
                 positions = None if position_ids is None else position_ids[rows]
-                loss = wrapped(**packed_inputs(ids, positions), labels=targets).loss
-                loss.backward()
+                sequence_losses = _backward_per_sequence(wrapped, ids, targets, positions)
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(sequence_losses.mean()))
                 tokens += int((targets[:, 1:] != IGNORE_INDEX).sum())
     finally:
         optimizer.zero_grad(set_to_none=True)
