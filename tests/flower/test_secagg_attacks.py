@@ -310,7 +310,7 @@ def test_a_federation_with_distributed_dp_survives_a_malicious_client(tmp_path, 
     assert summary["privacy"]["rounds_released"] == 3  # every round charged
     assert [r.get("secagg_failure") for r in trained] == ["range check", None,
                                                          "too few after open"]
-    assert trained[0]["bytes_up"] > 0  # the failed round's protocol bytes are counted
+    assert "bytes_up" not in trained[0]  # withheld under client-level DP (the cohort)
     log = caplog.text
     assert "round 1 failed: secure aggregation: 1 of" in log and "outside" in log
     assert "round 3 failed: secure aggregation: after open, 2 nodes are left" in log
