@@ -179,16 +179,42 @@ def checked_examples(metrics: Mapping[str, Any], cap: int) -> int:
     return count
 
 
-def eval_numbers(content: RecordDict) -> tuple[float, int, dict[str, Any]]:
-    """An evaluate reply's (loss, tokens, metrics): the loss finite, the token count a
-    whole number >= 0, every metric one number (the round's eval loss is their mean)."""
+def eval_token_cap(max_eval_sequences: int, max_examples: int, eval_fraction: float,
+                   seq_len: int) -> int:
+    """The most held-out tokens one honest evaluate reply can report (0 = no bound):
+    its held-out sequences times ``seq_len``. The sequences are ``data.max_eval_sequences``
+    when set (each client cuts its held-out blocks there), else ``federation.max_examples``
+    scaled by eval_fraction / (1 - eval_fraction) when that is above 1 (a client's
+    held-out part is that fraction of its data, packed the same way as its training
+    blocks). The server cannot count a client's held-out blocks itself, not even in
+    simulation: they are tokenised sequences of the client's own data (as for
+    :func:`checked_examples`). A reply's token count is its weight in the round's
+    held-out loss, so an unbounded one lets one client set that loss."""
+    if max_eval_sequences:
+        return max_eval_sequences * seq_len
+    if not max_examples:
+        return 0
+    ratio = max(1.0, eval_fraction / (1.0 - eval_fraction))
+    return math.ceil(max_examples * ratio) * seq_len
+
+
+def eval_numbers(content: RecordDict, max_tokens: int = 0
+                 ) -> tuple[float, int, dict[str, Any]]:
+    """An evaluate reply's (loss, tokens, metrics): the loss finite and >= 0 (a mean
+    cross-entropy), the token count a whole number >= 0 and at most ``max_tokens``
+    (:func:`eval_token_cap`; 0 = no bound), every metric one number (the round's eval
+    loss is their token-weighted mean)."""
     metrics = dict(content.metric_records[keys.METRICS])
     check_metrics(metrics)
     loss, tokens = metrics.get(keys.EVAL_LOSS), metrics.get(keys.EVAL_TOKENS)
-    if loss is None or not math.isfinite(loss):
-        raise ValueError(f"eval-loss must be a finite number, got {loss!r}")
+    if loss is None or not math.isfinite(loss) or loss < 0:
+        raise ValueError(f"eval-loss must be a finite number >= 0, got {loss!r}")
     if tokens is None or not math.isfinite(tokens) or tokens < 0 or tokens != int(tokens):
         raise ValueError(f"eval-tokens must be a whole number >= 0, got {tokens!r}")
+    if max_tokens and tokens > max_tokens:
+        raise ValueError(f"eval-tokens {int(tokens)} exceeds the {max_tokens} held-out tokens "
+                         "a client can have (data.max_eval_sequences, or "
+                         "federation.max_examples, times data.seq_len)")
     return float(loss), int(tokens), metrics
 
 

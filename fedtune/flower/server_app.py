@@ -13,7 +13,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.flower import ray_nodes, secagg
-from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.flower.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    same_run,
+    save_checkpoint,
+)
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
@@ -108,7 +113,7 @@ def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
     """Load the run directory's checkpoint (or ``state``, already read from it) into
     ``strategy``; the next round to run."""
     state = load_checkpoint(run_dir) if state is None else state
-    if state["scenario"] != scenario.to_json():
+    if not same_run(state["scenario"], scenario.to_json()):
         raise CheckpointError(f"{run_dir} was run with another scenario; resume it with the "
                               f"scenario it saved ({run_dir / SCENARIO_FILE})")
     strategy.load_state_dict(state["strategy"])

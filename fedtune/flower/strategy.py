@@ -393,7 +393,8 @@ class FedtuneStrategy(Strategy):
                             node, message.error.reason)
                 continue
             try:
-                loss, count, m = checks.eval_numbers(message.content)
+                loss, count, m = checks.eval_numbers(message.content,
+                                                     self._eval_token_cap())
             except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
                 log.warning("round %d: ignored the evaluation of node %s: %s", server_round,
                             node, checks.drop_reason(err))
@@ -405,6 +406,14 @@ class FedtuneStrategy(Strategy):
         if tokens == 0:
             return None
         return MetricRecord({"eval-loss": loss_sum / tokens, "eval-tokens": tokens})
+
+    def _eval_token_cap(self) -> int:
+        """A client's held-out blocks are at most data.seq_len long (a profile only
+        shortens them: ``client_settings``)."""
+        data = self.scenario.data
+        return checks.eval_token_cap(data.max_eval_sequences,
+                                     self.scenario.federation.max_examples,
+                                     data.eval_fraction, data.seq_len)
 
     @property
     def federated_eval(self) -> bool:
