@@ -203,7 +203,6 @@ def server(
     from fedtune.core.files import PRIVATE_UMASK
     from fedtune.deploy.server import DeploymentError, ServerStopped, resumed_scenario, serve
 
-    os.umask(PRIVATE_UMASK)  # the run directory and everything in it: this user's only
     if (config is None) == (resume is None):
         console.print("[red]error:[/] give --config FILE for a new run or --resume RUN_DIR")
         raise typer.Exit(2)
@@ -220,6 +219,7 @@ def server(
     console.print(f"fedtune server: [bold]{escape(chosen.run.name)}[/] — {rounds} rounds, "
                   f"aggregator {chosen.federation.aggregator}, {chosen.data.num_clients} clients"
                   + (f", resuming {escape(str(resume))}" if resume else ""))
+    umask = os.umask(PRIVATE_UMASK)  # the run directory and all in it: this user's only
     try:
         with _exits_on(DeploymentError, OSError, ValueError):
             run_dir = serve(chosen, out, resume=resume,
@@ -228,6 +228,8 @@ def server(
     except ServerStopped as stopped:
         _say_how_to_resume(stopped)
         raise typer.Exit(stopped.exit_code) from None
+    finally:
+        os.umask(umask)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
 
@@ -305,7 +307,7 @@ def client(
                             connect_wait=connect_wait, reconnect_for=reconnect_for,
                             long_lived=not per_message_process,
                             model=model, privacy_floor=floor)
-    os.umask(PRIVATE_UMASK)  # the state folder (pins, Flower's state, logs): this user's
+    umask = os.umask(PRIVATE_UMASK)  # the state folder (pins, Flower's state, logs)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -315,6 +317,7 @@ def client(
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     finally:
+        os.umask(umask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     console.print(f"client stopped after {served} messages")

@@ -146,6 +146,65 @@ def decode_adapter(record: ArrayRecord, rule: ShapeRule) -> Decoded:
     return Decoded(values, dict.fromkeys(values))
 
 
+#: the records a client's reply may hold (``messages.REPLY_RECORDS``, and the protocol
+#: record of secure aggregation), and the one of them that may hold arrays
+REPLY_RECORD_NAMES = keys.REPLY_RECORDS | {"secagg"}
+ARRAY_RECORD_NAMES = frozenset({keys.ADAPTER})
+#: room a reply gets beyond its adapter: metrics, identity, secure aggregation's keys
+#: and shares, Flower's object headers
+REPLY_MARGIN = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class ReplyBudget:
+    """What the server reads of one reply before it refuses it, checked while the reply
+    is pulled: at most ``max_objects`` Flower objects of ``max_bytes`` together (0 = no
+    bound), records only under ``records``, arrays only under ``array_records``."""
+
+    max_bytes: int = 0
+    max_objects: int = 0
+    records: frozenset[str] = REPLY_RECORD_NAMES
+    array_records: frozenset[str] = ARRAY_RECORD_NAMES
+
+
+def reply_budget(modules: Mapping[str, tuple[int, int]], max_rank: int,
+                 chunk: int = 5 * 2**20) -> ReplyBudget:
+    """The budget of every reply of a federation whose clients train ``modules`` at
+    ranks up to ``max_rank``: four times the dense fp32 adapter at that rank (the
+    largest reply an honest client sends, whatever its codec: a packed update is
+    smaller, a secure aggregation vector as large) plus :data:`REPLY_MARGIN`. Objects:
+    each of the 2 arrays per module, in ``chunk``-byte chunks (Flower's), with slack."""
+    dense = sum(max_rank * (inp + out) for inp, out in modules.values()) * WIRE_DTYPE.itemsize
+    max_bytes = 4 * dense + REPLY_MARGIN
+    arrays = 2 * len(modules)
+    return ReplyBudget(max_bytes=max_bytes,
+                       max_objects=16 + 2 * arrays + 2 * math.ceil(max_bytes / chunk))
+
+
+def federation_reply_budget(source: str, targets: tuple[str, ...]) -> ReplyBudget:
+    """:func:`reply_budget` at the largest rank the base model allows for its adapted
+    modules (min(in, out); no client can be assigned more), from its config alone."""
+    from fedtune.model.memory import model_dims
+
+    return reply_budget(expected_modules(source, targets),
+                        model_dims(source).max_rank(targets))
+
+
+def check_reply_shape(children: Mapping[str, int], budget: ReplyBudget) -> None:
+    """``children``: each record of a reply by name -> how many objects it holds. A
+    record the reply may not carry, or arrays where none may be, refuse the reply
+    before anything under them is read (an honest update plus a 1.5 GB extra record
+    costs the server the record names only)."""
+    unexpected = sorted(set(children) - budget.records)
+    if unexpected:
+        raise ValueError(f"reply carries records it may not: {unexpected[:3]} (a reply "
+                         f"holds only {sorted(budget.records)})")
+    with_arrays = sorted(n for n, count in children.items()
+                         if count and n not in budget.array_records)
+    if with_arrays:
+        raise ValueError(f"reply carries arrays in {with_arrays[:3]}, where none may be")
+
+
 def check_metrics(metrics: Mapping[str, Any]) -> None:
     """Every metric one number (as ``messages.check_outgoing`` makes honest clients send):
     the round's summaries call float() on them after the reply was accepted."""

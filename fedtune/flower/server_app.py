@@ -19,6 +19,8 @@ from fedtune.flower.checkpoint import (
     same_run,
     save_checkpoint,
 )
+from fedtune.flower.polling import bounded
+from fedtune.flower.replies import federation_reply_budget
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
@@ -168,7 +170,10 @@ def make_server_app(
             target = new_run_dir(out, chosen.run.name)
         log.info("fedtune: writing run directory %s", target)
         resume_run = resume or bool(config.get("resume", False))
-        run_federation(grid, chosen, target, progress, resume=resume_run, on_replies=on_replies)
+        budget = federation_reply_budget(chosen.model.source,
+                                         tuple(chosen.lora.target_modules))
+        run_federation(bounded(grid, budget), chosen, target, progress, resume=resume_run,
+                       on_replies=on_replies)
 
     return app
 
