@@ -95,7 +95,8 @@ def pull_bounded(object_tree: Any, pull_object: Callable[[str], bytes],
         if len(object_tree.children) != 1:
             raise RefusedReply(f"a message with {len(object_tree.children)} contents")
         content = object_tree.children[0]
-        contents[content.object_id] = pull_object(content.object_id)
+        # with Flower's retries: a reply is listed before all its objects have arrived
+        contents.update(pull_objects([content.object_id], pull_object))
         try:
             names = json.loads(get_object_body(contents[content.object_id], RecordDict))
         except (ValueError, UnicodeDecodeError) as err:
