@@ -202,7 +202,9 @@ def register_key(client: Any, public_key: bytes, origin: str) -> int | None:
     try:
         return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id)
     except Exception as err:  # noqa: BLE001 - Flower raises its own HTTP errors
-        if "already" in str(err).lower():
+        # flwr 1.41 answers 412 with "Public key already in use." in the body
+        body = getattr(getattr(err, "response", None), "text", "")
+        if "already" in f"{err} {body}".lower():
             return None
         raise ControlError(f"registering {origin} failed: {err}") from None
 
