@@ -299,12 +299,15 @@ def load_run_scenario(run_dir: Path) -> Scenario:
 
 
 def rounds_done(run_dir: Path) -> int:
-    """The last round the run directory's summary records (its checkpoint's round)."""
+    """The round of the run directory's checkpoint (0 without one): what ``--resume``
+    continues after. Not the summary's last round: a ServerApp stopped between writing
+    the summary and the checkpoint leaves the summary one round ahead."""
+    from fedtune.flower.checkpoint import CheckpointError, load_checkpoint
+
     try:
-        rounds = json.loads((Path(run_dir) / SUMMARY_FILE).read_text()).get("rounds", [])
-    except (OSError, json.JSONDecodeError):
+        return int(load_checkpoint(run_dir)["round"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
         return 0
-    return max((int(r["round"]) for r in rounds), default=0)
 
 
 def resumed_scenario(run_dir: Path, overrides: list[str]) -> Scenario:

@@ -97,8 +97,8 @@ def _empty(folder):
 
 
 def _stopped_run(folder, rounds_done=2, extra=()):
-    """A run directory as a stopped server leaves it: its scenario and a summary of
-    ``rounds_done`` completed rounds (enough for --resume's checks)."""
+    """A run directory as a stopped server leaves it: its scenario and a checkpoint
+    after ``rounds_done`` rounds (enough for --resume's checks)."""
     import json
 
     from fedtune.config import load_scenario
@@ -107,10 +107,11 @@ def _stopped_run(folder, rounds_done=2, extra=()):
                              [*h.TINY, "run.rounds=3", "server.insecure=true",
                               'server.ca_cert=""', 'server.cert=""', 'server.key=""',
                               'server.auth_keys=""', *extra])
+    from fedtune.flower.checkpoint import save_checkpoint
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scenario.json").write_text(json.dumps(scenario.to_dict()))
-    (folder / "summary.json").write_text(json.dumps(
-        {"status": "stopped", "rounds": [{"round": r} for r in range(1, rounds_done + 1)]}))
+    save_checkpoint(folder, {"round": rounds_done, "scenario": scenario.to_json()})
     return folder
 
 

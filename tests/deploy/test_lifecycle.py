@@ -105,6 +105,7 @@ def lifecycle(tmp_path_factory):
                                            "--auth-key", str(k)] + (BLOAT if i == 2 else []))
                    for i, (f, k) in enumerate(zip(files, made.node_keys, strict=True))]
         h.wait_for_round(run_dir, 1, 300)
+        assert _wait_until(lambda: (run_dir / "checkpoint.pt").is_file(), 30)
         tree = _tree(server)
         seen["names"] = sorted({p.name() for p in tree})
         seen["ports"] = _listening(tree) | {port}
