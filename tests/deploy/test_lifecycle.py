@@ -24,10 +24,10 @@ from safetensors.torch import load_file
 
 from tests.deploy import harness as h
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 SETS = ["data.num_clients=3", "run.rounds=2", "federation.min_clients=2",
-        "federation.round_timeout=90"]
+        "federation.round_timeout=300"]
 BLOAT = ["--app", "tests.deploy.bloat_app:app"]
 
 
