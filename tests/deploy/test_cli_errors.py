@@ -151,3 +151,34 @@ def test_more_rounds_is_refused_under_client_level_dp(tmp_path):
                                                 "privacy.clip_norm=0.5"])
     with pytest.raises(ConfigError, match="planned for 3 rounds"):
         resumed_scenario(run, ["run.rounds=4"])
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM (kill PID)
+def test_a_stop_signal_ends_the_serve_block_once_and_a_second_is_only_noted(signum):
+    import os
+    import signal
+    import time
+
+    from fedtune.deploy import server
+
+    cleaned = []
+    with pytest.raises(server._Interrupted) as stopped:  # noqa: SLF001
+        with server.stop_signals() as received:
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises here
+                cleaned.append("not reached")
+            finally:
+                os.kill(os.getpid(), signum)  # a second one during the clean-up
+                cleaned.append(True)
+    assert stopped.value.signum == signum and received == [signum] and cleaned == [True]
+    assert signal.getsignal(signum) is not None  # the previous handler is back
+
+
+def test_a_checkpoint_continues_under_more_rounds_and_nothing_else():
+    from fedtune.config import load_scenario
+    from fedtune.flower.checkpoint import same_run
+
+    saved = load_scenario("tiny", ["run.rounds=2"]).to_json()
+    assert same_run(saved, load_scenario("tiny", ["run.rounds=5"]).to_json())
+    assert not same_run(saved, load_scenario("tiny", ["run.rounds=5", "lora.rank=2"]).to_json())
