@@ -73,6 +73,16 @@ def _wait_until(condition, timeout: float) -> bool:
     return condition()
 
 
+def _holds_train(state: Path, count: int) -> bool:
+    """Whether the client's SuperNode has received its ``count``-th train message whole."""
+    try:
+        log = (state / "supernode.log").read_text(errors="replace")
+    except OSError:
+        return False
+    received = log.split("Receiving: train message")
+    return len(received) > count and "Received successfully" in received[count]
+
+
 def _not_private(folder: Path) -> list[str]:
     wrong = []
     for path in [folder, *folder.rglob("*")]:
@@ -106,6 +116,11 @@ def lifecycle(tmp_path_factory):
                    for i, (f, k) in enumerate(zip(files, made.node_keys, strict=True))]
         h.wait_for_round(run_dir, 1, 300)
         assert _wait_until(lambda: (run_dir / "checkpoint.pt").is_file(), 30)
+        # stop the server while the clients train round 2, not while their SuperNodes
+        # pull its message: a pull cut by the server's end has been seen to leave a
+        # SuperNode that never hands its worker the resumed run's first message
+        _wait_until(lambda: all(_holds_train(tmp / f"state-{f.stem}", 2) for f in files[:2]),
+                    120)
         tree = _tree(server)
         seen["names"] = sorted({p.name() for p in tree})
         seen["ports"] = _listening(tree) | {port}
