@@ -249,18 +249,30 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM ``process`` and every process under it, then SIGKILL what is left after
-    ``grace`` seconds. The SuperLink starts ``flower-superexec`` in a session of its own
-    and that starts ``flwr-serverapp``: neither is in the SuperLink's process group, and
-    once the SuperLink is gone they are nobody's children, so the tree is read first."""
+def process_tree(process: subprocess.Popen[bytes]) -> list[Any]:
+    """``process`` and every process under it now (psutil handles: a later pid reuse is
+    told apart by its start time)."""
     import psutil
 
     try:
         root = psutil.Process(process.pid)
-        tree = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        tree = []
+        return []
+
+
+def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0,
+              known: list[Any] | None = None) -> None:
+    """SIGTERM ``process``, every process under it and those of ``known`` still running,
+    then SIGKILL what is left after ``grace`` seconds. The SuperLink starts
+    ``flower-superexec`` in a session of its own and that starts ``flwr-serverapp``:
+    neither is in the SuperLink's process group (a Ctrl-C does not reach them), and
+    once the SuperLink is gone they are nobody's children, so the tree is read first
+    (``known``: as it was at the last poll, for a SuperLink a Ctrl-C already ended)."""
+    import psutil
+
+    tree = process_tree(process)
+    tree += [p for p in known or [] if p not in tree and p.is_running()]
     for member in tree:
         try:
             member.terminate()
@@ -443,6 +455,7 @@ class _Serving:
         self.process: subprocess.Popen[bytes] | None = None
         self.front: Front | None = None
         self.control_file: Path | None = None
+        self.tree: list[Any] = []  # the SuperLink's process tree at the last poll
 
     def clean_up(self) -> None:
         """Idempotent: the control file gone, the front and the SuperLink's tree stopped."""
@@ -452,7 +465,7 @@ class _Serving:
             self.front.stop()
             self.front = None
         if self.process is not None:
-            stop_tree(self.process)
+            stop_tree(self.process, known=self.tree)
             self.process = None
 
 
@@ -532,6 +545,7 @@ def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path |
 
         def check_alive() -> None:
             watcher.poll()
+            serving.tree = process_tree(process)
             if process.poll() is not None:
                 raise DeploymentError(f"the SuperLink exited with code {process.returncode}:"
                                       f"\n{tail(log)}")
