@@ -134,10 +134,10 @@ def lifecycle(tmp_path_factory):
                           "run.rounds=3"], tmp / "resumed.log")
         resumed_code = resumed.wait(400)
         client_tree = _tree(clients[0])
+        seen["client_names"] = sorted({p.name() for p in client_tree})
         os.kill(clients[0].process.pid, signal.SIGTERM)
         seen["client_code"] = clients[0].wait(60)
         seen["client_left"] = _alive(client_tree)
-        seen["client_names"] = sorted({p.name() for p in client_tree})
     finally:
         for c in [*clients, server, *([resumed] if resumed else [])]:
             c.stop()
