@@ -431,8 +431,9 @@ class _Interrupted(BaseException):
 
 
 def mark_stopped(run_dir: Path, signum: int) -> None:
-    """The summary says "stopped" (with the signal), not "running", once nothing runs;
-    ``--resume`` rewrites it from the checkpoint."""
+    """The summary says "stopped" (with the signal) once nothing runs, not "running" or
+    the "failed" of a ServerApp that the stop ended; ``--resume`` rewrites it from the
+    checkpoint."""
     from fedtune.runs.rundir import atomic_write_text
 
     path = run_dir / SUMMARY_FILE
@@ -440,7 +441,7 @@ def mark_stopped(run_dir: Path, signum: int) -> None:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return
-    if summary.get("status") == "running":
+    if summary.get("status") != "completed":
         summary["status"] = "stopped"
         summary["error"] = f"the server was stopped by {signal.Signals(signum).name}"
         atomic_write_text(path, json.dumps(summary, indent=2))
