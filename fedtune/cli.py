@@ -203,8 +203,12 @@ def server(
         False, "--insecure",
         help="Run WITHOUT TLS (ignores the certificate files): traffic is not encrypted."),
 ) -> None:
-    """Start the federation server (a Flower SuperLink) and run every round."""
-    from fedtune.deploy.server import DeploymentError, load_run_scenario, serve
+    """Start the federation server (a Flower SuperLink) and run every round (SIGTERM or
+    Ctrl-C stop it and every process it started, and say how to resume)."""
+    import os
+
+    from fedtune.core.files import PRIVATE_UMASK
+    from fedtune.deploy.server import DeploymentError, ServerStopped, resumed_scenario, serve
 
     if (config is None) == (resume is None):
         console.print("[red]error:[/] give --config FILE for a new run or --resume RUN_DIR")
@@ -213,7 +217,8 @@ def server(
         if insecure:
             overrides = [*overrides, "server.insecure=true", 'server.ca_cert=""',
                          'server.cert=""', 'server.key=""', 'server.auth_keys=""']
-        chosen = load_run_scenario(resume) if resume else load_scenario(config, overrides)
+        chosen = (resumed_scenario(resume, overrides) if resume
+                  else load_scenario(config, overrides))
     except ConfigError as err:
         console.print(f"[red]configuration error:[/] {escape(str(err))}")
         raise typer.Exit(2) from None
@@ -221,12 +226,33 @@ def server(
     console.print(f"fedtune server: [bold]{escape(chosen.run.name)}[/] — {rounds} rounds, "
                   f"aggregator {chosen.federation.aggregator}, {chosen.data.num_clients} clients"
                   + (f", resuming {escape(str(resume))}" if resume else ""))
-    with _exits_on(DeploymentError, OSError, ValueError):
-        run_dir = serve(None if resume else chosen, out, resume=resume,
-                        report=lambda record: console.print(round_line(record, rounds)),
-                        announce=lambda text: console.print(escape(text)))
+    umask = os.umask(PRIVATE_UMASK)  # the run directory and all in it: this user's only
+    try:
+        with _exits_on(DeploymentError, OSError, ValueError):
+            run_dir = serve(chosen, out, resume=resume,
+                            report=lambda record: console.print(round_line(record, rounds)),
+                            announce=lambda text: console.print(escape(text)))
+    except ServerStopped as stopped:
+        _say_how_to_resume(stopped)
+        raise typer.Exit(stopped.exit_code) from None
+    finally:
+        os.umask(umask)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
+
+
+def _say_how_to_resume(stopped: Any) -> None:
+    """What a stopped server leaves and the command that continues it."""
+    import shlex
+
+    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; every process of the "
+                  "server has ended")
+    if stopped.rounds_done:
+        console.print(f"checkpoint after round {stopped.rounds_done} kept; continue with: "
+                      + escape(shlex.join(["fedtune", "server", "--resume",
+                                           str(stopped.run_dir)])))
+    else:
+        console.print("no round completed (no checkpoint): start it again with --config")
 
 
 @app.command()
@@ -271,9 +297,11 @@ def client(
         help="module:attribute of the ClientApp to serve (for tests and custom apps)."),
 ) -> None:
     """Join a federation and train on local data only (runs until stopped: Ctrl-C, SIGTERM)."""
+    import os
     import signal
     import threading
 
+    from fedtune.core.files import PRIVATE_UMASK
     from fedtune.deploy.client import ClientError, ClientOptions, run_client
     from fedtune.privacy.floor import PrivacyFloor, PrivacyFloorError
 
@@ -288,6 +316,7 @@ def client(
                             connect_wait=connect_wait, reconnect_for=reconnect_for,
                             long_lived=not per_message_process,
                             model=model, privacy_floor=floor)
+    umask = os.umask(PRIVATE_UMASK)  # the state folder (pins, Flower's state, logs)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -297,6 +326,7 @@ def client(
         console.print(f"[red]error:[/] {escape(str(err))}")
         raise typer.Exit(1) from None
     finally:
+        os.umask(umask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     console.print(f"client stopped after {served} messages")

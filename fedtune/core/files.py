@@ -53,6 +53,38 @@ def atomic_file(target: Path, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+#: the umask of the server's and a client's processes (and their Flower children): what
+#: they write (the SuperLink's database, run directory, keys, pins) is theirs alone
+PRIVATE_UMASK = 0o077
+
+
+def private_folder(path: Path) -> Path:
+    """``path`` as a folder only its owner can enter (0700), made if missing; an
+    existing folder is tightened too (a run directory resumed from an older fedtune)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write ``path`` readable by its owner only (0600), whatever the umask; an
+    existing file is truncated and tightened, never left readable while it is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data.encode() if isinstance(data, str) else data)
+    finally:
+        os.close(fd)
+
+
+def open_private_append(path: Path) -> IO[str]:
+    """An append handle on ``path``, made 0600 (a log of metrics, one line at a time)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,48 +41,143 @@ def _client(address: str, ca_cert: str | None) -> Any:
         return init_http_client_from_connection(connection)
 
 
+#: how long a Control API call is retried through transient failures (an HTTP 5xx, a
+#: refused or dropped connection) before the server gives up: the SuperLink's SQLite
+#: answers "database is locked" with a 500 while a large upload is written
+TRANSIENT_WINDOW = 120.0
+RETRY_FIRST, RETRY_MOST = 0.2, 5.0
+
+
+def is_transient(err: BaseException) -> bool:
+    """A failure worth retrying: the SuperLink answered 5xx (or 429), or the connection
+    failed or timed out. A 4xx answer is a refusal and is final."""
+    import httpx
+
+    if isinstance(err, httpx.HTTPStatusError):
+        code = err.response.status_code
+        return code >= 500 or code == 429
+    return isinstance(err, httpx.TransportError)
+
+
+def _never_sent(err: BaseException) -> bool:
+    """The request did not reach the SuperLink (safe to resend a non-idempotent one)."""
+    import httpx
+
+    return isinstance(err, (httpx.ConnectError, httpx.ConnectTimeout))
+
+
+class ControlSession:
+    """One Control API connection (one HTTP client, kept alive) for a server's whole
+    run, whose reads retry through transient failures for ``window`` seconds.
+    ``between()`` runs between attempts (the server checks its SuperLink is alive)."""
+
+    def __init__(self, address: str, ca_cert: str | None = None,
+                 window: float = TRANSIENT_WINDOW, sleep: Any = time.sleep) -> None:
+        self.client = _client(address, ca_cert)
+        self.window, self.sleep = window, sleep
+
+    def close(self) -> None:
+        self.client.close()
+
+    def call(self, method: str, request: Any, between: Any = None,
+             retry: Any = is_transient) -> Any:
+        """``client.<method>(request)``, retried while ``retry(err)`` says transient."""
+        deadline = time.monotonic() + self.window
+        pause = RETRY_FIRST
+        while True:
+            try:
+                return getattr(self.client, method)(request)
+            except Exception as err:  # noqa: BLE001 - Flower raises httpx's errors
+                if not retry(err) or time.monotonic() + pause > deadline:
+                    raise ControlError(f"{method} failed: {_describe(err)}") from None
+            if between is not None:
+                between()
+            self.sleep(pause)
+            pause = min(RETRY_MOST, pause * 2)
+
+    def submit_run(self, app_dir: Path, config: dict[str, Any]) -> int:
+        """Start a run of the Flower app in ``app_dir`` (resent only when the request
+        never left: a resent StartRun that had arrived would start a second run)."""
+        fab_bytes = build_fab_from_disk(Path(app_dir).resolve())
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        response = self.call("StartRun", StartRunRequest(
+            fab=fab_to_proto(fab), override_config=user_config_to_proto(config),
+            federation=""), retry=_never_sent)
+        return int(response.run_id)
+
+    def run_status(self, run_id: int, between: Any = None) -> tuple[str, str, str]:
+        run = self.call("ListRuns", ListRunsRequest(run_id=run_id), between).run_dict[run_id]
+        return run.status.status, run.status.sub_status, run.status.details
+
+    def wait_for_run(self, run_id: int, poll: float = 1.0, on_poll: Any = None
+                     ) -> tuple[str, str, str]:
+        """Block until the run is finished; ``on_poll()`` runs between polls (and
+        between the retries of a failed one)."""
+        while True:
+            status = self.run_status(run_id, on_poll)
+            if status[0] == "finished":
+                return status
+            if on_poll is not None:
+                on_poll()
+            self.sleep(poll)
+
+    def stop_run(self, run_id: int) -> None:
+        self.call("StopRun", StopRunRequest(run_id=run_id))
+
+    def register_node_keys(self, keys_file: Path) -> list[int]:
+        """Register every OpenSSH public key in ``keys_file`` (one per line) as a client
+        allowed to join; a key registered before (a resumed server) is skipped."""
+        keys = read_key_lines(keys_file)
+        if not keys:
+            raise ControlError(f"server.auth_keys = {str(keys_file)!r} lists no public key")
+        parsed = [parse_public_key(line, f"{keys_file}: key {n}")
+                  for n, line in enumerate(keys, start=1)]
+        found = [register_key(self.client, key, f"key {n} of {keys_file}")
+                 for n, key in enumerate(parsed, start=1)]
+        return [n for n in found if n is not None]
+
+
+def _describe(err: BaseException) -> str:
+    import httpx
+
+    if isinstance(err, httpx.HTTPStatusError):
+        body = err.response.text[:200].strip()
+        return f"HTTP {err.response.status_code}" + (f": {body}" if body else "")
+    return f"{type(err).__name__}: {err}"
+
+
+@contextlib.contextmanager
+def _session(address: str, ca_cert: str | None) -> Iterator[ControlSession]:
+    session = ControlSession(address, ca_cert)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def submit_run(address: str, app_dir: Path, config: dict[str, Any],
                ca_cert: str | None = None) -> int:
     """Start a run of the Flower app in ``app_dir`` with ``config`` as its run config."""
-    fab_bytes = build_fab_from_disk(Path(app_dir).resolve())
-    fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
-    client = _client(address, ca_cert)
-    try:
-        response = client.StartRun(StartRunRequest(
-            fab=fab_to_proto(fab), override_config=user_config_to_proto(config), federation=""))
-    finally:
-        client.close()
-    return int(response.run_id)
+    with _session(address, ca_cert) as session:
+        return session.submit_run(app_dir, config)
 
 
 def run_status(address: str, run_id: int, ca_cert: str | None = None) -> tuple[str, str, str]:
     """(status, sub-status, details): ``finished`` + ``completed`` | ``failed`` | ``stopped``."""
-    client = _client(address, ca_cert)
-    try:
-        run = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id]
-    finally:
-        client.close()
-    return run.status.status, run.status.sub_status, run.status.details
+    with _session(address, ca_cert) as session:
+        return session.run_status(run_id)
 
 
 def stop_run(address: str, run_id: int, ca_cert: str | None = None) -> None:
-    client = _client(address, ca_cert)
-    try:
-        client.StopRun(StopRunRequest(run_id=run_id))
-    finally:
-        client.close()
+    with _session(address, ca_cert) as session:
+        session.stop_run(run_id)
 
 
 def wait_for_run(address: str, run_id: int, ca_cert: str | None = None, poll: float = 1.0,
                  on_poll: Any = None) -> tuple[str, str, str]:
     """Block until the run is finished; ``on_poll()`` is called between polls."""
-    while True:
-        status = run_status(address, run_id, ca_cert)
-        if status[0] == "finished":
-            return status
-        if on_poll is not None:
-            on_poll()
-        time.sleep(poll)
+    with _session(address, ca_cert) as session:
+        return session.wait_for_run(run_id, poll, on_poll)
 
 
 def parse_public_key(line: str, origin: str) -> bytes:
@@ -106,7 +202,9 @@ def register_key(client: Any, public_key: bytes, origin: str) -> int | None:
     try:
         return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key)).node_id)
     except Exception as err:  # noqa: BLE001 - Flower raises its own HTTP errors
-        if "already" in str(err).lower():
+        # flwr 1.41 answers 412 with "Public key already in use." in the body
+        body = getattr(getattr(err, "response", None), "text", "")
+        if "already" in f"{err} {body}".lower():
             return None
         raise ControlError(f"registering {origin} failed: {err}") from None
 
@@ -114,18 +212,8 @@ def register_key(client: Any, public_key: bytes, origin: str) -> int | None:
 def register_node_keys(address: str, keys_file: Path, ca_cert: str | None) -> list[int]:
     """Register every OpenSSH public key in ``keys_file`` (one per line) as a client
     allowed to join; a key registered before (a resumed server) is skipped."""
-    keys = read_key_lines(keys_file)
-    if not keys:
-        raise ControlError(f"server.auth_keys = {str(keys_file)!r} lists no public key")
-    parsed = [parse_public_key(line, f"{keys_file}: key {n}")
-              for n, line in enumerate(keys, start=1)]
-    client = _client(address, ca_cert)
-    try:
-        found = [register_key(client, key, f"key {n} of {keys_file}")
-                 for n, key in enumerate(parsed, start=1)]
-    finally:
-        client.close()
-    return [n for n in found if n is not None]
+    with _session(address, ca_cert) as session:
+        return session.register_node_keys(keys_file)
 
 
 @dataclass(frozen=True)

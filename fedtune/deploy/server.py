@@ -28,8 +28,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ from typing import Any
 import tomli_w
 
 from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
+from fedtune.config.scenario import apply_overrides, parse_override
+from fedtune.core.files import PRIVATE_UMASK, private_folder, write_private
 from fedtune.deploy.certs import Certificates, make_certificates
 from fedtune.deploy.front import Front, Upstream, make_app
 from fedtune.deploy.seal import seal_config
@@ -52,6 +56,21 @@ class DeploymentError(RuntimeError):
     """The server could not start or the run did not complete."""
 
 
+class ServerStopped(Exception):
+    """SIGTERM or SIGINT stopped the server; every process it started is gone and the
+    checkpoint of the last completed round is where it was."""
+
+    def __init__(self, signum: int, run_dir: Path, rounds_done: int) -> None:
+        self.signum, self.run_dir, self.rounds_done = signum, run_dir, rounds_done
+        super().__init__(f"stopped by {signal.Signals(signum).name} after {rounds_done} "
+                         f"completed round(s); run directory {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process its signal ended."""
+        return 128 + self.signum
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """How tools on the server machine reach the SuperLink's Control API (loopback)."""
@@ -60,7 +79,7 @@ class Endpoint:
     ca_cert: str | None
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"address": self.address, "ca_cert": self.ca_cert}))
+        write_private(path, json.dumps({"address": self.address, "ca_cert": self.ca_cert}))
 
     @classmethod
     def load(cls, path: Path) -> Endpoint:
@@ -125,7 +144,7 @@ def app_config(scenario: Scenario, run_dir: Path, resume: bool) -> dict[str, Any
 
 def write_app(folder: Path, config: dict[str, Any]) -> Path:
     """A Flower app that is nothing but fedtune's installed ServerApp / ClientApp."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     project = {
         "project": {"name": "fedtune-run", "version": "1.0.0", "dependencies": []},
         "tool": {"flwr": {"app": {
@@ -135,7 +154,7 @@ def write_app(folder: Path, config: dict[str, Any]) -> Path:
             "config": config,
         }}},
     }
-    (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
+    write_private(folder / "pyproject.toml", tomli_w.dumps(project))
     return folder
 
 
@@ -159,9 +178,7 @@ def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | No
     the server's user can read (None for an insecure deployment)."""
     if server.insecure:
         return None
-    folder = flower / LOOPBACK_DIR
-    folder.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(folder, 0o700)
+    folder = private_folder(flower / LOOPBACK_DIR)
     return make_certificates(folder, ["127.0.0.1", "localhost"])
 
 
@@ -232,6 +249,46 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def process_tree(process: subprocess.Popen[bytes]) -> list[Any]:
+    """``process`` and every process under it now (psutil handles: a later pid reuse is
+    told apart by its start time)."""
+    import psutil
+
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_tree(process: subprocess.Popen[bytes], grace: float = 10.0,
+              known: list[Any] | None = None) -> None:
+    """SIGTERM ``process``, every process under it and those of ``known`` still running,
+    then SIGKILL what is left after ``grace`` seconds. The SuperLink starts
+    ``flower-superexec`` in a session of its own and that starts ``flwr-serverapp``:
+    neither is in the SuperLink's process group (a Ctrl-C does not reach them), and
+    once the SuperLink is gone they are nobody's children, so the tree is read first
+    (``known``: as it was at the last poll, for a SuperLink a Ctrl-C already ended)."""
+    import psutil
+
+    tree = process_tree(process)
+    tree += [p for p in known or [] if p not in tree and p.is_running()]
+    for member in tree:
+        try:
+            member.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for member in alive:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    if process.poll() is None:
+        process.wait(5)
+
+
 def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds (the SuperLink's own children
     watch its pid and exit with it)."""
@@ -251,6 +308,54 @@ def load_run_scenario(run_dir: Path) -> Scenario:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a fedtune run directory (no {SCENARIO_FILE})")
     return build_scenario(json.loads(path.read_text()), origin=str(path))
+
+
+def rounds_done(run_dir: Path) -> int:
+    """The round of the run directory's checkpoint (0 without one): what ``--resume``
+    continues after. Not the summary's last round: a ServerApp stopped between writing
+    the summary and the checkpoint leaves the summary one round ahead."""
+    from fedtune.flower.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return int(load_checkpoint(run_dir)["round"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def resumed_scenario(run_dir: Path, overrides: list[str]) -> Scenario:
+    """The scenario ``--resume RUN_DIR --set ...`` continues: the saved one, with the
+    overrides that can change safely (``checkpoint.RESUMABLE_KEYS``: more rounds).
+    Any other key that would change is refused by name, never silently ignored."""
+    from fedtune.flower.checkpoint import RESUMABLE_KEYS
+
+    saved = load_run_scenario(run_dir)
+    flat = {}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        flat[f"{section}.{key}"] = value
+    if not flat:
+        return saved
+    changed = build_scenario(apply_overrides(saved.to_dict(), flat),
+                             origin=f"{run_dir / SCENARIO_FILE} with --set")
+    before, after = saved.to_dict(), changed.to_dict()
+    different = sorted(f"{section}.{key}" for section, values in after.items()
+                       for key, value in values.items() if before[section].get(key) != value)
+    refused = [key for key in different if key not in RESUMABLE_KEYS]
+    if refused:
+        raise ConfigError(
+            f"--resume cannot change {', '.join(refused)}: the checkpoint was made under "
+            f"the saved scenario; only {', '.join(RESUMABLE_KEYS)} can change on a resume "
+            "(start a new run with --config to change the others)")
+    done = rounds_done(run_dir)
+    if "run.rounds" in different:
+        if changed.run.rounds < done:
+            raise ConfigError(f"--set run.rounds={changed.run.rounds}: {done} rounds of "
+                              f"{run_dir} are already done")
+        if saved.privacy.client_level:
+            raise ConfigError("--resume cannot change run.rounds under client-level DP: "
+                              "the noise and the privacy budget were planned for "
+                              f"{saved.run.rounds} rounds")
+    return changed
 
 
 def check_resumable(scenario: Scenario) -> None:
@@ -291,25 +396,121 @@ class RoundWatcher:
         return summary
 
 
+@contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While the block runs, SIGTERM and SIGINT end it with ``_Interrupted`` (so its
+    ``finally`` stops every process) and later ones are only noted: a second Ctrl-C
+    does not cut the clean-up short. The list holds the first signal's number. Outside
+    the main thread (where Python delivers signals) nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:
+            return
+        received.append(signum)
+        raise _Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class _Interrupted(BaseException):
+    """A stop signal, raised where the main thread happens to be (BaseException: no
+    ``except Exception`` on the way swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def mark_stopped(run_dir: Path, signum: int) -> None:
+    """The summary says "stopped" (with the signal) once nothing runs, not "running" or
+    the "failed" of a ServerApp that the stop ended; ``--resume`` rewrites it from the
+    checkpoint."""
+    from fedtune.runs.rundir import atomic_write_text
+
+    path = run_dir / SUMMARY_FILE
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if summary.get("status") != "completed":
+        summary["status"] = "stopped"
+        summary["error"] = f"the server was stopped by {signal.Signals(signum).name}"
+        atomic_write_text(path, json.dumps(summary, indent=2))
+
+
+class _Serving:
+    """What a serve() has started, so that a stop signal arriving anywhere (even in the
+    middle of the clean-up) still ends with every process stopped."""
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.front: Front | None = None
+        self.control_file: Path | None = None
+        self.tree: list[Any] = []  # the SuperLink's process tree at the last poll
+
+    def clean_up(self) -> None:
+        """Idempotent: the control file gone, the front and the SuperLink's tree stopped."""
+        if self.control_file is not None:
+            self.control_file.unlink(missing_ok=True)
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
+        if self.process is not None:
+            stop_tree(self.process, known=self.tree)
+            self.process = None
+
+
 def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
           resume: Path | None = None, report: RoundReport | None = None,
           announce: Callable[[str], None] | None = None) -> Path:
-    """Start the SuperLink, run every round (or the rest, with ``resume``), stop it;
-    returns the run directory. Raises DeploymentError when the run does not complete."""
-    from fedtune.deploy.control import register_node_keys, submit_run, wait_for_run
+    """Start the SuperLink, run every round (or the rest, with ``resume``: the run
+    directory's scenario, or ``scenario`` from :func:`resumed_scenario`), stop it;
+    returns the run directory. Raises DeploymentError when the run does not complete,
+    ServerStopped after SIGTERM / SIGINT (every process it started is stopped first)."""
+    serving = _Serving()
+    with stop_signals():
+        try:
+            return _serve(scenario, out_dir, resume, report, announce, serving)
+        except _Interrupted as stop:
+            signum = stop.signum
+        finally:
+            serving.clean_up()
+    if serving.run_dir is None:
+        raise DeploymentError(f"stopped by {signal.Signals(signum).name} before the run "
+                              "directory was made")
+    mark_stopped(serving.run_dir, signum)
+    raise ServerStopped(signum, serving.run_dir, rounds_done(serving.run_dir))
+
+
+def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path | None,
+           report: RoundReport | None, announce: Callable[[str], None] | None,
+           serving: _Serving) -> Path:
+    from fedtune.deploy.control import ControlSession
     from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 
     say = announce or (lambda text: None)
     if resume is not None:
         resume = Path(resume)
-        scenario = load_run_scenario(resume)
+        scenario = scenario or load_run_scenario(resume)
         check_resumable(scenario)
     assert scenario is not None
     check_security(scenario.server)
     check_ranks_fit_model(scenario, client_settings(scenario))
-    run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
-    flower = run_dir / FLOWER_DIR
-    (flower / "home").mkdir(parents=True, exist_ok=True)
+    run_dir = private_folder(resume) if resume else \
+        new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    serving.run_dir = run_dir
+    flower = private_folder(run_dir / FLOWER_DIR)
+    private_folder(flower / "home")
     config = app_config(scenario, run_dir, resume is not None)
     if scenario.server.tls:
         config = seal_config(config, scenario.server.cert, scenario.server.key)
@@ -319,42 +520,42 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
     endpoint = Endpoint(f"127.0.0.1:{free_port()}",
                         None if loopback is None else str(loopback.ca_cert))
     env = flower_env(flower / "home")
+    serving.control_file = flower / CONTROL_FILE
     with open(log, "ab") as log_handle:
-        process = subprocess.Popen(
+        os.fchmod(log_handle.fileno(), 0o600)
+        # the umask reaches the SuperLink's children too: state.db, the ServerApp's run
+        # directory files and checkpoints are the server's user's alone
+        process = serving.process = subprocess.Popen(
             superlink_command(scenario.server, flower / "state.db",
                               int(endpoint.address.rpartition(":")[2]), loopback),
-            stdout=log_handle, stderr=subprocess.STDOUT, env=env)
-    front: Front | None = None
+            stdout=log_handle, stderr=subprocess.STDOUT, env=env, umask=PRIVATE_UMASK)
+    wait_until_healthy(process, endpoint, log)
+    serving.front = start_front(scenario.server, endpoint)
+    control = _with_home(env, lambda: ControlSession(endpoint.address, endpoint.ca_cert))
     try:
-        wait_until_healthy(process, endpoint, log)
-        front = start_front(scenario.server, endpoint)
         if scenario.server.auth_keys:
-            register_node_keys(endpoint.address, Path(scenario.server.auth_keys),
-                               endpoint.ca_cert)
+            control.register_node_keys(Path(scenario.server.auth_keys))
         endpoint.save(flower / CONTROL_FILE)
         security = ("insecure: traffic is NOT encrypted" if scenario.server.insecure
                     else "TLS" + (", node authentication" if scenario.server.auth_keys
                                   else ", ANY client may join"))
         say(f"clients connect to {scenario.server.address} ({security}); waiting for "
             f"{scenario.data.num_clients} clients; run directory {run_dir}")
-        run_id = _with_home(env, lambda: submit_run(endpoint.address, app, {},
-                                                    endpoint.ca_cert))
+        run_id = _with_home(env, lambda: control.submit_run(app, {}))
         watcher = RoundWatcher(run_dir, report or (lambda record: None))
 
         def check_alive() -> None:
             watcher.poll()
+            serving.tree = process_tree(process)
             if process.poll() is not None:
                 raise DeploymentError(f"the SuperLink exited with code {process.returncode}:"
                                       f"\n{tail(log)}")
 
-        status = _with_home(env, lambda: wait_for_run(endpoint.address, run_id,
-                                                      endpoint.ca_cert, on_poll=check_alive))
-        summary = watcher.poll() or {}
+        status = control.wait_for_run(run_id, on_poll=check_alive)
     finally:
-        (flower / CONTROL_FILE).unlink(missing_ok=True)
-        if front is not None:
-            front.stop()
-        stop_process(process)
+        control.close()
+    summary = watcher.poll() or {}
+    serving.clean_up()
     if status[1] != "completed" or summary.get("status") != "completed":
         raise DeploymentError(f"run {run_id} ended {status[0]}:{status[1]} {status[2]} "
                               f"(summary status {summary.get('status')!r}); see {log} and "

@@ -20,6 +20,24 @@ CHECKPOINT_FILE = "checkpoint.pt"
 VERSION = 1
 
 
+#: scenario keys a resumed run may change (``fedtune server --resume RUN --set``): more
+#: rounds continue the same run; every other key is part of what the checkpoint means
+RESUMABLE_KEYS = ("run.rounds",)
+
+
+def same_run(saved_scenario_json: str, scenario_json: str) -> bool:
+    """Whether a checkpoint's scenario and a resumed run's differ at most in
+    :data:`RESUMABLE_KEYS`."""
+    import json
+
+    saved, now = json.loads(saved_scenario_json), json.loads(scenario_json)
+    for dotted in RESUMABLE_KEYS:
+        section, key = dotted.split(".", 1)
+        for scenario in (saved, now):
+            scenario.get(section, {}).pop(key, None)
+    return bool(saved == now)
+
+
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected."""
 

@@ -146,6 +146,65 @@ def decode_adapter(record: ArrayRecord, rule: ShapeRule) -> Decoded:
     return Decoded(values, dict.fromkeys(values))
 
 
+#: the records a client's reply may hold (``messages.REPLY_RECORDS``, and the protocol
+#: record of secure aggregation), and the one of them that may hold arrays
+REPLY_RECORD_NAMES = keys.REPLY_RECORDS | {"secagg"}
+ARRAY_RECORD_NAMES = frozenset({keys.ADAPTER})
+#: room a reply gets beyond its adapter: metrics, identity, secure aggregation's keys
+#: and shares, Flower's object headers
+REPLY_MARGIN = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class ReplyBudget:
+    """What the server reads of one reply before it refuses it, checked while the reply
+    is pulled: at most ``max_objects`` Flower objects of ``max_bytes`` together (0 = no
+    bound), records only under ``records``, arrays only under ``array_records``."""
+
+    max_bytes: int = 0
+    max_objects: int = 0
+    records: frozenset[str] = REPLY_RECORD_NAMES
+    array_records: frozenset[str] = ARRAY_RECORD_NAMES
+
+
+def reply_budget(modules: Mapping[str, tuple[int, int]], max_rank: int,
+                 chunk: int = 5 * 2**20) -> ReplyBudget:
+    """The budget of every reply of a federation whose clients train ``modules`` at
+    ranks up to ``max_rank``: four times the dense fp32 adapter at that rank (the
+    largest reply an honest client sends, whatever its codec: a packed update is
+    smaller, a secure aggregation vector as large) plus :data:`REPLY_MARGIN`. Objects:
+    each of the 2 arrays per module, in ``chunk``-byte chunks (Flower's), with slack."""
+    dense = sum(max_rank * (inp + out) for inp, out in modules.values()) * WIRE_DTYPE.itemsize
+    max_bytes = 4 * dense + REPLY_MARGIN
+    arrays = 2 * len(modules)
+    return ReplyBudget(max_bytes=max_bytes,
+                       max_objects=16 + 2 * arrays + 2 * math.ceil(max_bytes / chunk))
+
+
+def federation_reply_budget(source: str, targets: tuple[str, ...]) -> ReplyBudget:
+    """:func:`reply_budget` at the largest rank the base model allows for its adapted
+    modules (min(in, out); no client can be assigned more), from its config alone."""
+    from fedtune.model.memory import model_dims
+
+    return reply_budget(expected_modules(source, targets),
+                        model_dims(source).max_rank(targets))
+
+
+def check_reply_shape(children: Mapping[str, int], budget: ReplyBudget) -> None:
+    """``children``: each record of a reply by name -> how many objects it holds. A
+    record the reply may not carry, or arrays where none may be, refuse the reply
+    before anything under them is read (an honest update plus a 1.5 GB extra record
+    costs the server the record names only)."""
+    unexpected = sorted(set(children) - budget.records)
+    if unexpected:
+        raise ValueError(f"reply carries records it may not: {unexpected[:3]} (a reply "
+                         f"holds only {sorted(budget.records)})")
+    with_arrays = sorted(n for n, count in children.items()
+                         if count and n not in budget.array_records)
+    if with_arrays:
+        raise ValueError(f"reply carries arrays in {with_arrays[:3]}, where none may be")
+
+
 def check_metrics(metrics: Mapping[str, Any]) -> None:
     """Every metric one number (as ``messages.check_outgoing`` makes honest clients send):
     the round's summaries call float() on them after the reply was accepted."""
@@ -179,16 +238,42 @@ def checked_examples(metrics: Mapping[str, Any], cap: int) -> int:
     return count
 
 
-def eval_numbers(content: RecordDict) -> tuple[float, int, dict[str, Any]]:
-    """An evaluate reply's (loss, tokens, metrics): the loss finite, the token count a
-    whole number >= 0, every metric one number (the round's eval loss is their mean)."""
+def eval_token_cap(max_eval_sequences: int, max_examples: int, eval_fraction: float,
+                   seq_len: int) -> int:
+    """The most held-out tokens one honest evaluate reply can report (0 = no bound):
+    its held-out sequences times ``seq_len``. The sequences are ``data.max_eval_sequences``
+    when set (each client cuts its held-out blocks there), else ``federation.max_examples``
+    scaled by eval_fraction / (1 - eval_fraction) when that is above 1 (a client's
+    held-out part is that fraction of its data, packed the same way as its training
+    blocks). The server cannot count a client's held-out blocks itself, not even in
+    simulation: they are tokenised sequences of the client's own data (as for
+    :func:`checked_examples`). A reply's token count is its weight in the round's
+    held-out loss, so an unbounded one lets one client set that loss."""
+    if max_eval_sequences:
+        return max_eval_sequences * seq_len
+    if not max_examples:
+        return 0
+    ratio = max(1.0, eval_fraction / (1.0 - eval_fraction))
+    return math.ceil(max_examples * ratio) * seq_len
+
+
+def eval_numbers(content: RecordDict, max_tokens: int = 0
+                 ) -> tuple[float, int, dict[str, Any]]:
+    """An evaluate reply's (loss, tokens, metrics): the loss finite and >= 0 (a mean
+    cross-entropy), the token count a whole number >= 0 and at most ``max_tokens``
+    (:func:`eval_token_cap`; 0 = no bound), every metric one number (the round's eval
+    loss is their token-weighted mean)."""
     metrics = dict(content.metric_records[keys.METRICS])
     check_metrics(metrics)
     loss, tokens = metrics.get(keys.EVAL_LOSS), metrics.get(keys.EVAL_TOKENS)
-    if loss is None or not math.isfinite(loss):
-        raise ValueError(f"eval-loss must be a finite number, got {loss!r}")
+    if loss is None or not math.isfinite(loss) or loss < 0:
+        raise ValueError(f"eval-loss must be a finite number >= 0, got {loss!r}")
     if tokens is None or not math.isfinite(tokens) or tokens < 0 or tokens != int(tokens):
         raise ValueError(f"eval-tokens must be a whole number >= 0, got {tokens!r}")
+    if max_tokens and tokens > max_tokens:
+        raise ValueError(f"eval-tokens {int(tokens)} exceeds the {max_tokens} held-out tokens "
+                         "a client can have (data.max_eval_sequences, or "
+                         "federation.max_examples, times data.seq_len)")
     return float(loss), int(tokens), metrics
 
 

@@ -13,7 +13,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import Scenario, scenario_from_flat
 from fedtune.flower import ray_nodes, secagg
-from fedtune.flower.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedtune.flower.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    same_run,
+    save_checkpoint,
+)
+from fedtune.flower.polling import bounded
+from fedtune.flower.replies import federation_reply_budget
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
@@ -110,7 +117,7 @@ def restore(strategy: FedtuneStrategy, scenario: Scenario, run_dir: Path,
     """Load the run directory's checkpoint (or ``state``, already read from it) into
     ``strategy``; the next round to run."""
     state = load_checkpoint(run_dir) if state is None else state
-    if state["scenario"] != scenario.to_json():
+    if not same_run(state["scenario"], scenario.to_json()):
         raise CheckpointError(f"{run_dir} was run with another scenario; resume it with the "
                               f"scenario it saved ({run_dir / SCENARIO_FILE})")
     strategy.load_state_dict(state["strategy"])
@@ -175,7 +182,10 @@ def make_server_app(
             target = new_run_dir(out, chosen.run.name)
         log.info("fedtune: writing run directory %s", target)
         resume_run = resume or bool(config.get("resume", False))
-        run_federation(grid, chosen, target, progress, resume=resume_run, on_replies=on_replies)
+        budget = federation_reply_budget(chosen.model.source,
+                                         tuple(chosen.lora.target_modules))
+        run_federation(bounded(grid, budget), chosen, target, progress, resume=resume_run,
+                       on_replies=on_replies)
 
     return app
 

@@ -407,7 +407,8 @@ class FedtuneStrategy(Strategy):
                                   message.error.reason)
                 continue
             try:
-                loss, count, m = checks.eval_numbers(message.content)
+                loss, count, m = checks.eval_numbers(message.content,
+                                                     self._eval_token_cap())
             except Exception as err:  # noqa: BLE001 - one reply's failure is that reply's
                 self._eval_failed(server_round, node, "ignored the evaluation",
                                   checks.drop_reason(err))
@@ -428,6 +429,14 @@ class FedtuneStrategy(Strategy):
         else:
             log.warning("round %d: %s on a client (reason not logged under client-level "
                         "DP)", server_round, what)
+
+    def _eval_token_cap(self) -> int:
+        """A client's held-out blocks are at most data.seq_len long (a profile only
+        shortens them: ``client_settings``)."""
+        data = self.scenario.data
+        return checks.eval_token_cap(data.max_eval_sequences,
+                                     self.scenario.federation.max_examples,
+                                     data.eval_fraction, data.seq_len)
 
     @property
     def federated_eval(self) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.core.files import atomic_file
+from fedtune.core.files import atomic_file, open_private_append, private_folder
 from fedtune.runs.report import REPORT_FILE, render_report, round_axis
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,8 +52,9 @@ def new_run_dir(out_dir: str | Path, name: str) -> Path:
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700)  # private: the summary, adapter and checkpoints are the run's
+    return private_folder(path)
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -88,9 +89,9 @@ class RunRecorder:
     privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_folder(self.path)
         atomic_write_text(self.path / SCENARIO_FILE, json.dumps(self.scenario, indent=2))
-        self._metrics = open(self.path / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
+        self._metrics = open_private_append(self.path / METRICS_FILE)  # closed in close()
         self.write_summary()
 
     def log_client(self, record: dict[str, Any]) -> None:

@@ -94,3 +94,91 @@ def _empty(folder):
     path = folder / "empty.txt"
     path.write_text("\n\n")
     return path
+
+
+def _stopped_run(folder, rounds_done=2, extra=()):
+    """A run directory as a stopped server leaves it: its scenario and a checkpoint
+    after ``rounds_done`` rounds (enough for --resume's checks)."""
+    import json
+
+    from fedtune.config import load_scenario
+
+    scenario = load_scenario(str(h.REPO / "server" / "server.toml"),
+                             [*h.TINY, "run.rounds=3", "server.insecure=true",
+                              'server.ca_cert=""', 'server.cert=""', 'server.key=""',
+                              'server.auth_keys=""', *extra])
+    from fedtune.flower.checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scenario.json").write_text(json.dumps(scenario.to_dict()))
+    save_checkpoint(folder, {"round": rounds_done, "scenario": scenario.to_json()})
+    return folder
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["data.seq_len=64"], "--resume cannot change data.seq_len"),
+    (["run.rounds=5", "lora.rank=8", "train.steps=9"],
+     "--resume cannot change lora.rank, train.steps"),
+    (["run.rounds=1"], "--set run.rounds=1: 2 rounds of"),
+])
+def test_resume_refuses_an_override_it_cannot_apply_by_name(tmp_path, sets, message):
+    run = _stopped_run(tmp_path / "run")
+    done = _run("server", "--resume", str(run), *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+
+
+def test_resume_applies_more_rounds_and_an_unchanged_key():
+    import tempfile
+    from pathlib import Path
+
+    from fedtune.deploy.server import resumed_scenario
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _stopped_run(Path(tmp) / "run")
+        assert resumed_scenario(run, []).run.rounds == 3
+        chosen = resumed_scenario(run, ["run.rounds=5", "data.seq_len=32"])  # 32: as saved
+        assert chosen.run.rounds == 5
+        assert chosen.data.seq_len == 32
+
+
+def test_more_rounds_is_refused_under_client_level_dp(tmp_path):
+    from fedtune.config import ConfigError
+    from fedtune.deploy.server import resumed_scenario
+
+    run = _stopped_run(tmp_path / "run", extra=['privacy.mode="central"',
+                                                "privacy.noise_multiplier=1.0",
+                                                "privacy.clip_norm=0.5"])
+    with pytest.raises(ConfigError, match="planned for 3 rounds"):
+        resumed_scenario(run, ["run.rounds=4"])
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM (kill PID)
+def test_a_stop_signal_ends_the_serve_block_once_and_a_second_is_only_noted(signum):
+    import os
+    import signal
+    import time
+
+    from fedtune.deploy import server
+
+    cleaned = []
+    with pytest.raises(server._Interrupted) as stopped:  # noqa: SLF001
+        with server.stop_signals() as received:
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises here
+                cleaned.append("not reached")
+            finally:
+                os.kill(os.getpid(), signum)  # a second one during the clean-up
+                cleaned.append(True)
+    assert stopped.value.signum == signum and received == [signum] and cleaned == [True]
+    assert signal.getsignal(signum) is not None  # the previous handler is back
+
+
+def test_a_checkpoint_continues_under_more_rounds_and_nothing_else():
+    from fedtune.config import load_scenario
+    from fedtune.flower.checkpoint import same_run
+
+    saved = load_scenario("tiny", ["run.rounds=2"]).to_json()
+    assert same_run(saved, load_scenario("tiny", ["run.rounds=5"]).to_json())
+    assert not same_run(saved, load_scenario("tiny", ["run.rounds=5", "lora.rank=2"]).to_json())
