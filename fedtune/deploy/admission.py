@@ -111,6 +111,19 @@ class NodeAuth:
         return public_key
 
 
+def registered_key_bytes(address: str, ca_cert: str | None) -> set[bytes]:
+    """The keys the SuperLink at ``address`` (its loopback Control API) lets join now."""
+    from fedtune.deploy.control import list_node_keys, parse_public_key
+
+    found = set()
+    for node in list_node_keys(address, ca_cert):
+        try:
+            found.add(parse_public_key(node.public_key, f"node {node.node_id}'s key"))
+        except Exception:  # noqa: BLE001 - a key Flower stored in another form
+            continue
+    return found
+
+
 @dataclass(frozen=True)
 class ReplyBudget:
     """The most bytes one node may push for one message, and how it was derived."""

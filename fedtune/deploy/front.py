@@ -575,6 +575,8 @@ class Front:
                  keyfile: str | None = None, limits: Limits | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.limits = (limits or Limits()).within_fd_limit(raise_fd_limit())
+        if isinstance(app, FleetFront):  # its body deadlines and upstream pool
+            app.limits = self.limits
         tls = None
         if certfile:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

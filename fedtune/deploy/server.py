@@ -165,10 +165,18 @@ def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | No
     return make_certificates(folder, ["127.0.0.1", "localhost"])
 
 
-def start_front(server: ServerSpec, endpoint: Endpoint) -> Front:
-    """Serve the Fleet API, and only it, where clients connect."""
-    front = Front(server.address, make_app(Upstream(endpoint.address, endpoint.ca_cert)),
-                  certfile=server.cert or None, keyfile=server.key or None)
+def start_front(server: ServerSpec, endpoint: Endpoint, scenario: Scenario | None = None
+                ) -> Front:
+    """Serve the Fleet API, and only it, where clients connect: node authentication
+    checked there too when on, each node's messages within ``scenario``'s reply budget."""
+    from fedtune.deploy.admission import MessageBudget, NodeAuth, registered_key_bytes, reply_budget
+
+    auth = (NodeAuth(lambda: registered_key_bytes(endpoint.address, endpoint.ca_cert))
+            if server.auth_keys else None)
+    budget = MessageBudget(reply_budget(scenario)) if scenario is not None else None
+    app = make_app(Upstream(endpoint.address, endpoint.ca_cert), auth, budget)
+    front = Front(server.address, app, certfile=server.cert or None,
+                  keyfile=server.key or None)
     try:
         front.start()
     except OSError as err:
@@ -327,7 +335,7 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
     front: Front | None = None
     try:
         wait_until_healthy(process, endpoint, log)
-        front = start_front(scenario.server, endpoint)
+        front = start_front(scenario.server, endpoint, scenario)
         if scenario.server.auth_keys:
             register_node_keys(endpoint.address, Path(scenario.server.auth_keys),
                                endpoint.ca_cert)
