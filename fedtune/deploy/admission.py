@@ -19,11 +19,11 @@ reply this federation's clients can honestly produce.
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import datetime
 import logging
 import math
-import threading
 import time
 from base64 import b64decode
 from collections import OrderedDict
@@ -43,6 +43,7 @@ log = logging.getLogger("fedtune")
 #: how often an unknown key may make the front ask the SuperLink for its registered keys
 #: again (``fedtune keys add`` registers keys there while the server runs)
 KEY_REFRESH_INTERVAL = 2.0
+UNKNOWN_KEY = "a key that is not registered"
 
 
 class Refused(Exception):
@@ -57,30 +58,52 @@ class Refused(Exception):
 class NodeAuth:
     """The registered node keys (as Flower's bytes) and the header check against them.
 
-    ``registered`` lists the keys the SuperLink accepts now; it is called (from a worker
+    ``registered`` lists the keys the SuperLink accepts now; it is called (in a worker
     thread) at most every KEY_REFRESH_INTERVAL seconds, when a request carries a key the
-    front does not know yet."""
+    front does not know yet. A SuperNode refused with 401 stops for good, so a key is
+    refused as unknown only after a listing that succeeded: while the SuperLink cannot
+    be asked, unknown keys get a 503 (SuperNodes retry those)."""
 
     def __init__(self, registered: Callable[[], Iterable[bytes]],
                  keys: Iterable[bytes] = ()) -> None:
         self.registered = registered
         self.keys = frozenset(keys)
         self.refreshed_at = -math.inf
-        self.lock = threading.Lock()
+        self.listed = False  # whether the latest listing succeeded
+        self.lock: asyncio.Lock | None = None  # made on the front's event loop
 
     def refresh_due(self) -> bool:
         return time.monotonic() - self.refreshed_at >= KEY_REFRESH_INTERVAL
 
-    def refresh(self) -> None:
-        """Reload the registered keys (blocking: call it off the event loop)."""
-        with self.lock:
-            if not self.refresh_due():
-                return
-            self.refreshed_at = time.monotonic()
-            try:
-                self.keys = frozenset(self.registered())
-            except Exception as err:  # noqa: BLE001 - keep the keys known so far
-                log.warning("front: could not list the registered node keys: %s", err)
+    def _reload(self) -> None:
+        try:
+            self.keys = frozenset(self.registered())
+            self.listed = True
+        except Exception as err:  # noqa: BLE001 - keep the keys known so far
+            self.listed = False
+            log.warning("front: could not list the registered node keys: %s", err)
+
+    async def authenticate(self, headers: dict[str, str]) -> bytes:
+        """``check``, asking the SuperLink for its keys again first when the key is
+        unknown and the last listing is old enough (one listing at a time: a request
+        that arrives during one waits for it)."""
+        try:
+            return self.check(headers)
+        except Refused as refusal:
+            if refusal.reason != UNKNOWN_KEY:
+                raise
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        async with self.lock:
+            if self.refresh_due():
+                self.refreshed_at = time.monotonic()
+                await asyncio.to_thread(self._reload)
+        try:
+            return self.check(headers)
+        except Refused as refusal:
+            if refusal.reason == UNKNOWN_KEY and not self.listed:
+                raise Refused(503, "a key the front could not look up yet") from None
+            raise
 
     def check(self, headers: dict[str, str]) -> bytes:
         """The node's public key, once its headers prove it holds a registered key;
@@ -93,7 +116,7 @@ class NodeAuth:
         except (KeyError, binascii.Error, ValueError):
             raise Refused(401, "no node-authentication headers") from None
         if public_key not in self.keys:
-            raise Refused(401, "a key that is not registered")
+            raise Refused(401, UNKNOWN_KEY)
         try:
             age = (datetime.datetime.now(datetime.UTC)
                    - datetime.datetime.fromisoformat(timestamp)).total_seconds()

@@ -280,13 +280,7 @@ class FleetFront:
         public_key = None
         if self.auth is not None:
             headers = {k.lower(): v for k, v in request.headers.items()}
-            try:
-                public_key = self.auth.check(headers)
-            except Refused:
-                if not self.auth.refresh_due():
-                    raise
-                await asyncio.to_thread(self.auth.refresh)  # a key added while running?
-                public_key = self.auth.check(headers)
+            public_key = await self.auth.authenticate(headers)
         return await self._forward(request, cap, public_key)
 
     async def _forward(self, request: Request, cap: int | None,

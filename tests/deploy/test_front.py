@@ -397,3 +397,41 @@ def test_each_node_pushes_at_most_its_budget_per_message(upstream):
     finally:
         client.close()
         front.stop()
+
+
+def test_keys_are_looked_up_once_for_a_burst_and_a_failed_lookup_is_a_503_not_a_401(upstream):
+    """A SuperNode refused with 401 stops for good: the first requests of several
+    nodes, arriving during one slow key listing, must all wait for it; while the
+    SuperLink cannot list its keys, an unknown key gets a retryable 503."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [generate_key_pairs() for _ in range(4)]
+    calls = []
+    failing = []
+
+    def registered():
+        calls.append(time.monotonic())
+        if failing:
+            raise RuntimeError("database is locked")
+        time.sleep(0.5)
+        return {public_key_to_bytes(public) for _, public in pairs}
+
+    port = h.free_port()
+    front = Front(f"127.0.0.1:{port}",
+                  make_app(Upstream(f"127.0.0.1:{upstream.port}"), NodeAuth(registered)),
+                  limits=SMALL)
+    front.start()
+    url = f"http://127.0.0.1:{port}/v1/fleet/activate-node"
+    try:
+        with ThreadPoolExecutor(len(pairs)) as pool:
+            codes = list(pool.map(lambda pair: httpx.post(
+                url, content=b"x", headers=_signed(*pair), timeout=10).status_code, pairs))
+        assert codes == [200] * len(pairs)
+        assert len(calls) == 1
+        failing.append(True)
+        time.sleep(2.1)
+        stranger = generate_key_pairs()
+        assert httpx.post(url, content=b"x", headers=_signed(*stranger),
+                          timeout=10).status_code == 503
+    finally:
+        front.stop()
