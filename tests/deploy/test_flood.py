@@ -124,7 +124,16 @@ def _flooded(tmp: Path, keys) -> dict:
                 phases=phases, alive=alive_after_attack, files=files)
 
 
-def _bloated(tmp: Path, keys) -> dict:
+#: the bloated client holds its extra record about three times (its arrays, their Flower
+#: objects, its SuperNode's store) before the front refuses it
+BLOATED_NEEDS = 6 << 30
+
+
+def _bloated(tmp: Path, keys) -> dict | None:
+    import psutil
+
+    if psutil.virtual_memory().available < BLOATED_NEEDS:
+        return None
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = _server(tmp, port, keys, BLOATED_SETS)
@@ -201,6 +210,9 @@ def test_the_flooded_server_spends_no_more_memory_than_an_unattacked_one(runs,
 
 def test_an_admitted_clients_extra_gigabytes_are_refused_at_its_budget(runs, honest_federation):
     _, bloated = runs
+    if bloated is None:
+        pytest.skip(f"the bloated client needs {BLOATED_NEEDS >> 30} GiB of free memory "
+                    "on this machine")
     assert bloated["code"] == 0, bloated["server"].output()[-3000:]
     log = bloated["server"].output()
     assert "over its budget of" in log and "LoRA parameters at rank" in log, log[-3000:]
