@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -143,8 +144,8 @@ def flood(work: Path) -> dict:
             "probes": len(seconds), "probe_median_s": statistics.median(seconds),
             "probe_max_s": max(seconds),
             "probe_failed": sum(1 for _, c in phase["probe"] if c != 200),
-            **({"attack_s": outcome.seconds, "attacker_connections": outcome.opened,
-                "attacker_answers": sorted({a.decode() for a in outcome.answers})}
+            **({"attack_s": outcome["seconds"], "attacker_connections": outcome["opened"],
+                "attacker_answers": dict(Counter(outcome["answers"]))}
                if outcome else {})}
     summary = h.summary(run["run_dir"])
     return {"exit_code": run["code"], "status": summary["status"],

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import datetime
+import hashlib
 import logging
 import math
 import time
@@ -217,8 +218,9 @@ class MessageBudget:
 
 
 def describe_node(node: object) -> str:
+    """A node key as the log names it: a public key by the start of its SHA-256."""
     if isinstance(node, bytes):
-        return f"key {node[-8:].hex()}"
+        return f"with key sha256:{hashlib.sha256(node).hexdigest()[:16]}"
     return str(node)
 
 

@@ -576,7 +576,10 @@ class Front:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(certfile, keyfile)
         config = uvicorn.Config(app, host=host.strip("[]"), port=int(port),
-                                log_level="warning", access_log=False, lifespan="on",
+                                # uvicorn warns once per refused request ("Exceeded
+                                # concurrency limit", "Invalid HTTP request"): under a
+                                # flood that is the flood; ours are rate-limited
+                                log_level="error", access_log=False, lifespan="on",
                                 timeout_keep_alive=int(self.limits.header_timeout) or 1,
                                 h11_max_incomplete_event_size=self.limits.max_header_bytes)
         self.server = _GuardedServer(config, self.limits, tls)

@@ -1,17 +1,21 @@
 """An outsider's traffic against the clients' port: it holds the CA certificate and
 nothing else. Every attack goes to 127.0.0.1 from another loopback address (the
 outsider is another machine: ``SOURCE``), is bounded in count and in time, and closes
-everything it opened. Run on its own event loop, in a thread of the test process."""
+everything it opened. Each attack runs in a process of its own (``python -m
+tests.deploy.outsider PHASE PORT CA_CERT`` prints its outcome as JSON), so that the
+attacker's own work never slows the honest probe of the test process."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import resource
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -182,3 +186,26 @@ class Probe:
     def stop(self) -> None:
         self.done.set()
         self.thread.join(35)
+
+
+#: the attacks of tests/deploy/test_flood.py: (function, count, seconds each is held)
+PHASES = {"idle": (idle_connections, 2000, 12.0), "slow": (slow_uploads, 300, 12.0),
+          "stalled": (stalled_uploads, 64, 10.0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("phase", choices=sorted(PHASES))
+    parser.add_argument("port", type=int)
+    parser.add_argument("ca_cert")
+    args = parser.parse_args()
+    attack, count, hold = PHASES[args.phase]
+    raise_own_fd_limit(count + 256)
+    tls = ssl.create_default_context(cafile=args.ca_cert)
+    outcome = asyncio.run(attack(args.port, tls, count, hold))
+    print(json.dumps({**asdict(outcome), "answers": [a.decode(errors="replace")
+                                                     for a in outcome.answers]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,8 +15,10 @@ the run completes.
 
 from __future__ import annotations
 
-import asyncio
-import ssl
+import json
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,11 +35,10 @@ pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 SETS = ["data.num_clients=3", "run.rounds=3", "federation.round_timeout=90"]
 #: the bloated client's first reply never arrives: its round ends at this deadline
 BLOATED_SETS = ["data.num_clients=3", "federation.min_clients=2", "run.rounds=2",
-                "federation.round_timeout=25"]
+                "federation.round_timeout=45"]
 #: the slowest answer the honest probe may get under any attack (seconds; measured
 #: under 1 s on 2 shared cores, see benchmarks/RESULTS.md)
 PROBE_BOUND = 5.0
-IDLE, SLOW, STALLED = 2000, 300, 64
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +81,21 @@ def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
 
 
 def _attack(port: int, ca_cert: str) -> dict:
-    """The three attacks in turn, the probe running throughout; per phase what the
-    attacker saw and the probe's latencies."""
-    outsider.raise_own_fd_limit(IDLE + 256)
-    tls = ssl.create_default_context(cafile=ca_cert)
+    """The three attacks in turn (each in a process of its own), the probe running
+    throughout; per phase what the attacker saw and the probe's latencies."""
     probe = outsider.Probe(port, ca_cert)
     phases: dict = {}
     try:
-        time.sleep(2.0)
+        time.sleep(3.0)
         phases["none"] = {"probe": probe.between(0, time.monotonic())}
-        for name, attack in (
-                ("idle", outsider.idle_connections(port, tls, IDLE, hold=12)),
-                ("slow", outsider.slow_uploads(port, tls, SLOW, hold=12)),
-                ("stalled", outsider.stalled_uploads(port, tls, STALLED, hold=10))):
+        for name in ("idle", "slow", "stalled"):
             started = time.monotonic()
-            outcome = asyncio.run(attack)
-            phases[name] = {"outcome": outcome,
+            done = subprocess.run(
+                [sys.executable, "-m", "tests.deploy.outsider", name, str(port), ca_cert],
+                cwd=h.REPO, capture_output=True, text=True, timeout=120,
+                env={**os.environ, "PYTHONPATH": str(h.REPO)})
+            assert done.returncode == 0, done.stderr[-2000:]
+            phases[name] = {"outcome": json.loads(done.stdout),
                             "probe": probe.between(started, time.monotonic())}
     finally:
         probe.stop()
@@ -179,11 +179,13 @@ def test_the_flooded_server_stays_up_and_answers_the_probe_in_time(runs):
 def test_the_outsider_got_its_connections_and_only_refusals(runs):
     flooded, _ = runs
     phases = flooded["phases"]
-    assert phases["idle"]["outcome"].opened > 0  # it did get in, before being dropped
+    assert phases["idle"]["outcome"]["opened"] > 0  # it got in, before being dropped
     for name in ("slow", "stalled"):
-        answers = phases[name]["outcome"].answers
-        assert answers and all(a.startswith(b"HTTP/1.1 401") for a in answers), \
-            (name, answers[:5])
+        answers = phases[name]["outcome"]["answers"]
+        # refused as unauthenticated, or as one connection too many: never served
+        assert answers and all(a.split()[1] in ("401", "503") for a in answers), \
+            (name, sorted(set(answers)))
+        assert any(a.split()[1] == "401" for a in answers)
     assert "refused (401)" in flooded["server"].output()
 
 
@@ -218,6 +220,7 @@ def test_an_admitted_clients_extra_gigabytes_are_refused_at_its_budget(runs, hon
     assert "over its budget of" in log and "LoRA parameters at rank" in log, log[-3000:]
     summary = h.summary(bloated["run_dir"])
     assert summary["status"] == "completed"
-    assert [r["clients_replied"] for r in summary["rounds"]] == [2, 3]
+    replied = [r["clients_replied"] for r in summary["rounds"]]
+    assert replied[0] == 2 and replied[1] >= 2, replied  # round 1: the bloated reply never came
     honest = honest_federation.result().server_peak_memory
     assert bloated["peak"] < 1.5 * honest, (bloated["peak"] / 2**20, honest / 2**20)
