@@ -93,12 +93,17 @@ class Limits:
 
     Connections are counted from the accept (before the TLS handshake). Up to
     ``max_connections`` in all and ``max_per_peer`` per address are served; up to
-    ``overflow`` more get a 503 and are closed; past those a connection is closed at
-    once. Timeouts are seconds."""
+    ``overflow`` more get a 503 and are closed; past those, or past its address's
+    accept rate, a connection is closed at once. Timeouts are seconds."""
 
     max_connections: int = 1024
     max_per_peer: int = 128
     overflow: int = 64
+    #: new connections per second one address may open (a token bucket of
+    #: ``accept_burst``): a TLS handshake costs the front's one event loop CPU, and
+    #: SuperNodes keep their connections alive, so only a flood needs more
+    accept_rate: float = 8.0
+    accept_burst: int = 32
     #: file descriptors kept for everything else the process opens (the pool to the
     #: SuperLink, logs, the database of the run, subprocess pipes)
     fd_reserve: int = 256
@@ -392,10 +397,13 @@ class _Gate:
         self.total = 0
         self.per_peer: Counter[str] = Counter()
         self.refusing = 0
+        self.buckets: dict[str, tuple[float, float]] = {}  # peer -> (tokens, when)
 
     def admit(self, peer: str) -> str:
         """'serve', 'refuse' (a 503) or 'close' for a new connection from ``peer``."""
         limits = self.limits
+        if not self._take_token(peer):
+            return "close"
         if self.total < limits.max_connections and self.per_peer[peer] < limits.max_per_peer:
             self.total += 1
             self.per_peer[peer] += 1
@@ -404,6 +412,22 @@ class _Gate:
             self.refusing += 1
             return "refuse"
         return "close"
+
+    def _take_token(self, peer: str) -> bool:
+        """One new connection from ``peer`` within its accept rate."""
+        limits = self.limits
+        now = time.monotonic()
+        tokens, since = self.buckets.get(peer, (float(limits.accept_burst), now))
+        tokens = min(float(limits.accept_burst), tokens + (now - since) * limits.accept_rate)
+        if len(self.buckets) > 4096:  # forget the addresses whose bucket is full again
+            full = float(limits.accept_burst)
+            self.buckets = {p: (t, w) for p, (t, w) in self.buckets.items()
+                            if t + (now - w) * limits.accept_rate < full}
+        if tokens < 1.0:
+            self.buckets[peer] = (tokens, now)
+            return False
+        self.buckets[peer] = (tokens - 1.0, now)
+        return True
 
     def release(self, peer: str, admitted: str) -> None:
         if admitted == "serve":

@@ -62,7 +62,7 @@ async def idle_connections(port: int, tls: ssl.SSLContext, count: int, hold: flo
     started = time.monotonic()
 
     async def one() -> None:
-        opened = await _open(port, tls, 10)
+        opened = await _open(port, tls, 30)
         if opened is None:
             return
         out.opened += 1
@@ -88,7 +88,7 @@ async def slow_uploads(port: int, tls: ssl.SSLContext, count: int, hold: float,
     started = time.monotonic()
 
     async def one() -> None:
-        opened = await _open(port, tls, 10)
+        opened = await _open(port, tls, 30)
         if opened is None:
             return
         out.opened += 1
@@ -126,7 +126,7 @@ async def stalled_uploads(port: int, tls: ssl.SSLContext, count: int, hold: floa
     chunk = b"\0" * (1 << 20)
 
     async def one() -> None:
-        opened = await _open(port, tls, 10)
+        opened = await _open(port, tls, 30)
         if opened is None:
             return
         out.opened += 1

@@ -11,6 +11,7 @@ import datetime
 import socket
 import ssl
 import time
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -129,7 +130,8 @@ def test_a_body_past_the_limit_is_refused_whether_declared_or_streamed(served):
 
 # ------------------------------------------------------------------ limits of the port
 #: small limits, so that a test reaches them with a few sockets and in seconds
-SMALL = Limits(max_connections=40, max_per_peer=8, overflow=4, header_timeout=1.0,
+SMALL = Limits(max_connections=40, max_per_peer=8, overflow=4, accept_rate=1000,
+               accept_burst=1000, header_timeout=1.0,
                handshake_timeout=1.0, body_idle_timeout=1.0, body_grace=1.0,
                body_min_rate=64 << 10)
 
@@ -433,5 +435,30 @@ def test_keys_are_looked_up_once_for_a_burst_and_a_failed_lookup_is_a_503_not_a_
         stranger = generate_key_pairs()
         assert httpx.post(url, content=b"x", headers=_signed(*stranger),
                           timeout=10).status_code == 503
+    finally:
+        front.stop()
+
+
+def test_an_address_that_opens_connections_too_fast_is_closed_at_the_accept(upstream):
+    limits = replace(SMALL, accept_rate=2.0, accept_burst=5, header_timeout=30.0)
+    port = h.free_port()
+    front = Front(f"127.0.0.1:{port}", make_app(Upstream(f"127.0.0.1:{upstream.port}")),
+                  limits=limits)
+    front.start()
+    try:
+        opened = [_raw(port, "127.0.0.5") for _ in range(8)]
+        # the sixth on is closed at once; none held a slot (all within the per-peer cap)
+        closed = [_closed_by_server(sock, 0.5) for sock in opened]
+        assert closed == [False] * 5 + [True] * 3
+        for sock in opened:
+            sock.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        time.sleep(limits.accept_burst / limits.accept_rate + 0.5)  # the bucket is full
+        drained = [_raw(port, "127.0.0.5") for _ in range(5)]
+        time.sleep(1.1)  # two more tokens
+        again = [_raw(port, "127.0.0.5") for _ in range(3)]
+        assert [_closed_by_server(sock, 0.3) for sock in again] == [False, False, True]
+        for sock in [*drained, *again]:
+            sock.close()
     finally:
         front.stop()
