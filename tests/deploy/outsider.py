@@ -15,6 +15,7 @@ import resource
 import ssl
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import httpx
@@ -30,13 +31,18 @@ def raise_own_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
 
 
+#: why connections the outsider tried did not open (exception name -> count)
+FAILED: Counter[str] = Counter()
+
+
 async def _open(port: int, tls: ssl.SSLContext, timeout: float
                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
     try:
         return await asyncio.wait_for(asyncio.open_connection(
             "127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1",
             local_addr=(SOURCE, 0)), timeout)
-    except (OSError, TimeoutError, ssl.SSLError):
+    except (OSError, TimeoutError, ssl.SSLError) as err:
+        FAILED[type(err).__name__] += 1
         return None
 
 
@@ -203,8 +209,8 @@ def main() -> None:
     raise_own_fd_limit(count + 256)
     tls = ssl.create_default_context(cafile=args.ca_cert)
     outcome = asyncio.run(attack(args.port, tls, count, hold))
-    print(json.dumps({**asdict(outcome), "answers": [a.decode(errors="replace")
-                                                     for a in outcome.answers]}))
+    print(json.dumps({**asdict(outcome), "not_opened": dict(FAILED),
+                      "answers": [a.decode(errors="replace") for a in outcome.answers]}))
 
 
 if __name__ == "__main__":

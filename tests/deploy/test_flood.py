@@ -173,13 +173,16 @@ def test_the_flooded_server_stays_up_and_answers_the_probe_in_time(runs):
         assert all(status == 200 for _, status in samples), (name, samples)
         assert _worst(samples) < PROBE_BOUND, (name, samples)
     print("probe latency, worst per phase (s):",
-          {n: round(_worst(p["probe"]), 3) for n, p in flooded["phases"].items()})
+          {n: round(_worst(p["probe"]), 3) for n, p in flooded["phases"].items()},
+          "attacks:", {n: {k: v for k, v in p["outcome"].items() if k != "answers"}
+                       for n, p in flooded["phases"].items() if "outcome" in p})
 
 
 def test_the_outsider_got_its_connections_and_only_refusals(runs):
     flooded, _ = runs
     phases = flooded["phases"]
-    assert phases["idle"]["outcome"]["opened"] > 0  # it got in, before being dropped
+    idle = phases["idle"]["outcome"]
+    assert idle["opened"] > 0, idle  # it got in, before being dropped
     for name in ("slow", "stalled"):
         answers = phases[name]["outcome"]["answers"]
         # refused as unauthenticated, or as one connection too many: never served
@@ -207,6 +210,8 @@ def test_the_flooded_server_spends_no_more_memory_than_an_unattacked_one(runs,
                                                                        honest_federation):
     flooded, _ = runs
     honest = honest_federation.result().server_peak_memory
+    print(f"server peak: flooded {flooded['peak'] / 2**20:.0f} MiB, unattacked "
+          f"{honest / 2**20:.0f} MiB")
     assert flooded["peak"] < 1.5 * honest, (flooded["peak"] / 2**20, honest / 2**20)
 
 
@@ -223,4 +228,6 @@ def test_an_admitted_clients_extra_gigabytes_are_refused_at_its_budget(runs, hon
     replied = [r["clients_replied"] for r in summary["rounds"]]
     assert replied[0] == 2 and replied[1] >= 2, replied  # round 1: the bloated reply never came
     honest = honest_federation.result().server_peak_memory
+    print(f"server peak: bloated client {bloated['peak'] / 2**20:.0f} MiB, unattacked "
+          f"{honest / 2**20:.0f} MiB")
     assert bloated["peak"] < 1.5 * honest, (bloated["peak"] / 2**20, honest / 2**20)
