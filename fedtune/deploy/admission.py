@@ -50,10 +50,11 @@ UNKNOWN_KEY = "a key that is not registered"
 class Refused(Exception):
     """A request the front answers itself: ``status`` and a reason for the log."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, always_logged: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.always_logged = always_logged
 
 
 class NodeAuth:
@@ -195,24 +196,28 @@ class MessageBudget:
     def __init__(self, budget: ReplyBudget, max_nodes: int = 4096) -> None:
         self.budget = budget
         self.used: OrderedDict[object, int] = OrderedDict()
+        self.refused: set[object] = set()  # nodes refused since their last new message
         self.max_nodes = max_nodes
 
     def new_message(self, node: object) -> None:
         """The SuperLink accepted a reply of ``node`` and asked for its objects."""
         self.used[node] = 0
+        self.refused.discard(node)
         self.used.move_to_end(node)
         while len(self.used) > self.max_nodes:
-            self.used.popitem(last=False)
+            self.refused.discard(self.used.popitem(last=False)[0])
 
     def charge(self, node: object, size: int) -> None:
         """Count ``size`` more bytes of ``node``'s message; ``Refused`` (413) past the
         budget (nothing is counted then)."""
         used = self.used.get(node, 0)
         if used + size > self.budget.limit:
+            first = node not in self.refused  # logged once per message, then rate-limited
+            self.refused.add(node)
             raise Refused(413, (
                 f"node {describe_node(node)} pushed {used + size:,} bytes for one message, "
                 f"over its budget of {self.budget.limit:,} bytes "
-                f"({self.budget.derivation})"))
+                f"({self.budget.derivation})"), always_logged=first)
         self.used[node] = used + size
         self.used.move_to_end(node)
 

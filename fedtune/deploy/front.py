@@ -173,7 +173,8 @@ class BodyTooSlow(Exception):
 class _RefusalLog:
     """Refusals logged at most once per ``every`` seconds per status code, the latest
     with the count since the last line, so that a flood does not flood the log (a
-    refusal of a message budget is always logged: it names an admitted node)."""
+    node's first refusal past its message budget is always logged: it names an admitted
+    node)."""
 
     def __init__(self, every: float = 10.0) -> None:
         self.every = every
@@ -233,7 +234,7 @@ class FleetFront:
         except Refused as refusal:
             self.refused(refusal.status, f"{refusal.reason} on {request.url.path[:80]} from "
                          f"{request.client.host if request.client else '?'}",
-                         always=refusal.status == 413 and "budget" in refusal.reason)
+                         always=refusal.always_logged)
             # the connection closes after this answer: an unread body never holds it
             response = PlainTextResponse(f"{refusal.reason}\n", status_code=refusal.status,
                                          headers={"connection": "close"})
