@@ -296,11 +296,16 @@ class FleetFront:
         body = _body(request, cap or 0)
         node = None
         if self.budget is not None and path in (PUSH_OBJECT, PUSH_MESSAGES):
-            prefix, body = await _peek(body, 64)
+            prefix = b""
+            if public_key is None:  # the node id its body names: read its first bytes
+                prefix, body = await _peek(body, 64)
             node = node_key(public_key, request.client.host if request.client else "?",
                             prefix)
-            if path == PUSH_OBJECT:
-                body = self._charged(body, node, request.headers.get("content-length"))
+            declared = request.headers.get("content-length")
+            if path == PUSH_OBJECT and declared is not None and declared.isdigit():
+                self.budget.charge(node, int(declared))  # before the SuperLink hears of it
+            elif path == PUSH_OBJECT:
+                body = self._charged(body, node)
         upstream_request = client.build_request(
             request.method, path, headers=_headers(request.headers.items()),
             content=body if cap is not None else None)
@@ -315,16 +320,11 @@ class FleetFront:
                                  headers=dict(_headers(reply.headers.items())),
                                  background=BackgroundTask(reply.aclose))
 
-    async def _charged(self, body: AsyncIterator[bytes], node: object,
-                       declared: str | None) -> AsyncIterator[bytes]:
-        """``body``, each byte charged to ``node``'s message budget before it is
-        forwarded (a declared length is charged whole, before the first byte)."""
+    async def _charged(self, body: AsyncIterator[bytes], node: object
+                       ) -> AsyncIterator[bytes]:
+        """A body sent without a length, each piece charged to ``node``'s message
+        budget before it is forwarded."""
         assert self.budget is not None
-        if declared is not None and declared.isdigit():
-            self.budget.charge(node, int(declared))
-            async for chunk in body:
-                yield chunk
-            return
         async for chunk in body:
             self.budget.charge(node, len(chunk))
             yield chunk

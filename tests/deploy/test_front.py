@@ -52,8 +52,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
+        self.started: list[str] = []  # requests that reached it, read whole or not
 
         async def echo(request: Request) -> Response:
+            self.started.append(request.url.path)
             body = await request.body()
             self.seen.append((request.method, request.url.path))
             if request.url.path == "/v1/fleet/push-messages":  # accepted: push the objects
@@ -386,7 +388,7 @@ def test_each_node_pushes_at_most_its_budget_per_message(upstream):
             node=Node(node_id=node)).SerializeToString()).status_code
 
     try:
-        before = len(upstream.seen)
+        before, started = len(upstream.seen), len(upstream.started)
         assert new_message(1) == 200
         assert [push(1, 4000), push(1, 4000)] == [200, 200]
         assert push(1, 4000) == 413  # declared: refused before a byte is read
@@ -396,6 +398,8 @@ def test_each_node_pushes_at_most_its_budget_per_message(upstream):
         assert push(1, 4000) == 200
         forwarded = [p for _, p in upstream.seen[before:]]
         assert forwarded.count("/v1/fleet/push-object") == 4
+        # the declared one never reached the SuperLink; the streamed one was cut off there
+        assert upstream.started[started:].count("/v1/fleet/push-object") == 5
     finally:
         client.close()
         front.stop()
