@@ -145,6 +145,7 @@ def flood(work: Path) -> dict:
             "probe_max_s": max(seconds),
             "probe_failed": sum(1 for _, c in phase["probe"] if c != 200),
             **({"attack_s": outcome["seconds"], "attacker_connections": outcome["opened"],
+                "attacker_not_opened": outcome["not_opened"],
                 "attacker_answers": dict(Counter(outcome["answers"]))}
                if outcome else {})}
     summary = h.summary(run["run_dir"])

