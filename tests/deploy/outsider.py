@@ -59,6 +59,8 @@ class Outcome:
     opened: int = 0
     answers: list[bytes] = field(default_factory=list)
     seconds: float = 0.0
+    #: the most body bytes one upload got into its socket before the server stopped it
+    sent_max: int = 0
 
 
 async def idle_connections(port: int, tls: ssl.SSLContext, count: int, hold: float
@@ -145,11 +147,12 @@ async def stalled_uploads(port: int, tls: ssl.SSLContext, count: int, hold: floa
             while left > 0 and time.monotonic() < until and not reader.at_eof():
                 piece = chunk[:min(left, len(chunk))]
                 writer.write(piece)
-                left -= len(piece)
                 try:
                     await asyncio.wait_for(writer.drain(), max(until - time.monotonic(), 0.01))
                 except (TimeoutError, OSError):
                     break
+                left -= len(piece)
+            out.sent_max = max(out.sent_max, declared - 1 - left)
             with contextlib.suppress(Exception):
                 answer = await asyncio.wait_for(reader.read(4096),
                                                 max(until - time.monotonic(), 0.01))

@@ -185,12 +185,15 @@ def test_the_outsider_got_its_connections_and_only_refusals(runs):
     # every connection was tried: opened (then dropped at the header deadline) or reset at
     # the accept; how many got a handshake depends on the machine's load (0-45 seen)
     assert idle["opened"] + sum(idle["not_opened"].values()) == 2000, idle
-    for name in ("slow", "stalled"):
-        answers = phases[name]["outcome"]["answers"]
-        # refused as unauthenticated, or as one connection too many: never served
-        assert answers and all(a.split()[1] in ("401", "503") for a in answers), \
-            (name, sorted(set(answers)))
-        assert any(a.split()[1] == "401" for a in answers)
+    slow, stalled = phases["slow"]["outcome"], phases["stalled"]["outcome"]
+    # refused as unauthenticated, or as one connection too many: never served (a stalled
+    # upload's answer is often lost: the front closes while it still writes, and the
+    # reset drops what was received)
+    for outcome in (slow, stalled):
+        assert all(a.split()[1] in ("401", "503") for a in outcome["answers"]), outcome
+    assert any(a.split()[1] == "401" for a in slow["answers"]), slow
+    assert stalled["opened"] > 0, stalled
+    assert stalled["sent_max"] < 32 << 20, stalled  # the front stopped reading long before
     assert "refused (401)" in flooded["server"].output()
 
 
