@@ -9,6 +9,11 @@ one run (ratios, not absolute times, are what to compare).
 
 ``--tls``: TLS and node authentication on both sides (test certificates made in the run
 folder), the way a real deployment runs; otherwise ``--insecure``.
+
+``--modes flood``: the honest health probe's latency while an outsider floods the
+clients' port (tests/deploy/test_flood.py's federation and attacks: 2,000 idle TLS
+connections, 300 slow uploads, 64 stalled 64 MiB uploads), per phase, with the server's
+peak memory; written to ``deployment/results-flood.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
@@ -120,6 +126,34 @@ def simulation(model: str, rounds: int) -> dict:
             "final_eval_loss": result["summary"]["final"]["eval_loss"]}
 
 
+def flood(work: Path) -> dict:
+    """The flooded federation of tests/deploy/test_flood.py, its probe per phase."""
+    from fedtune.deploy.certs import make_certificates
+    from tests.deploy.test_flood import _flooded
+
+    work.mkdir(parents=True, exist_ok=True)
+    made = make_certificates(work / "certs", nodes=3)
+    allowed = work / "certs" / "allowed.pub"
+    allowed.write_text("".join(p.read_text() for p in made.node_public_keys))
+    run = _flooded(work, (made, allowed))
+    phases = {}
+    for name, phase in run["phases"].items():
+        seconds = [s for s, _ in phase["probe"]]
+        outcome = phase.get("outcome")
+        phases[name] = {
+            "probes": len(seconds), "probe_median_s": statistics.median(seconds),
+            "probe_max_s": max(seconds),
+            "probe_failed": sum(1 for _, c in phase["probe"] if c != 200),
+            **({"attack_s": outcome["seconds"], "attacker_connections": outcome["opened"],
+                "attacker_not_opened": outcome["not_opened"],
+                "attacker_answers": dict(Counter(outcome["answers"]))}
+               if outcome else {})}
+    summary = h.summary(run["run_dir"])
+    return {"exit_code": run["code"], "status": summary["status"],
+            "rounds": [r["clients_replied"] for r in summary["rounds"]],
+            "server_peak_mb": run["peak"] / 2**20, "phases": phases}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="tiny,smollm2")
@@ -129,6 +163,11 @@ def main() -> None:
     args = parser.parse_args()
     modes = set(args.modes.split(","))
     OUT.mkdir(exist_ok=True)
+    if "flood" in modes:
+        result = flood(OUT / "runs" / "flood")
+        print(json.dumps(result, indent=1), flush=True)
+        (OUT / "results-flood.json").write_text(json.dumps(result, indent=2))
+        return
     results = {}
     suffix = "-tls" if args.tls else ""
     for model in args.models.split(","):

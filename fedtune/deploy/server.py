@@ -182,10 +182,18 @@ def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | No
     return make_certificates(folder, ["127.0.0.1", "localhost"])
 
 
-def start_front(server: ServerSpec, endpoint: Endpoint) -> Front:
-    """Serve the Fleet API, and only it, where clients connect."""
-    front = Front(server.address, make_app(Upstream(endpoint.address, endpoint.ca_cert)),
-                  certfile=server.cert or None, keyfile=server.key or None)
+def start_front(server: ServerSpec, endpoint: Endpoint, scenario: Scenario | None = None
+                ) -> Front:
+    """Serve the Fleet API, and only it, where clients connect: node authentication
+    checked there too when on, each node's messages within ``scenario``'s reply budget."""
+    from fedtune.deploy.admission import MessageBudget, NodeAuth, registered_key_bytes, reply_budget
+
+    auth = (NodeAuth(lambda: registered_key_bytes(endpoint.address, endpoint.ca_cert))
+            if server.auth_keys else None)
+    budget = MessageBudget(reply_budget(scenario)) if scenario is not None else None
+    app = make_app(Upstream(endpoint.address, endpoint.ca_cert), auth, budget)
+    front = Front(server.address, app, certfile=server.cert or None,
+                  keyfile=server.key or None)
     try:
         front.start()
     except OSError as err:
@@ -530,7 +538,7 @@ def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path |
                               int(endpoint.address.rpartition(":")[2]), loopback),
             stdout=log_handle, stderr=subprocess.STDOUT, env=env, umask=PRIVATE_UMASK)
     wait_until_healthy(process, endpoint, log)
-    serving.front = start_front(scenario.server, endpoint)
+    serving.front = start_front(scenario.server, endpoint, scenario)
     control = _with_home(env, lambda: ControlSession(endpoint.address, endpoint.ca_cert))
     try:
         if scenario.server.auth_keys:
