@@ -274,7 +274,9 @@ def client(
         "", "--auth-key", help="Private key registered with the server (node authentication)."),
     insecure: bool = typer.Option(
         False, "--insecure", help="Connect WITHOUT TLS: traffic is not encrypted."),
-    state_dir: str = typer.Option("", "--state-dir", help="Folder for Flower's state and log."),
+    state_dir: str = typer.Option(
+        "", "--state-dir", help="Folder for the run pins, Flower's state and log (made 0700; "
+        "default: ~/.local/state/fedtune/clients/SERVER/NAME, kept across restarts)."),
     connect_wait: float = typer.Option(
         30.0, "--connect-wait", help="Seconds to keep trying to reach the server at start."),
     reconnect_for: float = typer.Option(

@@ -7,17 +7,24 @@ SuperNode (Flower's own client process, ``--isolation process``) keeps the conne
 and the heartbeats; this process claims its tasks (``fedtune.deploy.worker``), so the
 base model is loaded once and stays loaded across rounds. The SuperNode reconnects by
 itself when the server restarts.
+
+The client's state folder (``--state-dir``, by default a persistent one per user,
+server and name: ``default_state_dir``) is private to its user (0700): it holds the run
+pins (which seals this client has served, so a restart does not accept an older one)
+and, made anew at each start, the SuperExec secret without which the SuperNode's
+runtime API hands out no task (so no other local user can claim one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +36,7 @@ from fedtune.data.local import MEMORY_PREFIX, read_local_texts
 from fedtune.data.types import DataError
 from fedtune.deploy.seal import RunPin
 from fedtune.deploy.server import flower_bin, flower_env, free_port, stop_process, tail
+from fedtune.deploy.superlink import new_secret_file
 from fedtune.deploy.task import TOKEN_VARIABLE, load_app
 from fedtune.deploy.task import command as task_command
 from fedtune.privacy.floor import PrivacyFloor
@@ -37,6 +45,8 @@ log = logging.getLogger("fedtune")
 
 #: the runs this client served (``fedtune.deploy.seal.RunPin``), in its state folder
 PIN_FILE = "run-pins.json"
+#: the SuperNode's SuperExec secret (AcquireTask), in its state folder, new each start
+SUPEREXEC_SECRET = "superexec.secret"
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -55,7 +65,8 @@ class ClientOptions:
     root_certificates: str = ""  # the CA that signed the server's certificate
     insecure: bool = False
     auth_key: str = ""  # OpenSSH private key registered with the server
-    state_dir: str = ""  # FLWR_HOME and the SuperNode's log; "" = a temporary folder
+    #: run pins, FLWR_HOME and the SuperNode's log; "" = ``default_state_dir``
+    state_dir: str = ""
     app: str = "fedtune.flower.client_app:app"
     #: a model source this client trains in place of the federation's base (its own copy
     #: of the same base: a local folder, or a model an application lent, see the SDK)
@@ -215,12 +226,47 @@ def node_config(options: ClientOptions) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
 
 
-def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
+def _folder_name(text: str) -> str:
+    """``text`` as one safe path component (a digest added when characters changed)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
+    if safe == text:
+        return safe
+    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def default_state_dir(options: ClientOptions) -> Path:
+    """The state folder of a client started without ``--state-dir``: persistent and
+    per user, one per server and client name, so a restarted client keeps its pins
+    (``$XDG_STATE_HOME/fedtune/clients/SERVER/NAME``, ``~/.local/state`` by default)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return (Path(base) / "fedtune" / "clients" / _folder_name(options.server)
+            / _folder_name(options.client_name))
+
+
+def prepare_state_dir(options: ClientOptions) -> Path:
+    """The client's state folder, made private to its user (0700). An existing folder
+    of another user, or one every user may write to (``/tmp``), is refused, not
+    changed."""
+    state = Path(options.state_dir) if options.state_dir else default_state_dir(options)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = state.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o002:
+        raise ClientError(f"--state-dir {state} belongs to another user or is writable by "
+                          "every user; give a folder of this client's own")
+    os.chmod(state, 0o700)
+    (state / "home").mkdir(mode=0o700, exist_ok=True)
+    return state
+
+
+def supernode_command(options: ClientOptions, runtime_port: int, secret_file: Path
+                      ) -> list[str]:
     # --isolation process: the SuperNode never starts a ClientApp itself (Flower's would
-    # install the run's FAB and run its code); fedtune's worker claims every task
+    # install the run's FAB and run its code); fedtune's worker claims every task, with
+    # the SuperExec secret of secret_file (its name only is on the command line)
     command = [flower_bin("flower-supernode"), "--superlink", options.server,
                "--host", "127.0.0.1", "--port", str(runtime_port),
-               "--node-config", node_config(options), "--isolation", "process"]
+               "--node-config", node_config(options), "--isolation", "process",
+               "--superexec-auth-secret-file", str(secret_file)]
     if options.insecure:
         command.append("--insecure")
     else:
@@ -272,15 +318,15 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     check_server(options, options.connect_wait)
     if app is None and options.long_lived:
         app = load_app(options.app)  # type: ignore[assignment]
-    state = Path(options.state_dir or tempfile.mkdtemp(prefix="fedtune-client-"))
-    (state / "home").mkdir(parents=True, exist_ok=True)
+    state = prepare_state_dir(options)
+    secret = new_secret_file(state / SUPEREXEC_SECRET).encode()
     log = state / "supernode.log"
     port = free_port()
     env = flower_env(state / "home")
     stop = stop or threading.Event()
     with open(log, "ab") as handle:
-        process = subprocess.Popen(supernode_command(options, port), stdout=handle,
-                                   stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(supernode_command(options, port, state / SUPEREXEC_SECRET),
+                                   stdout=handle, stderr=subprocess.STDOUT, env=env)
     say(f"client {options.client_name!r}: {texts} texts in {options.data}; connecting to "
         f"{options.server} ({'insecure' if options.insecure else 'TLS'}); log {log}")
 
@@ -311,7 +357,7 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     per_message = None if options.long_lived else per_message_runner(options, address, state)
     try:
         serve_forever(address, app, stop=stop, on_task=count,  # type: ignore[arg-type]
-                      pin=pin, run_task=per_message)
+                      pin=pin, run_task=per_message, superexec_secret=secret)
     finally:
         stop_process(process)
     if gave_up.is_set():

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from flwr.cli.build import build_fab_from_disk
-from flwr.cli.typing import SuperLinkConnection
-from flwr.cli.utils import init_http_client_from_connection
 from flwr.common.serde import fab_to_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
@@ -28,17 +25,37 @@ from flwr.proto.control_pb2 import (
 )
 from flwr.supercore.fab import Fab
 
+from fedtune.deploy.superlink import OPERATOR_HEADER, operator_secret_beside
+
 
 class ControlError(RuntimeError):
     """The SuperLink refused or failed a request."""
 
 
 def _client(address: str, ca_cert: str | None) -> Any:
-    connection = SuperLinkConnection(name="fedtune", address=address,
-                                     root_certificates=ca_cert or None,
-                                     insecure=ca_cert is None)
-    with contextlib.redirect_stdout(io.StringIO()):  # Flower's CLI says "Using SuperLink"
-        return init_http_client_from_connection(connection)
+    """A Control API client of fedtune's loopback SuperLink, sending the operator
+    secret that lies beside its loopback CA (``fedtune.deploy.superlink``)."""
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr CLI")]
+    secret = None if ca_cert is None else operator_secret_beside(ca_cert)
+    if secret is not None:
+        interceptors.append(_OperatorHeader(secret))
+    return ControlHttpClient.from_server_address(
+        server_address=address, insecure=ca_cert is None, root_certificates=ca_cert,
+        interceptors=interceptors)
+
+
+class _OperatorHeader:
+    """Adds the operator secret to every request (a flwr protobuf-client interceptor)."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+
+    def intercept(self, context: Any, call_next: Any) -> Any:
+        context.request.headers[OPERATOR_HEADER] = self.secret
+        return call_next(context)
 
 
 #: how long a Control API call is retried through transient failures (an HTTP 5xx, a

@@ -11,6 +11,13 @@ the one signed (so neither another app's config nor a ``--run-config`` override
 passes), and that the nonce belongs to no other run (a replayed seal). No new key to
 distribute: the client already trusts that CA for that host.
 
+Seals expire: a client serves a seal it has not seen before only if it is newer than
+every seal it has served (each server start, a resume included, seals anew) and was
+issued less than ``SEAL_MAX_AGE`` ago, so an old sealed config resubmitted later is
+refused even by a client that never saw its successor. The pins live in the client's
+persistent state folder (``fedtune.deploy.client.default_state_dir``), so a restart
+forgets nothing.
+
 Flower's own answer (signed FABs with SuperNode ``--trusted-entities``) needs a licensed
 SuperLink to vouch for the FAB, and signs the FAB only, not the run config.
 """
@@ -35,6 +42,12 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 #: the run-config key holding the seal (a JSON string: run config values are scalars)
 SEAL_KEY = "fedtune-seal"
+#: seconds after its issue within which a client serves a seal it has never seen: the
+#: server seals its run at each start, and its clients join within its wait for them
+#: (``server.wait_for_clients``); one that has served the run goes on serving it
+SEAL_MAX_AGE = 24 * 3600.0
+#: how far ahead of this machine's clock a seal may claim to be issued (clock skew)
+CLOCK_SKEW = 300.0
 
 
 class RunRefused(RuntimeError):
@@ -125,13 +138,14 @@ def open_seal(config: Mapping[str, Any], ca_file: str | Path, host: str) -> dict
 class RunPin:
     """Which sealed runs this client has served: a run must be sealed by the server at
     ``host`` (checked against ``ca_file``), its nonce may serve one run id only, and a
-    seal older than the newest one seen is refused (the server seals every run it
-    starts, a resumed one included). Kept in ``state_file`` when given, so a restarted
-    client remembers (a per-message process reads it anew for each message)."""
+    new seal must be newer than the newest one seen (the server seals every run it
+    starts, a resumed one included) and issued less than ``max_age`` seconds ago. Kept
+    in ``state_file`` when given, so a restarted client remembers (a per-message
+    process reads it anew for each message)."""
 
-    def __init__(self, ca_file: str | Path, host: str, state_file: str | Path | None = None
-                 ) -> None:
-        self.ca_file, self.host = str(ca_file), host
+    def __init__(self, ca_file: str | Path, host: str, state_file: str | Path | None = None,
+                 max_age: float = SEAL_MAX_AGE) -> None:
+        self.ca_file, self.host, self.max_age = str(ca_file), host, max_age
         self.state_file = Path(state_file) if state_file else None
         self.runs: dict[str, int] = {}  # nonce -> run id
         self.newest = 0.0
@@ -151,6 +165,12 @@ class RunPin:
         if issued < self.newest:
             raise RunRefused(f"run {run_id} is sealed before the newest run this client "
                              "served (an old seal replayed)")
+        age = time.time() - issued
+        if not -CLOCK_SKEW <= age <= self.max_age:
+            raise RunRefused(f"run {run_id} is sealed {age / 3600:.1f} h ago, and this "
+                             f"client serves a new seal within {self.max_age / 3600:g} h "
+                             "of its issue only (an old seal, or a clock far off); restart "
+                             "or resume the server to seal the run anew")
         self.runs[nonce], self.newest = run_id, issued
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,10 @@ SuperLink on the same state and continues the run.
 
 Layout of the run directory's ``flower/`` folder: ``app/pyproject.toml`` (the app that
 is submitted), ``home/`` (FLWR_HOME of the SuperLink), ``state.db`` (its database, so
-registered client keys survive a restart), ``superlink.log``, ``loopback/`` (the
-per-start certificate of the loopback SuperLink, private to the server's user) and,
+registered client keys survive a restart), ``superlink.log`` (the SuperLink's and the
+ServerApp's output), ``loopback/`` (private to the server's user, made anew at each
+start: the loopback SuperLink's certificate, the operator secret its Control API asks
+for, the SuperExec secret ``AcquireTask`` asks for, the ServerApp's task token) and,
 while the server runs, ``control.json`` (where ``fedtune keys`` reaches the Control API).
 """
 
@@ -44,12 +46,17 @@ from fedtune.core.files import PRIVATE_UMASK, private_folder, write_private
 from fedtune.deploy.certs import Certificates, make_certificates
 from fedtune.deploy.front import Front, Upstream, make_app
 from fedtune.deploy.seal import seal_config
+from fedtune.deploy.superlink import OPERATOR_SECRET, new_secret_file
 from fedtune.runs.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
 
 FLOWER_DIR = "flower"
 LOG_FILE = "superlink.log"
 CONTROL_FILE = "control.json"
 LOOPBACK_DIR = "loopback"
+#: in LOOPBACK_DIR, beside OPERATOR_SECRET (what the Control API asks for): what
+#: AcquireTask asks for (flwr's SuperExec HMAC), and a ServerApp's task token per run
+SUPEREXEC_SECRET = "superexec.secret"
+TOKEN_FILES = "serverapp-*.token"
 
 
 class DeploymentError(RuntimeError):
@@ -73,7 +80,9 @@ class ServerStopped(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """How tools on the server machine reach the SuperLink's Control API (loopback)."""
+    """How tools on the server machine reach the SuperLink's Control API (loopback):
+    its address and the CA of its loopback certificate; the operator secret the
+    Control API asks for lies beside that CA (``fedtune.deploy.superlink``)."""
 
     address: str
     ca_cert: str | None
@@ -159,13 +168,20 @@ def write_app(folder: Path, config: dict[str, Any]) -> Path:
 
 
 def superlink_command(server: ServerSpec, database: Path, port: int,
-                      loopback: Certificates | None) -> list[str]:
-    """The SuperLink on 127.0.0.1 only, with the loopback certificate (or plain HTTP
-    for an insecure deployment)."""
-    command = [flower_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-               "--database", str(database), "--disable-runtime-dependency-installation"]
-    if loopback is None:
-        return [*command, "--insecure"]
+                      loopback: Certificates, private: Path) -> list[str]:
+    """The SuperLink on 127.0.0.1 only, behind the operator guard
+    (``fedtune.deploy.superlink``), with the loopback certificate (an insecure
+    deployment too: ``insecure`` is about the clients' port). ``--isolation process``:
+    it starts no SuperExec (whose ServerApp would get its token on the command line,
+    and which launches any run's app); ``fedtune server`` launches the ServerApp of its
+    own run itself. Only secret file names are on the command line, in ``private``
+    (mode 0700)."""
+    command = [sys.executable, "-m", "fedtune.deploy.superlink",
+               "--operator-secret-file", str(private / OPERATOR_SECRET),
+               "--host", "127.0.0.1", "--port", str(port),
+               "--database", str(database), "--disable-runtime-dependency-installation",
+               "--isolation", "process",
+               "--superexec-auth-secret-file", str(private / SUPEREXEC_SECRET)]
     command += ["--ssl-ca-certfile", str(loopback.ca_cert), "--ssl-certfile",
                 str(loopback.cert), "--ssl-keyfile", str(loopback.key)]
     if server.auth_keys:
@@ -173,13 +189,129 @@ def superlink_command(server: ServerSpec, database: Path, port: int,
     return command
 
 
-def loopback_certificates(flower: Path, server: ServerSpec) -> Certificates | None:
-    """A fresh CA and certificate for 127.0.0.1, made at each start in a folder only
-    the server's user can read (None for an insecure deployment)."""
-    if server.insecure:
-        return None
+def loopback_folder(flower: Path) -> Path:
+    """``flower/loopback``, mode 0700, with a fresh operator secret and SuperExec
+    secret: made at each start, so nothing of an earlier start stays valid."""
     folder = private_folder(flower / LOOPBACK_DIR)
+    for name in (OPERATOR_SECRET, SUPEREXEC_SECRET):
+        new_secret_file(folder / name)
+    remove_token_files(folder)
+    return folder
+
+
+def remove_token_files(folder: Path) -> None:
+    for path in folder.glob(TOKEN_FILES):
+        path.unlink(missing_ok=True)
+
+
+def loopback_certificates(folder: Path) -> Certificates:
+    """A fresh CA and certificate for 127.0.0.1 in the private ``folder``."""
     return make_certificates(folder, ["127.0.0.1", "localhost"])
+
+
+def serverapp_command(endpoint: Endpoint, token_file: Path) -> list[str]:
+    """flwr's ServerApp process for one claimed task: the token in a file, never on the
+    command line (which every local user can read); exits with ``fedtune server``."""
+    command = [flower_bin("flwr-serverapp"), "--runtime-api-address", endpoint.address,
+               "--token-file", str(token_file), "--parent-pid", str(os.getpid())]
+    if endpoint.ca_cert is None:
+        return [*command, "--insecure"]
+    return [*command, "--root-certificates", endpoint.ca_cert]
+
+
+def claim_serverapp_task(endpoint: Endpoint, secret: bytes, run_id: int,
+                         timeout: float = 120.0, poll: float = 0.1) -> str:
+    """The token of ``run_id``'s ServerApp task, claimed with the SuperExec secret. A
+    task of another run (none can be started without the operator secret) is claimed
+    too, so that it never runs, and logged."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from fedtune.deploy.worker import ACQUIRE_TASK
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=endpoint.address, insecure=endpoint.ca_cert is None,
+        root_certificates=endpoint.ca_cert,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                      SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                   protected_methods={ACQUIRE_TASK})])
+    request = AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                response = client.AcquireTask(request)
+            except httpx.HTTPError as err:  # the SuperLink busy or restarting: ask again
+                last_error = err
+                time.sleep(1.0)
+                continue
+            if response.HasField("task") and response.token:
+                if response.task.run_id == run_id:
+                    return str(response.token)
+                print(f"fedtune server: not launching run {response.task.run_id}: not the "
+                      f"run this server submitted ({run_id})", file=sys.stderr)
+                continue
+            time.sleep(poll)
+    finally:
+        client.close()
+    raise DeploymentError(f"the ServerApp task of run {run_id} did not appear within "
+                          f"{timeout:.0f} s" + (f" (last error: {last_error})" if last_error
+                                                else ""))
+
+
+def launch_serverapp(endpoint: Endpoint, private: Path, run_id: int, env: dict[str, str],
+                     log: Path) -> subprocess.Popen[bytes]:
+    """Claim ``run_id``'s ServerApp task and start flwr-serverapp for it."""
+    token = claim_serverapp_task(endpoint, (private / SUPEREXEC_SECRET).read_bytes(),
+                                 run_id)
+    token_file = private / TOKEN_FILES.replace("*", str(run_id))
+    token_file.unlink(missing_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    with open(log, "ab") as log_handle:
+        process = subprocess.Popen(serverapp_command(endpoint, token_file),
+                                   stdout=log_handle, stderr=subprocess.STDOUT, env=env,
+                                   umask=PRIVATE_UMASK)
+    threading.Thread(target=keep_task_alive, args=(endpoint, token, process),
+                     name="fedtune-serverapp-heartbeat", daemon=True).start()
+    return process
+
+
+def keep_task_alive(endpoint: Endpoint, token: str, process: subprocess.Popen[bytes],
+                    every: float = 10.0) -> None:
+    """Heartbeat a claimed task while its process lives: the task expires ~30 s after
+    its last heartbeat, and a ServerApp process starting on a loaded machine sends its
+    first one only after its imports. Ends when the process ends (so a dead ServerApp's
+    run still fails) or the task is over (its token revoked)."""
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+    )
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from fedtune.deploy.worker import _heartbeat
+
+    client = RuntimeHttpClient.from_server_address(
+        server_address=endpoint.address, insecure=endpoint.ca_cert is None,
+        root_certificates=endpoint.ca_cert,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-serverapp"),
+                      RuntimeTokenHttpInterceptor(token)])
+    over = threading.Event()
+    beat = _heartbeat(client, over)
+    try:
+        while process.poll() is None and not over.is_set():
+            beat()
+            try:
+                process.wait(every)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        client.close()
 
 
 def start_front(server: ServerSpec, endpoint: Endpoint, scenario: Scenario | None = None
@@ -464,6 +596,8 @@ class _Serving:
         self.process: subprocess.Popen[bytes] | None = None
         self.front: Front | None = None
         self.control_file: Path | None = None
+        self.serverapp: subprocess.Popen[bytes] | None = None  # the one fedtune launched
+        self.loopback: Path | None = None  # the secrets and the ServerApp's token file
         self.tree: list[Any] = []  # the SuperLink's process tree at the last poll
 
     def clean_up(self) -> None:
@@ -473,6 +607,11 @@ class _Serving:
         if self.front is not None:
             self.front.stop()
             self.front = None
+        if self.serverapp is not None:
+            stop_tree(self.serverapp)
+            self.serverapp = None
+        if self.loopback is not None:
+            remove_token_files(self.loopback)
         if self.process is not None:
             stop_tree(self.process, known=self.tree)
             self.process = None
@@ -524,9 +663,9 @@ def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path |
         config = seal_config(config, scenario.server.cert, scenario.server.key)
     app = write_app(flower / "app", config)
     log = flower / LOG_FILE
-    loopback = loopback_certificates(flower, scenario.server)
-    endpoint = Endpoint(f"127.0.0.1:{free_port()}",
-                        None if loopback is None else str(loopback.ca_cert))
+    private = serving.loopback = loopback_folder(flower)
+    loopback = loopback_certificates(private)
+    endpoint = Endpoint(f"127.0.0.1:{free_port()}", str(loopback.ca_cert))
     env = flower_env(flower / "home")
     serving.control_file = flower / CONTROL_FILE
     with open(log, "ab") as log_handle:
@@ -535,7 +674,7 @@ def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path |
         # directory files and checkpoints are the server's user's alone
         process = serving.process = subprocess.Popen(
             superlink_command(scenario.server, flower / "state.db",
-                              int(endpoint.address.rpartition(":")[2]), loopback),
+                              int(endpoint.address.rpartition(":")[2]), loopback, private),
             stdout=log_handle, stderr=subprocess.STDOUT, env=env, umask=PRIVATE_UMASK)
     wait_until_healthy(process, endpoint, log)
     serving.front = start_front(scenario.server, endpoint, scenario)
@@ -550,6 +689,7 @@ def _serve(scenario: Scenario | None, out_dir: str | Path | None, resume: Path |
         say(f"clients connect to {scenario.server.address} ({security}); waiting for "
             f"{scenario.data.num_clients} clients; run directory {run_dir}")
         run_id = _with_home(env, lambda: control.submit_run(app, {}))
+        serving.serverapp = launch_serverapp(endpoint, private, run_id, env, log)
         watcher = RoundWatcher(run_dir, report or (lambda record: None))
 
         def check_alive() -> None:

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 from flwr.app import Context, Message
@@ -31,6 +32,7 @@ from flwr.proto.runtime_pb2 import AcquireTaskRequest, SendTaskHeartbeatRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
@@ -40,6 +42,8 @@ from fedtune.deploy.seal import RunPin, RunRefused
 log = logging.getLogger("fedtune")
 
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
+#: the one runtime method flwr's SuperExec HMAC protects
+ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
 
 def _task_retry_invoker(max_time: float) -> RetryInvoker:
@@ -149,18 +153,24 @@ def serve_forever(address: str, app: ClientApp, insecure: bool = True,
                   max_disconnected: float | None = None, stop: threading.Event | None = None,
                   on_task: Callable[[str, float], None] | None = None,
                   pin: RunPin | None = None,
-                  run_task: Callable[[str], str] | None = None) -> int:
+                  run_task: Callable[[str], str] | None = None,
+                  superexec_secret: bytes | None = None) -> int:
     """Claim and run the SuperNode's ClientApp tasks until ``stop`` is set or the
     SuperNode has been unreachable for ``max_disconnected`` seconds; returns the count.
+    ``superexec_secret``: the SuperNode's ``--superexec-auth-secret-file`` content, which
+    AcquireTask then asks for (flwr's SuperExec HMAC): no other local user claims a task.
     ``run_task(token)`` runs a task elsewhere (a fresh process per message) in place of
     ``app`` here. An idle worker asks every ``poll_interval`` seconds at first, then less
     often, up to every ``idle_poll`` seconds: the SuperNode itself fetches new messages
     only every 3 s when idle, so a tight loop would spend CPU on both sides for nothing."""
     stop = stop or threading.Event()
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if superexec_secret is not None:
+        interceptors.append(SuperExecAuthHttpInterceptor(
+            master_secret=superexec_secret, protected_methods={ACQUIRE_TASK}))
     acquire = RuntimeHttpClient.from_server_address(
         server_address=address, insecure=insecure, root_certificates=root_certificates,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=None)
+        interceptors=interceptors, retry_invoker=None)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     served, down_since, backoff, idle = 0, None, poll_interval, poll_interval
     try:

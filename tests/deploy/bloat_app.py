@@ -1,6 +1,8 @@
 """A test client that trains like any other and sends its honest update plus an extra
-record of arrays (24 MB here; 1.5 GB in the issue): the ServerApp must refuse the reply
-by its record names, before it reads the extra record, and go on."""
+record of arrays (512 KiB here: inside the front's per-message budget, so the ServerApp's
+own check is the one tested; the front refuses 1.5 GB, tests/deploy/test_flood.py): the
+ServerApp must refuse the reply by its record names, before it reads the extra record,
+and go on."""
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
@@ -9,7 +11,7 @@ from flwr.clientapp import ClientApp
 from fedtune.flower import client_app as fedtune_client
 
 EXTRA = "payload"
-EXTRA_ARRAYS, EXTRA_FLOATS = 6, 2**20  # 6 x 4 MiB: each under Flower's 5 MB chunk
+EXTRA_ARRAYS, EXTRA_FLOATS = 2, 2**16  # 2 x 256 KiB: within the front's byte budget
 
 
 def bloated(inner: ClientApp) -> ClientApp:

@@ -7,6 +7,8 @@ the clients it refuses, are in test_security.py (the attacked federation)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -39,6 +41,11 @@ def _killed_and_resumed(tmp):
         run_dir = h.run_dir_of(server)
         clients = _federation(tmp, port, files)
         h.wait_for_round(run_dir, 1, 240)
+        # the round's record is written just before its checkpoint: the ServerApp is
+        # killed with the server now (it used to outlive it, detached), so wait for both
+        deadline = time.monotonic() + 60
+        while not (run_dir / "checkpoint.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         server.kill()  # the server machine dies: SuperLink, ServerApp and all
         status = h.summary(run_dir)["status"]
         resumed = h.resume(tmp, run_dir)

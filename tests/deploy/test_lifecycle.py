@@ -39,9 +39,12 @@ def _tree(proc: h.Proc) -> list[psutil.Process]:
 def _label(process: psutil.Process) -> str:
     """A Flower script's own name (the kernel keeps 15 characters of it, psutil's name()
     too, as the interpreter comes first on its command line)."""
-    for part in process.cmdline()[:2]:
+    line = process.cmdline()
+    for part in line[:2]:
         if Path(part).name.startswith(("flower-", "flwr-")):
             return Path(part).name
+    if line[1:2] == ["-m"] and len(line) > 2:  # fedtune's SuperLink launcher, a module
+        return line[2]
     return process.name()
 
 
@@ -156,7 +159,7 @@ def lifecycle(tmp_path_factory):
 def test_sigterm_stops_every_process_of_the_server_and_says_how_to_resume(lifecycle):
     _, run_dir, server, _, _, seen, _ = lifecycle
     # the tree that had to be stopped
-    assert {"flower-superlink", "flower-superexec", "flwr-serverapp"} <= set(seen["names"]), \
+    assert {"fedtune.deploy.superlink", "flwr-serverapp"} <= set(seen["names"]), \
         seen["names"]
     assert seen["code"] == 128 + signal.SIGTERM, server.output()[-3000:]
     assert seen["left"] == [], seen["left"]

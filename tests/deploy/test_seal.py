@@ -173,3 +173,70 @@ def test_a_server_certificate_with_an_intermediate_ca_seals_too(tmp_path):
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     sealed = seal_config({"a": 1}, tmp_path / "chain.pem", tmp_path / "leaf.key")
     assert open_seal(sealed, tmp_path / "root.crt", "fl.example")["nonce"]
+
+
+def _sealed_at(config: dict, certs, issued_at: float) -> dict:
+    """``config`` sealed as a server would have sealed it at ``issued_at``."""
+    from unittest import mock
+
+    with mock.patch("fedtune.deploy.seal.time.time", return_value=issued_at):
+        return seal_config(config, certs.cert, certs.key)
+
+
+def test_a_seal_first_seen_long_after_its_issue_is_refused(certs, sealed, tmp_path):
+    import time
+
+    from fedtune.deploy.seal import SEAL_MAX_AGE
+
+    now = time.time()
+    old = _sealed_at(sealed, certs, now - SEAL_MAX_AGE - 60)
+    pin = RunPin(certs.ca_cert, "fl.example", tmp_path / "pins.json")
+    with pytest.raises(RunRefused, match="sealed 24.0 h ago"):
+        pin.check(1, old)
+    with pytest.raises(RunRefused, match="a clock far off"):  # issued in the future
+        pin.check(2, _sealed_at(sealed, certs, now + 3600))
+    recent = _sealed_at(sealed, certs, now - SEAL_MAX_AGE + 600)
+    pin.check(3, recent)
+    # a run served once goes on being served after its window (a long run's rounds)
+    later = RunPin(certs.ca_cert, "fl.example", tmp_path / "pins.json", max_age=1.0)
+    later.check(3, recent)
+
+
+def test_a_restarted_client_without_state_dir_refuses_an_older_seal(
+        certs, sealed, tmp_path, monkeypatch):
+    """The state folder a client gets without --state-dir: the same after a restart
+    (per user, server and name), private to its user, and its pins refuse a seal older
+    than the one served before the restart."""
+    import stat
+
+    from fedtune.deploy.client import ClientOptions, prepare_state_dir, run_pin
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    options = ClientOptions(server="fl.example:9092", data=str(tmp_path / "alice.txt"),
+                            root_certificates=str(certs.ca_cert))
+    state = prepare_state_dir(options)
+    server_folder, name_folder = state.relative_to(tmp_path / "xdg" / "fedtune" / "clients").parts
+    assert server_folder.startswith("fl.example_9092") and name_folder == "alice"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    newer = seal_config(sealed, certs.cert, certs.key)  # the server restarted: new seal
+    run_pin(options, state).check(2, newer)
+    restarted = prepare_state_dir(options)  # a new process, the same options
+    assert restarted == state
+    with pytest.raises(RunRefused, match="sealed before the newest run"):
+        run_pin(options, restarted).check(1, sealed)
+    # another name or another server: another folder, another set of pins
+    assert prepare_state_dir(ClientOptions(server="fl.example:9092", data="x",
+                                           name="bob")) != state
+    assert prepare_state_dir(ClientOptions(server="other.example:9092",
+                                           data=options.data)) != state
+
+
+def test_a_shared_folder_is_refused_as_state_dir(tmp_path):
+    from fedtune.deploy.client import ClientError, ClientOptions, prepare_state_dir
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # as /tmp
+    with pytest.raises(ClientError, match="writable by every user"):
+        prepare_state_dir(ClientOptions(server="h:1", data="d", state_dir=str(shared)))
+    assert shared.stat().st_mode & 0o7777 == 0o1777  # left as it was

@@ -14,8 +14,10 @@ has one client in a fresh process per message) must end with the bit-identical a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -25,8 +27,9 @@ import tomllib
 from safetensors.torch import load_file
 
 from tests.deploy import harness as h
+from tests.deploy import local_attacker as la
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
 SETS = ["data.num_clients=3", "run.rounds=3", "federation.round_timeout=90"]
 MARKER = "OUTSIDER_CODE_RAN"
@@ -126,10 +129,12 @@ def _outsider(tmp: Path, port: int, keys) -> dict:
     return tried
 
 
-def _rogue_run(tmp: Path, run_dir: Path) -> int:
-    """From the server machine: the real app with another config and the real seal."""
+def _rogue_run(tmp: Path, run_dir: Path) -> tuple[int, subprocess.Popen]:
+    """From the server machine, as the server's own user (who holds the operator and
+    SuperExec secrets): the real app with another config and the real seal, submitted
+    and launched by hand (``fedtune server`` launches its own run only)."""
     from fedtune.deploy.control import submit_run
-    from fedtune.deploy.server import operator_endpoint
+    from fedtune.deploy.server import flower_env, launch_serverapp, operator_endpoint
 
     project = tomllib.loads((run_dir / "flower" / "app" / "pyproject.toml").read_text())
     config = project["tool"]["flwr"]["app"]["config"]
@@ -140,7 +145,22 @@ def _rogue_run(tmp: Path, run_dir: Path) -> int:
     folder.mkdir()
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
     endpoint = operator_endpoint(run_dir)
-    return submit_run(endpoint.address, folder, {}, endpoint.ca_cert)
+    run_id = submit_run(endpoint.address, folder, {}, endpoint.ca_cert)
+    flower = run_dir / "flower"
+    return run_id, launch_serverapp(endpoint, flower / "loopback", run_id,
+                                    flower_env(flower / "home"), tmp / "rogue-serverapp.log")
+
+
+def _wait_for_serverapp(server: h.Proc, timeout: float) -> None:
+    """Until the server has launched its own run's ServerApp (so a run submitted later
+    is not among the tasks it claims)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any("flwr-serverapp" in " ".join(line) for line in la.command_lines(
+                [server.process.pid])):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no ServerApp within {timeout} s:\n{server.output()[-3000:]}")
 
 
 def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
@@ -165,21 +185,44 @@ def _keys_cli(*args: str) -> subprocess.CompletedProcess:
                                        result.stdout, result.stderr)
 
 
+def _local_user(tmp: Path, port: int) -> Future | None:
+    """Another local user on the server and the client machines (``nobody``, in a
+    forked child), attacking this federation's SuperLink and SuperNodes while it runs; None
+    when the test cannot drop privileges (not root)."""
+    if la.can_drop_privileges() is not None:
+        return None
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(_outsider_app(tmp / "local-app", tmp / "local-ran.txt")
+                              .resolve())
+    la.warm_up()
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(la.as_another_user, la.attack_federation, os.getpid(),
+                         [str(tmp)], [f"--superlink 127.0.0.1:{port}"], fab, 900.0, 0.02,
+                         timeout=1000)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _attacked(tmp: Path, keys) -> dict:
     made, _ = keys
     port = h.free_port()
     files = h.client_files(tmp / "data", 3)
     server = _server(tmp, port, keys)
-    run_dir = h.run_dir_of(server)
-    outsider = _outsider(tmp, port, keys)
-    stranger = h.client(tmp, port, files[0], ["--root-certificates", str(made.ca_cert),
-                                              "--auth-key", str(made.node_keys[4])],
-                        name="outsider")
-    refused = _refused(tmp, port, files)
-    clients = _clients(tmp, port, keys, files, per_message=True)
-    impostor = None
+    procs: list[h.Proc] = []  # every client-side process, stopped at the end
+    rogue_app = None
     try:
-        rogue = _rogue_run(tmp, run_dir)
+        local_user = _local_user(tmp, port)
+        run_dir = h.run_dir_of(server)
+        outsider = _outsider(tmp, port, keys)
+        stranger = h.client(tmp, port, files[0], ["--root-certificates", str(made.ca_cert),
+                                                  "--auth-key", str(made.node_keys[4])],
+                            name="outsider")
+        refused = _refused(tmp, port, files)
+        clients = _clients(tmp, port, keys, files, per_message=True)
+        procs += [stranger, *refused.values(), *clients]
+        _wait_for_serverapp(server, 300)
+        rogue, rogue_app = _rogue_run(tmp, run_dir)
         _wait_for_initial_evaluation(run_dir, 400)  # every client has its name by then
         added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
         listed = _keys_cli("list", "--run", str(run_dir))
@@ -190,15 +233,21 @@ def _attacked(tmp: Path, keys) -> dict:
         impostor = h.client(tmp, port, files[1], [
             "--root-certificates", str(made.ca_cert), "--auth-key", str(made.node_keys[3]),
             "--name", files[0].stem], name="impostor")
+        procs.append(impostor)
         assert server.wait(400) == 0, server.output()[-3000:]
         codes = {"unknown_key": stranger.wait(120),
                  **{name: proc.wait(120) for name, proc in refused.items()}}
+        local = local_user.result(120) if local_user is not None else None
     finally:
-        for c in [*clients, stranger, *refused.values(), *([impostor] if impostor else [])]:
+        for c in [*procs, server]:
             c.stop()
+        if rogue_app is not None:
+            rogue_app.kill()
+            rogue_app.wait()
     return dict(tmp=tmp, run_dir=run_dir, server=server, outsider=outsider,
                 stranger=stranger, clients=clients, impostor=impostor, rogue=rogue,
-                added=added, listed=listed, churn=churn, refused=refused, codes=codes)
+                added=added, listed=listed, churn=churn, refused=refused, codes=codes,
+                local=local)
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +335,38 @@ def test_another_key_claiming_a_clients_name_is_refused_and_the_owner_keeps_its_
         pytest.skip("the run ended before the impostor was asked its name")
     refused = " ".join(" ".join(r["refused_names"]) for r in rounds)
     assert "claims the name 'client0'" in refused and "belongs to key" in refused, refused
+
+
+def test_another_local_user_owns_no_surface_and_the_run_is_unchanged(attacked, reference):
+    """Another local user (``nobody``) on the server and client machines tried StartRun,
+    ListRuns and RegisterNode on the loopback SuperLink, AcquireTask there (the sealed
+    run's ServerApp task) and on every SuperNode's runtime API through the whole run,
+    and read every command line of the federation's processes."""
+    local = attacked["local"]
+    if local is None:
+        pytest.skip(la.can_drop_privileges())
+    assert "crashed" not in local, local
+    assert local["uid"] == la.NOBODY and len(local["superlinks"]) == 1
+    for tried in local["control"].values():
+        assert {k: v.get("refused") for k, v in tried.items()} == {
+            "start_run": 403, "list_runs": 403, "register_node": 403}, tried
+    assert not (attacked["tmp"] / "local-ran.txt").exists()
+    everything = [*local["acquire"].values(), *local["supernodes"].values()]
+    for seen in everything:  # refused everywhere, a refused client's SuperNode included
+        assert seen["tokens"] == [] and "ok" not in seen["answers"], seen
+    # the SuperLink and the three clients' SuperNodes, reached and refused all run long
+    # (a refused client's SuperNode exits within seconds)
+    attacked_long = [seen for seen in everything
+                     if seen["health"] == 200 and sum(seen["answers"].values()) > 10]
+    assert len(attacked_long) >= 4, everything
+    lines = [" ".join(line) for line in local["command_lines"]]
+    assert any("flwr-serverapp" in line for line in lines), "the ServerApp was not seen"
+    assert all("--token " not in line for line in lines), [
+        line for line in lines if "--token " in line]
+    private = attacked["run_dir"] / "flower" / "loopback"
+    secrets = [p.read_text() for p in private.glob("*.secret")]
+    secrets += [p.read_text() for p in attacked["tmp"].glob("state-*/superexec.secret")]
+    assert len(secrets) >= 5 and all(s not in line for s in secrets for line in lines)
+    # the run it attacked ends as the unattacked one: bit-identical adapter
+    got, want = _adapter(attacked["run_dir"]), _adapter(reference)
+    assert all(got[name].equal(want[name]) for name in want)
