@@ -14,15 +14,18 @@
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-# the attacked deployment (the longest module), the SDK's documented snippets and the
+# the attacked deployment (the longest modules: local users and a hostile server, an
+# outsider's flood, a hostile SecAgg client), the SDK's documented snippets and the
 # example app
-ATTACKS=(tests/deploy/test_security.py tests/sdk/test_docs.py tests/examples)
+ATTACKS=(tests/deploy/test_security.py tests/deploy/test_flood.py
+         tests/deploy/test_secagg_hostile.py tests/sdk/test_docs.py tests/examples)
 # every other process test: the hostile client, the deployment's failures and restarts,
 # the SDK, and `flwr run` (a SuperLink and Flower's engine: the one engine run outside the
 # Flower group). A folder named here must not be named by another group: pytest does not
 # apply --ignore to a folder given on its command line.
 PROCESSES=(tests/deploy tests/sdk tests/flower/test_flwr_run.py
-           --ignore=tests/deploy/test_security.py --ignore=tests/sdk/test_docs.py)
+           --ignore=tests/deploy/test_security.py --ignore=tests/deploy/test_flood.py
+           --ignore=tests/deploy/test_secagg_hostile.py --ignore=tests/sdk/test_docs.py)
 # the Flower layer's in-process federations that start no engine run with the rest
 FLOWER_IN_REST=(tests/flower/test_chat_scenario.py tests/flower/test_real_model.py
                 tests/flower/test_client_enforcement.py tests/flower/test_dp_sampling.py
