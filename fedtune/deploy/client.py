@@ -338,7 +338,8 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
 
     def watch() -> None:
         process.wait()
-        ended.set()
+        if not stop.is_set():  # not the end of a stop we were asked for (Ctrl-C reaches both)
+            ended.set()
         stop.set()
 
     threading.Thread(target=watch, daemon=True).start()
@@ -363,7 +364,8 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     if gave_up.is_set():
         raise ClientError(f"the server at {options.server} stopped answering (given up "
                           f"after --reconnect-for {options.reconnect_for:g} s)")
-    if ended.is_set() and process.returncode != 0:
+    # a SuperNode the server refused (a 401: it stops itself, exit 0) ends by itself too
+    if ended.is_set() and (process.returncode != 0 or served == 0):
         what = "did not accept this client" if served == 0 else "connection ended"
         raise ClientError(f"the server {what} (SuperNode exit code {process.returncode}):\n"
                           f"{tail(log, 8)}")

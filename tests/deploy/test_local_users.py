@@ -56,7 +56,7 @@ def attacked(tmp_path_factory):
         flower_env,
         free_port,
         loopback_certificates,
-        private_folder,
+        loopback_folder,
         stop_process,
         superlink_command,
         wait_until_healthy,
@@ -66,7 +66,7 @@ def attacked(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-users")
     flower = tmp / "flower"
     (flower / "home").mkdir(parents=True)
-    private = private_folder(flower)
+    private = loopback_folder(flower)
     loopback = loopback_certificates(private)
     port = free_port()
     endpoint = Endpoint(f"127.0.0.1:{port}", str(loopback.ca_cert))
