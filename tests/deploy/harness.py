@@ -129,6 +129,19 @@ def wait_for_round(run_dir: Path, round_number: int, timeout: float) -> None:
     raise AssertionError(f"round {round_number} did not complete within {timeout} s")
 
 
+def wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
+    """Until the run's round-0 evaluation is in its summary (every client has joined)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if summary(run_dir).get("initial"):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no initial evaluation within {timeout} s")
+
+
 def in_process_run(run_dir: Path, clients: list[tuple[str, Path]], out: Path,
                    wrap: dict | None = None) -> Path:
     """The deployed run's own scenario (its scenario.json) with the same clients, by name

@@ -68,18 +68,6 @@ def _clients(tmp: Path, port: int, keys, files: list[Path],
             for i, (f, k) in enumerate(zip(files, made.node_keys, strict=True))]
 
 
-def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if h.summary(run_dir).get("initial"):
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no initial evaluation within {timeout} s")
-
-
 def _attack(port: int, ca_cert: str) -> dict:
     """The three attacks in turn (each in a process of its own), the probe running
     throughout; per phase what the attacker saw and the probe's latencies."""
@@ -112,7 +100,7 @@ def _flooded(tmp: Path, keys) -> dict:
     try:
         run_dir = h.run_dir_of(server)
         clients = _clients(tmp, port, keys, files)
-        _wait_for_initial_evaluation(run_dir, 300)
+        h.wait_for_initial_evaluation(run_dir, 300)
         phases = _attack(port, str(made.ca_cert))
         alive_after_attack = server.process.poll() is None
         code = server.wait(400)

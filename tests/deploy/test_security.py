@@ -163,18 +163,6 @@ def _wait_for_serverapp(server: h.Proc, timeout: float) -> None:
     raise AssertionError(f"no ServerApp within {timeout} s:\n{server.output()[-3000:]}")
 
 
-def _wait_for_initial_evaluation(run_dir: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if h.summary(run_dir).get("initial"):
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no initial evaluation within {timeout} s")
-
-
 def _keys_cli(*args: str) -> subprocess.CompletedProcess:
     """``fedtune keys ...`` as the operator types it, run in this process: the server
     it talks to is the real process."""
@@ -223,7 +211,7 @@ def _attacked(tmp: Path, keys) -> dict:
         procs += [stranger, *refused.values(), *clients]
         _wait_for_serverapp(server, 300)
         rogue, rogue_app = _rogue_run(tmp, run_dir)
-        _wait_for_initial_evaluation(run_dir, 400)  # every client has its name by then
+        h.wait_for_initial_evaluation(run_dir, 400)  # every client has its name by then
         added = _keys_cli("add", str(made.node_public_keys[3]), "--run", str(run_dir))
         listed = _keys_cli("list", "--run", str(run_dir))
         extra = str(made.node_public_keys[5])
