@@ -84,11 +84,11 @@ class Scenario:
     def _check_secure_aggregation(self) -> None:
         """What the server cannot do when it sees only the sum (fedtune.flower.secagg)."""
         p, fed, up = self.privacy, self.federation, self.compression
-        if not capabilities_of(fed.aggregator).additive:
+        capabilities = capabilities_of(fed.aggregator)
+        if not capabilities.additive:
             raise ConfigError(
                 f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
-                "stacking and SVD-based aggregators need each client's own factors, so "
-                f"the server sees every update; use {_aggregators_with('additive')}")
+                f"{capabilities.no_secagg_reason}; use {_aggregators_with('additive')}")
         if p.mode == "central":
             raise ConfigError(
                 "privacy.secure_aggregation cannot be used with privacy.mode = 'central': "

@@ -259,12 +259,17 @@ class FederationSpec:
     min_clients: int = 1
     round_timeout: float = 3600.0
     eval_every: int = 1
-    rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
+    rank_budget: int = 64  # flora, geomedian, multikrum: rank the global adapter keeps
     prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
     flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
     merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
     ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
     padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
+    gm_smoothing: float = 1e-6  # geomedian: Weiszfeld's smoothing nu (Frobenius units)
+    gm_iterations: int = 100  # geomedian: at most this many Weiszfeld steps
+    gm_tolerance: float = 1e-8  # geomedian: stop when the median moves less (relative)
+    krum_byzantine: int = 1  # multikrum: attackers tolerated among a round's replies
+    krum_keep: int = 0  # multikrum: updates averaged; 0 = replies - krum_byzantine
     # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
     max_update_norm: float = 0.0
     # drop a reply claiming more training examples (its weight in every weighted mean);
