@@ -24,11 +24,13 @@ from fedtune.config.scenario import (
     scenario_from_flat,
 )
 from fedtune.config.sections import (
+    ATTACKS,
     DEVICE_CHOICES,
     DP_MODES,
     DTYPES,
     QUANTIZATIONS,
     SCHEDULES,
+    AttackSpec,
     ClientsSpec,
     CompressionConfig,
     ConfigError,
@@ -58,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ATTACKS",
     "DEFAULT_SCENARIO",
     "DEVICE_CHOICES",
     "DP_MODES",
@@ -66,6 +69,7 @@ __all__ = [
     "REPO_ROOT",
     "SCENARIO_DIR",
     "SCHEDULES",
+    "AttackSpec",
     "ClientsSpec",
     "CompressionConfig",
     "ConfigError",
