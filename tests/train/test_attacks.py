@@ -100,3 +100,28 @@ def test_a_boosting_client_reaches_the_server_and_the_default_bound_clips_it(tmp
     record = summary["rounds"][0]
     assert record["influence_clipped"] == 1, record
     assert record["influence_norm_bound"] == pytest.approx(3 * record["influence_norm_median"])
+
+
+@pytest.mark.parametrize("aggregator", ["geomedian", "multikrum"])
+def test_the_robust_aggregators_run_a_federation_against_a_boosting_client(tmp_path,
+                                                                            aggregator) -> None:
+    """A smoke test of residual mode end to end on the in-process Grid (real ClientApp):
+    the round completes, the bound clipped the attacker, the method's numbers are in the
+    record (which client Krum left out is pinned by tests/aggregation/test_robust.py)."""
+    from fedtune.flower.client_app import make_client_app
+    from fedtune.flower.inprocess_grid import InProcessGrid
+    from fedtune.flower.server_app import run_federation
+
+    scenario = load_scenario("tiny", [
+        "run.rounds=1", "data.num_clients=4", "federation.min_clients=4", "train.steps=1",
+        "data.max_eval_sequences=2", f'federation.aggregator="{aggregator}"',
+        'attack.kind="boost"', 'attack.clients="2"', "attack.boost=1000"])
+    with InProcessGrid(make_client_app(scenario), 4) as grid:
+        run_federation(grid, scenario, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"][0]
+    assert record["influence_clipped"] == 1, record
+    assert math.isfinite(record["eval_loss"])
+    if aggregator == "multikrum":
+        assert record["krum_rejected"] == 1, record
+    else:
+        assert record["gm_iterations"] > 1, record
