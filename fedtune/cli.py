@@ -184,6 +184,10 @@ def plan(
         print(line)
 
 
+#: above this many clients, plan prints one line per kind of client, not per client
+PLAN_CLIENT_LINES = 24
+
+
 def plan_lines(made: Any) -> list[str]:
     """A ``fedtune.planning.run_plan.RunPlan`` as lines for a terminal."""
     def size(n: int | None) -> str:
@@ -195,13 +199,23 @@ def plan_lines(made: Any) -> list[str]:
              f"trains on: {made.device} ({made.device_reason})",
              "client  data (train/eval texts)  profile  rank  alpha  quantization  "
              "batch x seq_len  memory estimate / budget  down  up"]
-    for c in made.clients:
+    def settings(c: Any) -> str:
         budget = ("no budget (no profile)" if c.budget_mb is None else
                   f"{c.budget_mb:,.0f} MB budget, {'fits' if c.fits else 'DOES NOT FIT'}")
-        lines.append(f"  {c.partition} {c.client}  {c.train_texts}/{c.eval_texts}  "
-                     f"{c.profile or '-'}  r={c.rank}  alpha={c.alpha:g}  {c.quantization}  "
-                     f"{c.batch_size} x {c.seq_len}  {c.memory_mb:,.0f} MB on "
-                     f"{c.memory_device} / {budget}  {size(c.bytes_down)}  {size(c.bytes_up)}")
+        return (f"{c.profile or '-'}  r={c.rank}  alpha={c.alpha:g}  {c.quantization}  "
+                f"{c.batch_size} x {c.seq_len}  {c.memory_mb:,.0f} MB on {c.memory_device} "
+                f"/ {budget}  {size(c.bytes_down)}  {size(c.bytes_up)}")
+
+    if len(made.clients) <= PLAN_CLIENT_LINES:
+        lines += [f"  {c.partition} {c.client}  {c.train_texts}/{c.eval_texts}  {settings(c)}"
+                  for c in made.clients]
+    else:  # one line per kind of client (a profile, or the scenario's own settings)
+        kinds: dict[str, list[Any]] = {}
+        for c in made.clients:
+            kinds.setdefault(settings(c), []).append(c)
+        for line, group in kinds.items():
+            texts = sorted(c.train_texts for c in group)
+            lines.append(f"  {len(group)} clients  {texts[0]}-{texts[-1]} train texts  {line}")
     down, up = made.round_bytes("down"), made.round_bytes("up")
     if down is not None or up is not None:
         lines.append(f"per round from round 2 (round 1 sends no adapter): down {size(down)}, "

@@ -139,6 +139,13 @@ def test_plan_command_prints_every_client_and_the_rounds_traffic(tmp_path):
     assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_plan_of_many_clients_prints_a_line_per_kind(tmp_path):
+    done = run_cli("plan", "-s", "tiny", "--set", "data.num_clients=30", cwd=tmp_path)
+    assert done.exit_code == 0, done.stderr
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("  ")]
+    assert line.startswith("  30 clients ") and "r=4" in line
+
+
 def test_list_names_every_bundled_scenario_profile_and_aggregator(tmp_path):
     done = run_cli("list", cwd=tmp_path)
     assert done.exit_code == 0, done.stderr
