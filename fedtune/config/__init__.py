@@ -12,9 +12,6 @@ from typing import Any
 
 from fedtune.aggregation import available, capabilities_of
 from fedtune.config.scenario import (
-    DEFAULT_SCENARIO,
-    REPO_ROOT,
-    SCENARIO_DIR,
     Scenario,
     apply_overrides,
     build_scenario,
@@ -58,13 +55,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DEFAULT_SCENARIO",
     "DEVICE_CHOICES",
     "DP_MODES",
     "DTYPES",
     "QUANTIZATIONS",
-    "REPO_ROOT",
-    "SCENARIO_DIR",
     "SCHEDULES",
     "ClientsSpec",
     "CompressionConfig",
