@@ -281,6 +281,21 @@ def test_under_dpsgd_alone_a_reply_carries_the_update_and_the_expected_count(tmp
     rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
     assert rounds[0]["clients_replied"] == len(train)
     assert rounds[0]["train_loss"] is None
+    # the epsilon each client reports is Google's dp-accounting's for what it ran: the
+    # sealed steps of Poisson-sampled Gaussian updates, q = its batch / its own blocks
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedtune.train.batches import client_batch
+
+    for reply in train:
+        metrics = dict(reply.content.metric_records[keys.METRICS])
+        blocks = client_batch(scenario, int(metrics[keys.PARTITION])).train.input_ids.shape[0]
+        accountant = RdpAccountant()
+        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            min(1.0, 3 / blocks), dp_accounting.GaussianDpEvent(1.0)), 2))
+        assert metrics[keys.SAMPLE_EPSILON] == pytest.approx(
+            accountant.get_epsilon(scenario.privacy.delta), rel=1e-2)
 
 
 def test_under_secure_aggregation_the_record_must_be_what_the_scenario_orders():
