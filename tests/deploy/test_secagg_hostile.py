@@ -2,9 +2,11 @@
 ``fedtune client`` processes on localhost, tiny model), the fourth client malicious
 (``secagg_hostile_app``): round 1 it shifts its masked vector by 2^31, round 2 it sends
 a junk ciphertext, round 3 a junk ciphertext and a false claim that leaves two honest
-clients. (a) the shift is caught by the range check, (b) the round left with two
-releases nothing of theirs, (c) the run completes, the bad client dropped in round 2
-and the three honest clients' sum released; every round is charged."""
+clients, round 4 junk shares at unmask. (a) the shift is caught by the range check,
+(b) the round left with two releases nothing of theirs, (c) the run completes, the bad
+client dropped in round 2 (the three honest clients' sum released) and set aside at
+unmask in round 4 (its shares match no digest; the round is released); every round is
+charged. The same federation's run directory is grepped for names and the cohort."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from tests.deploy import harness as h
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.e2e]
 
-SETS = ["data.num_clients=4", "federation.min_clients=3", "run.rounds=3",
+SETS = ["data.num_clients=4", "federation.min_clients=3", "run.rounds=4",
         "federation.round_timeout=90", "privacy.secure_aggregation=true",
         "federation.aggregator='ffa'", "privacy.mode='distributed'",
         "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05", "train.steps=2"]
@@ -47,10 +49,11 @@ def test_the_run_completes_with_the_bad_client_dropped(attacked):
     summary = h.summary(run_dir)
     assert summary["status"] == "completed"
     trained = [r for r in summary["rounds"] if r["round"] >= 1]
-    assert [r["clients_replied"] for r in trained] == [0, 3, 0]
-    assert [r.get("secagg_failed", 0) for r in trained] == [1, 0, 1]
+    assert [r["clients_replied"] for r in trained] == [0, 3, 0, 4]
+    assert [r.get("secagg_failed", 0) for r in trained] == [1, 0, 1, 0]
     assert trained[1]["secagg_dropped"] == 1
-    assert summary["privacy"]["rounds_released"] == 3  # failed rounds are charged too
+    assert trained[3]["secagg_dropped"] == 1  # set aside at unmask, its vector in the sum
+    assert summary["privacy"]["rounds_released"] == 4  # failed rounds are charged too
 
 
 def test_the_shift_is_caught_and_two_survivors_release_nothing(attacked):
@@ -60,7 +63,7 @@ def test_the_shift_is_caught_and_two_survivors_release_nothing(attacked):
     run_dir, _ = attacked
     trained = [r for r in h.summary(run_dir)["rounds"] if r["round"] >= 1]
     assert [r.get("secagg_failure") for r in trained] == ["range check", None,
-                                                         "too few after open"]
+                                                         "too few after open", None]
 
 
 #: the only lines of the run directory that may name a node: flwr's when it joins or
