@@ -257,6 +257,8 @@ def own_settings_refusal(scenario: Scenario, settings: ClientSettings, context: 
     quantization, profile) are not what this client derives from its sealed scenario
     and, deployed, its own profile (``orders.settings_refusal``); None: they are."""
     deployed = _deployed(context)
+    if context.node_config.get(MODEL) and context.run_config:  # resolved against the
+        scenario = scenario_from_flat(context.run_config)  # base, as the server did
     allowed = allowed_settings(scenario, settings.partition,
                                declared_profile(context) if deployed else None, deployed)
     return settings_refusal(scenario, settings, allowed, deployed)

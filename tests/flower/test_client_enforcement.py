@@ -367,3 +367,44 @@ def test_the_1001st_train_message_of_a_1000_round_run_is_refused():
     assert not trained.has_error()
     assert again.error.reason.endswith("it has trained 1000 times in this run, the sealed "
                                        "run.rounds = 1000")
+
+
+def test_a_deployed_client_with_a_profile_takes_the_servers_resolution_only(tmp_path):
+    """Deployed clients (named, own data files; the first declares the phone profile) on
+    the in-process Grid with the real strategy: the server resolves the profile (here at
+    the federation's fixed rank, fedavg needing one rank) and the client trains with
+    that; a message asking it for another batch size than its own profile's is refused,
+    naming the profile; and so is one for a client without a profile."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.flower.strategy import FedtuneStrategy
+    from tests.deploy.harness import client_files
+
+    scenario = load_scenario("tiny", ["run.rounds=2", "train.steps=1", "data.num_clients=3"])
+    files = client_files(tmp_path / "data", 3)
+    configs = [{"name": f"c{i}", "data-path": str(f), "profile": "phone-class-4gb" if i == 0
+                else ""} for i, f in enumerate(files)]
+    strategy = FedtuneStrategy(scenario)
+    with InProcessGrid(make_client_app(scenario), 3, node_configs=configs) as grid:
+        strategy.discover(grid)
+        phone, plain = (next(n for n, p in strategy.node_partition.items() if p == i)
+                        for i in (0, 1))
+        honest = strategy._train_messages([phone, plain], 1)
+        replies = grid.send_and_receive(honest, timeout=300)
+        attacked = []
+        for node in (phone, plain):
+            message = strategy._train_messages([node], 2)[0]
+            config = dict(message.content.config_records[keys.CONFIG])
+            config["client.batch_size"] = 64
+            message.content[keys.CONFIG] = ConfigRecord(config)
+            attacked.append(grid.send_and_receive([message], timeout=300)[0])
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies
+                                                     if r.has_error()]
+    settings = strategy.population.settings_for(phone)
+    assert (settings.profile, settings.batch_size, settings.rank) == ("phone-class-4gb", 1, 4)
+    assert attacked[0].error.reason == (
+        "client 'c0' refuses to train: the message asks for client.batch_size = 64; the "
+        "run's sealed scenario and this client's profile order client.batch_size = 1")
+    assert attacked[1].error.reason == (
+        "client 'c1' refuses to train: the message asks for client.batch_size = 64; the "
+        "run's sealed scenario orders client.batch_size = 8")
