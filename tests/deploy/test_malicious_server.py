@@ -4,10 +4,10 @@ ServerApp (``tests.deploy.evil_serve``). The server process seals the honest sce
 with its own TLS key, as a real operator's would (fedavg, distributed DP, DP-SGD, secure
 aggregation, two rounds), and the clients check that seal against the CA they trust;
 then its ServerApp asks one client for what that scenario does not order: dp-fields = B,
-no DP-SGD, a weaker z and C, a SecAgg threshold of 1, a larger batch, and a third train
-message in a two-round run (the in-process test of test_client_enforcement plays every
-attack). Each is refused with the setting named; the honest messages got back the
-secure round's two public keys and no number about the data."""
+no DP-SGD, a weaker z and C, a SecAgg threshold of 1, and a third train message in a
+two-round run (the in-process test of test_client_enforcement plays every attack).
+Each is refused with the setting named; the honest messages got back the secure
+round's two public keys and no number about the data."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ ATTACKS: list[tuple[str, Tamper]] = [
 SECURE_ONLY = frozenset({"threshold 1"})
 #: the attacks the ServerApp plays on real processes (each message there costs seconds)
 DEPLOYED = ("honest", "dp-fields = B", "no DP-SGD keys", "weaker z", "threshold 1",
-            "larger batch", "honest", "past run.rounds")
+            "honest", "past run.rounds")
 
 
 def played(names: tuple[str, ...] | None, secure: bool) -> list[str]:
