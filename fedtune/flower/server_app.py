@@ -33,17 +33,25 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path) -> Path | None:
-    """Write the global adapter in peft format (loadable by ``PeftModel.from_pretrained``)."""
-    from fedtune.core.codec import scale_folded_state_dict
-    from fedtune.model.lora import base_model_name, save_folded_adapter
+    """Write the global adapter by the Hub's conventions (see
+    ``fedtune.model.lora.save_global_factors``): peft's files with the configured
+    lora_alpha, the base's tokenizer and a model card, all in one atomic folder."""
+    from fedtune.model.loading import load_tokenizer
+    from fedtune.model.lora import base_model_name, save_global_factors
+    from fedtune.runs.model_card import MODEL_CARD, model_card
 
     adapter = strategy.global_adapter
     if adapter is None:
         return None
-    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A (modules of
-    # another rank get rank_pattern / alpha_pattern entries with the same scale 1).
-    return save_folded_adapter(out / ADAPTER_DIR, scale_folded_state_dict(adapter.factors),
-                               scenario.lora, base_model_name(scenario.model))
+    rounds_done = adapter.round  # rounds aggregated into it
+
+    def extras(folder: Path) -> None:
+        load_tokenizer(scenario.model.source).save_pretrained(folder)
+        card = model_card(scenario, rounds_done, privacy_report(strategy))
+        (folder / MODEL_CARD).write_text(card, encoding="utf-8")
+
+    return save_global_factors(out / ADAPTER_DIR, adapter.factors, scenario.lora,
+                               base_model_name(scenario.model), extras=extras)
 
 
 def run_federation(
