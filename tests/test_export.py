@@ -80,7 +80,10 @@ def test_export_keeps_configured_alpha_and_tokenizer_and_card(tiny_run):
     card = (adapter / MODEL_CARD).read_text()
     assert "library_name: peft" in card and "aggregator `fedavg`" in card
     assert f"lora_alpha = {ALPHA:g}" in card and "Rounds: 1 of 1; clients: 2" in card
-    assert "Differential privacy: none" in card and "fedtune simulate" in card
+    assert "Differential privacy: none" in card and "fedtune simulate -s" in card
+    toml = card.split("```toml\n", 1)[1].split("```", 1)[0]
+    (run_dir / "from-card.toml").write_text(toml)
+    assert load_scenario(str(run_dir / "from-card.toml")).to_dict() == scenario.to_dict()
 
 
 def test_exported_adapter_is_what_the_server_sends_next(tiny_run):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 from fedtune.config import Scenario, parse_tiny_seed
 from fedtune.model.sources import BUNDLED_GGUF, BUNDLED_HUB_ID, BUNDLED_PIN
+from fedtune.runs.report import scenario_toml
 
 MODEL_CARD = "README.md"
 
@@ -34,9 +36,19 @@ def base_description(source: str, quantization: str, dtype: str) -> str:
         where = "a model an application lent to fedtune in memory (not reproducible from here)"
     else:
         where = f"`{source}` (a local path or Hugging Face Hub id, loaded with transformers)"
-    quant = "none (full precision)" if quantization == "none" else \
-        f"{quantization} (bitsandbytes, applied when loading the base above)"
+    quant = {"none": "none (full precision)",
+             "8bit": "8bit (bitsandbytes LLM.int8, applied when loading the base above)",
+             "4bit": "4bit (bitsandbytes NF4 with double quantization, applied when loading "
+                     "the base above)"}.get(quantization, quantization)
     return f"- Base model: {where}\n- Quantization while training: {quant}; dtype {dtype}"
+
+
+def _command() -> str:
+    """This process's command line, as the user typed it where it is fedtune's CLI."""
+    argv = list(sys.argv) or [""]
+    if Path(argv[0]).name == "fedtune":
+        return shlex.join(["fedtune", *argv[1:]])
+    return shlex.join(["python", *argv])
 
 
 def _data_summary(scenario: Scenario) -> str:
@@ -57,7 +69,7 @@ def _privacy_line(privacy: dict[str, Any] | None) -> str:
         return "- Differential privacy: none"
     epsilon = privacy.get("epsilon")
     spent = f"epsilon = {epsilon:.4g}" if isinstance(epsilon, (int, float)) else \
-        "epsilon: not accounted (see summary.json)"
+        "epsilon: not accounted on the server in this mode (each client's is in summary.json)"
     return (f"- Differential privacy: mode `{privacy.get('mode')}`, {spent}, "
             f"delta = {privacy.get('delta')}, accountant `{privacy.get('accountant')}`")
 
@@ -88,10 +100,13 @@ def model_card(scenario: Scenario, rounds_done: int, privacy: dict[str, Any] | N
         "",
         "## How it was produced",
         "",
-        f"Written by: `{shlex.join(sys.argv) or 'python'}`.",
-        "Reproduce with the run's `scenario.json` (saved beside this folder): "
-        "`fedtune simulate scenario.json` for a simulation, `fedtune server scenario.json` "
-        "for a deployment.",
+        f"Written by the process `{_command()}`. To reproduce it, save the scenario below "
+        "as `scenario.toml` and run `fedtune simulate -s scenario.toml` (a simulation) or "
+        "`fedtune server -c scenario.toml` (a deployment, with its clients).",
+        "",
+        "```toml",
+        scenario_toml(scenario.to_dict()).rstrip(),
+        "```",
         "",
         "## Use",
         "",
