@@ -163,3 +163,11 @@ def test_card_states_epsilon_under_dp():
                                     "accountant": "rdp"})
     assert "mode `central`, epsilon = 2.5, delta = 1e-05" in card
     assert "Rounds: 3 of 3" in card and "fedtune's tiny random test model" in card
+
+
+def test_a_tokenizer_the_server_cannot_load_does_not_stop_the_export(tmp_path, caplog):
+    from fedtune.flower.server_app import _save_tokenizer
+
+    _save_tokenizer(str(tmp_path / "only-on-the-clients"), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert "has no tokenizer" in caplog.text and "only-on-the-clients" in caplog.text

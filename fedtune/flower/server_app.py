@@ -3,6 +3,7 @@ directory current (a record and a checkpoint after every round)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,6 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
     """Write the global adapter by the Hub's conventions (see
     ``fedtune.model.lora.save_global_factors``): peft's files with the configured
     lora_alpha, the base's tokenizer and a model card, all in one atomic folder."""
-    from fedtune.model.loading import load_tokenizer
     from fedtune.model.lora import base_model_name, save_global_factors
     from fedtune.runs.model_card import MODEL_CARD, model_card
 
@@ -46,12 +46,29 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
     rounds_done = adapter.round  # rounds aggregated into it
 
     def extras(folder: Path) -> None:
-        load_tokenizer(scenario.model.source).save_pretrained(folder)
+        _save_tokenizer(scenario.model.source, folder)
         card = model_card(scenario, rounds_done, privacy_report(strategy))
         (folder / MODEL_CARD).write_text(card, encoding="utf-8")
 
     return save_global_factors(out / ADAPTER_DIR, adapter.factors, scenario.lora,
                                base_model_name(scenario.model), extras=extras)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(source: str) -> Any:
+    from fedtune.model.loading import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _save_tokenizer(source: str, folder: Path) -> None:
+    """The base's tokenizer beside the adapter. A server that cannot load it (a base that
+    only the clients hold) still exports the adapter, and says why it has none."""
+    try:
+        _tokenizer(source).save_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - the adapter matters more than its tokenizer
+        log.warning("fedtune: the exported adapter has no tokenizer: could not load the "
+                    "tokenizer of model source %r here: %s", source, err)
 
 
 def run_federation(
