@@ -3,6 +3,7 @@ directory current (a record and a checkpoint after every round)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,17 +34,41 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path) -> Path | None:
-    """Write the global adapter in peft format (loadable by ``PeftModel.from_pretrained``)."""
-    from fedtune.core.codec import scale_folded_state_dict
-    from fedtune.model.lora import base_model_name, save_folded_adapter
+    """Write the global adapter by the Hub's conventions (see
+    ``fedtune.model.lora.save_global_factors``): peft's files with the configured
+    lora_alpha, the base's tokenizer and a model card, all in one atomic folder."""
+    from fedtune.model.lora import base_model_name, save_global_factors
+    from fedtune.runs.model_card import MODEL_CARD, model_card
 
     adapter = strategy.global_adapter
     if adapter is None:
         return None
-    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A (modules of
-    # another rank get rank_pattern / alpha_pattern entries with the same scale 1).
-    return save_folded_adapter(out / ADAPTER_DIR, scale_folded_state_dict(adapter.factors),
-                               scenario.lora, base_model_name(scenario.model))
+    rounds_done = adapter.round  # rounds aggregated into it
+
+    def extras(folder: Path) -> None:
+        _save_tokenizer(scenario.model.source, folder)
+        card = model_card(scenario, rounds_done, privacy_report(strategy))
+        (folder / MODEL_CARD).write_text(card, encoding="utf-8")
+
+    return save_global_factors(out / ADAPTER_DIR, adapter.factors, scenario.lora,
+                               base_model_name(scenario.model), extras=extras)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(source: str) -> Any:
+    from fedtune.model.loading import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _save_tokenizer(source: str, folder: Path) -> None:
+    """The base's tokenizer beside the adapter. A server that cannot load it (a base that
+    only the clients hold) still exports the adapter, and says why it has none."""
+    try:
+        _tokenizer(source).save_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - the adapter matters more than its tokenizer
+        log.warning("fedtune: the exported adapter has no tokenizer: could not load the "
+                    "tokenizer of model source %r here: %s", source, err)
 
 
 def run_federation(
