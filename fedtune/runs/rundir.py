@@ -187,10 +187,13 @@ class RunRecorder:
             fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
 
-    def close(self, status: str, error: BaseException | None = None) -> None:
+    def close(self, status: str, error: BaseException | str | None = None) -> None:
+        """Final status; ``error`` is the exception that ended the run or why it stopped."""
         self.status = status
-        if error is not None:
+        if isinstance(error, BaseException):
             self.error = f"{type(error).__name__}: {error}"
+        elif error is not None:
+            self.error = error
         self.write_summary()
         self._metrics.close()
         try:
