@@ -50,7 +50,7 @@ def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None,
     resume: bool = False, on_replies: OnReplies | None = None,
-    stop: StopRequest | None = None,
+    stop: StopRequest | None = None, device: dict[str, Any] | None = None,
 ) -> RunRecorder:
     """Run every round of ``scenario`` on ``grid``, recording into ``run_dir`` and saving
     a checkpoint after each completed round; with ``resume``, go on from the run
@@ -66,7 +66,7 @@ def run_federation(
     if resume:
         saved = load_checkpoint(run_dir)
         first_round = restore(strategy, scenario, run_dir, saved)
-    recorder = RunRecorder(run_dir, scenario.to_dict())
+    recorder = RunRecorder(run_dir, scenario.to_dict(), device=device)
     if saved is not None:
         recorder.restore(saved["recorder"])
     report = progress or (lambda record: None)
@@ -172,10 +172,12 @@ def make_server_app(
     resume: bool = False,
     on_replies: OnReplies | None = None,
     stop: StopRequest | None = None,
+    device: dict[str, Any] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a scenario and run directory, or reading both from the run
     config (``scenario`` file + ``section.key`` overrides, ``out`` folder or ``run-dir``,
-    ``resume``) when None; with ``stop``, one that ends "interrupted" once it is set."""
+    ``resume``) when None; with ``stop``, one that ends "interrupted" once it is set;
+    ``device`` (which device the clients train on, and why) goes into the summary."""
     app = ServerApp()
 
     @app.main()
@@ -198,7 +200,7 @@ def make_server_app(
             grid = StoppableGrid(grid, stop)
         try:
             run_federation(grid, chosen, target, progress, resume=resume_run,
-                           on_replies=on_replies, stop=stop)
+                           on_replies=on_replies, stop=stop, device=device)
         except RunStopped:  # recorded; the engine ends at once on a ServerApp that returns
             log.info("fedtune: %s", stop.reason if stop else "stopped")
 

@@ -87,6 +87,8 @@ class RunRecorder:
     error: str | None = None
     #: privacy plan and outcome (noise multiplier, epsilon spent, early stop), when DP is on
     privacy: dict[str, Any] | None = None
+    #: simulations: which device the clients train on, their GPU share, and why
+    device: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         private_folder(self.path)
@@ -136,6 +138,7 @@ class RunRecorder:
             "totals": self.totals(),
             "eval_tokens": eval_tokens(self.scenario),
             **({"privacy": self.privacy} if self.privacy is not None else {}),
+            **({"device": self.device} if self.device is not None else {}),
         }
 
     def totals(self) -> dict[str, Any]:
