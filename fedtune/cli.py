@@ -152,7 +152,9 @@ def simulate(
         except SimulationInterrupted as stopped:
             status.stop()
             _say_how_to_continue(stopped)
-            raise typer.Exit(stopped.exit_code) from None
+            from fedtune.runs.lifecycle import exit_at_once
+
+            exit_at_once(stopped.exit_code)
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None

@@ -181,3 +181,22 @@ def test_clients_get_a_gpu_share_sized_from_the_memory_estimate():
     config = backend_config(scenario, nodes=[node], address="10.0.0.1:6379",
                             gpus_per_client=share)
     assert config["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_the_engine_handles_is_only_noted_and_elsewhere_raises(signum):
+    """While Flower's engine runs, simulate's handler only asks the round loop to stop
+    (True: handled); before and after, the signal raises where the main thread is."""
+    from fedtune.runs.lifecycle import Interrupted, stop_signals
+
+    heard = []
+    with stop_signals(lambda s: heard.append(s) or True) as received:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signum)  # a second one: noted once, nothing else
+        time.sleep(0.2)
+    assert heard == [signum] and received == [signum]
+    with pytest.raises(Interrupted) as stopped, stop_signals(lambda s: False):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises here
+    assert stopped.value.signum == signum

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,6 +65,20 @@ def stop_signals(on_signal: Callable[[int], bool] | None = None) -> Iterator[lis
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def exit_at_once(code: int) -> None:
+    """End a stopped command now: everything it wrote is closed and every process it
+    started is gone, and the interpreter's own teardown of torch, transformers and Ray
+    takes seconds more on a loaded machine (10 s measured at a load of 16 on 2 cores)
+    with nothing left to do. Only where this process is the command itself (its stdout
+    the process's own, not a test runner's): there SystemExit."""
+    if sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+        raise SystemExit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def mark_stopped(run_dir: Path, status: str, reason: str) -> bool:
