@@ -143,14 +143,10 @@ def test_clients_get_a_gpu_share_sized_from_the_memory_estimate():
     """With model.device = "auto" and a GPU, each client asks Ray for the share of it
     that the memory estimate allows (the GPUs are faked at training_device's boundary:
     no CUDA here); the run records it. Without a GPU, or with device "cpu", none."""
+    from fedtune.planning.gpu_share import GPU_USABLE, client_memory_mb, gpu_share
+    from fedtune.planning.gpu_share import simulation_device as training_device
     from fedtune.runs.cluster import NodeSize
-    from fedtune.runs.simulate import (
-        GPU_USABLE,
-        backend_config,
-        client_memory_mb,
-        gpu_share,
-        training_device,
-    )
+    from fedtune.runs.simulate import backend_config
 
     assert gpu_share(10_000, 80_000, clients=100) == 0.1666  # 6 fit in 68,000 MiB
     assert gpu_share(10_000, 80_000, clients=4) == 0.25  # never more than the clients
