@@ -112,17 +112,18 @@ def simulate(
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Parent folder for the run directory."),  # noqa: UP045
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's own logs."),
+    resume: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--resume", help="Continue the run in this run directory from its checkpoint "
+        "(after Ctrl-C or SIGTERM)."),
 ) -> None:
-    """Run a federated fine-tuning simulation with virtual clients on this machine."""
-    from fedtune.config import ConfigError, load_scenario
-    from fedtune.runs.simulate import SimulationError
+    """Run a federated fine-tuning simulation with virtual clients on this machine
+    (Ctrl-C or SIGTERM stop it and say how to resume)."""
+    from fedtune.config import ConfigError
+    from fedtune.runs.simulate import SimulationError, SimulationInterrupted, simulation_start
     from fedtune.runs.simulate import simulate as run
 
-    try:
-        chosen = load_scenario(scenario, overrides)
-    except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
+    with _exits_on(SimulationError):
+        chosen = simulation_start(scenario, overrides, resume, out)
     rounds = chosen.run.rounds
     from fedtune.runs.cluster import resolve_address
 
@@ -132,15 +133,28 @@ def simulate(
         f"({chosen.model.quantization}), {chosen.data.num_clients} clients "
         f"({chosen.data.source}), {rounds} rounds, aggregator {chosen.federation.aggregator}"
         + ("" if address is None else f", on the Ray cluster at {escape(address)}")
+        + (f", resuming {escape(str(resume))}" if resume else "")
     )
     with console.status("starting the simulation engine and loading the model...") as status:
         def progress(record: dict[str, Any]) -> None:
             console.print(round_line(record, rounds))
-            status.update(f"round {record['round'] + 1}/{rounds} in progress...")
+            status.update(f"round {record['round'] + 1}/{rounds} in progress..."
+                          if record["round"] < rounds else "finishing the run...")
+
+        def say(text: str) -> None:
+            console.print(escape(text))
+            status.update(escape(text) + "...")
 
         replies = throttled(lambda p: console.print(reply_line(p, rounds)))
         try:
-            run_dir = run(chosen, out, progress=progress, verbose=verbose, on_replies=replies)
+            run_dir = run(chosen, out, progress=progress, verbose=verbose, resume=resume,
+                          on_replies=replies, say=say)
+        except SimulationInterrupted as stopped:
+            status.stop()
+            _say_how_to_continue(stopped)
+            from fedtune.runs.lifecycle import exit_at_once
+
+            exit_at_once(stopped.exit_code)
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None
@@ -151,6 +165,22 @@ def simulate(
             console.print(line, markup=False, highlight=False)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
+
+
+def _say_how_to_continue(stopped: Any) -> None:
+    """What a stopped simulation leaves and the command that continues it."""
+    import shlex
+
+    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; Ray and its workers have "
+                  "ended")
+    if stopped.completed:
+        return
+    if stopped.rounds_done:
+        console.print(f"checkpoint after round {stopped.rounds_done} kept; continue with: "
+                      + escape(shlex.join(["fedtune", "simulate", "--resume",
+                                           str(stopped.run_dir)])))
+    else:
+        console.print("no round completed (no checkpoint): start it again")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from fedtune.flower.checkpoint import (
 from fedtune.flower.polling import bounded
 from fedtune.flower.replies import federation_reply_budget
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
+from fedtune.flower.stop import RunStopped, StoppableGrid, StopRequest
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 from fedtune.privacy.publish import WITHHELD, adapter_bytes_by_rank, private_round
@@ -74,19 +75,23 @@ def _save_tokenizer(source: str, folder: Path) -> None:
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None,
     resume: bool = False, on_replies: OnReplies | None = None,
+    stop: StopRequest | None = None, device: dict[str, Any] | None = None,
 ) -> RunRecorder:
     """Run every round of ``scenario`` on ``grid``, recording into ``run_dir`` and saving
     a checkpoint after each completed round; with ``resume``, go on from the run
     directory's checkpoint (see ``fedtune.flower.checkpoint``). ``progress`` hears of
     each round as it ends, ``on_replies`` of each client's reply within a round.
 
-    On a failure the last global adapter (if any round completed) is still exported."""
+    On a failure the last global adapter (if any round completed) is still exported.
+    Once ``stop`` is set the run ends at its next grid call (``fedtune.flower.stop``),
+    "interrupted" with every completed round kept, whatever the round in progress
+    failed with meanwhile."""
     strategy = FedtuneStrategy(scenario)  # validates client settings before any file
     first_round, saved = 1, None
     if resume:
         saved = load_checkpoint(run_dir)
         first_round = restore(strategy, scenario, run_dir, saved)
-    recorder = RunRecorder(run_dir, scenario.to_dict())
+    recorder = RunRecorder(run_dir, scenario.to_dict(), device=device)
     if saved is not None:
         recorder.restore(saved["recorder"])
     report = progress or (lambda record: None)
@@ -118,7 +123,10 @@ def run_federation(
         save_global_adapter(strategy, scenario, run_dir)
         _announce_end(strategy, grid, recorder)
     except BaseException as err:
-        recorder.close("failed", err)
+        if stop:
+            recorder.close("interrupted", stop.reason or "interrupted")
+        else:
+            recorder.close("failed", err)
         if strategy.global_adapter is not None:
             save_global_adapter(strategy, scenario, run_dir)
         raise
@@ -188,10 +196,13 @@ def make_server_app(
     progress: Progress | None = None,
     resume: bool = False,
     on_replies: OnReplies | None = None,
+    stop: StopRequest | None = None,
+    device: dict[str, Any] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a scenario and run directory, or reading both from the run
     config (``scenario`` file + ``section.key`` overrides, ``out`` folder or ``run-dir``,
-    ``resume``) when None."""
+    ``resume``) when None; with ``stop``, one that ends "interrupted" once it is set;
+    ``device`` (which device the clients train on, and why) goes into the summary."""
     app = ServerApp()
 
     @app.main()
@@ -209,8 +220,14 @@ def make_server_app(
         resume_run = resume or bool(config.get("resume", False))
         budget = federation_reply_budget(chosen.model.source,
                                          tuple(chosen.lora.target_modules))
-        run_federation(bounded(grid, budget), chosen, target, progress, resume=resume_run,
-                       on_replies=on_replies)
+        grid = bounded(grid, budget)
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
+        try:
+            run_federation(grid, chosen, target, progress, resume=resume_run,
+                           on_replies=on_replies, stop=stop, device=device)
+        except RunStopped:  # recorded; the engine ends at once on a ServerApp that returns
+            log.info("fedtune: %s", stop.reason if stop else "stopped")
 
     return app
 

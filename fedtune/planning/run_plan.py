@@ -104,19 +104,17 @@ class RunPlan:
 
 
 def training_device(scenario: Scenario) -> tuple[str, str]:
-    """(the device the simulated clients train on, why): the engine gives a client a GPU
-    only when ``simulation.gpus_per_client`` > 0, whatever ``model.device`` says."""
-    wanted, gpus = scenario.model.device, scenario.simulation.gpus_per_client
-    cuda_here = torch.cuda.is_available()
-    if wanted == "cpu":
-        return "cpu", "model.device = 'cpu'"
-    if gpus <= 0:
-        return "cpu", ("simulation.gpus_per_client = 0: the engine gives the clients no GPU"
-                       + (" (CUDA is present here)" if cuda_here else ""))
-    if not cuda_here:
-        return "unavailable", (f"simulation.gpus_per_client = {gpus:g} but CUDA is not "
+    """(the device the simulated clients train on, why): the GPU share ``fedtune
+    simulate`` gives them (``fedtune.planning.gpu_share``)."""
+    from fedtune.planning.gpu_share import simulation_device
+
+    share, device = simulation_device(scenario)
+    if device["trains_on"] == "cuda" and not torch.cuda.is_available():
+        return "unavailable", (f"simulation.gpus_per_client = {share:g} but CUDA is not "
                                "available here")
-    return "cuda", f"model.device = {wanted!r}, simulation.gpus_per_client = {gpus:g}"
+    if device["trains_on"] == "cuda":
+        return "cuda", f"{device['why']}: {share:g} GPU per client"
+    return device["trains_on"], device["why"]
 
 
 # --------------------------------------------------------------------------- the bytes
