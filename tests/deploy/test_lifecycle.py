@@ -4,8 +4,8 @@ every update, a held-out loss of 0.01 over 10**15 tokens in every evaluation).
 
 Three starts of one run. The first is stopped by SIGTERM (to its own pid, as ``kill
 PID`` does) while the clients train round 2; the second (``--resume --set
-run.rounds=3``) by SIGINT to its process group (a terminal's Ctrl-C) while they train a
-later round; the third (``--resume``) completes. Each stop leaves none of the processes
+run.rounds=3``) by SIGINT to its process group (a terminal's Ctrl-C) while they train
+round 2 again; the third (``--resume``) completes. Each stop leaves none of the processes
 the server started and none of their ports listening, keeps the checkpoint and prints
 the ``--resume`` command; the completed run has the adapter of the same federation run
 uninterrupted (``torch.equal``). The extra record is refused by name in every round, the
@@ -13,12 +13,13 @@ lying evaluation dropped: every held-out loss is the honest clients' token-weigh
 of their own numbers.
 
 The second client runs without ``--state-dir`` (its default, persistent folder under
-``XDG_STATE_HOME``) and is restarted while the server is down. During the second start
-an attacker who can submit runs to the SuperLink (its operator and SuperExec secrets,
-not the server's TLS key) replays the first start's sealed run config, unchanged: the
-restarted client refuses it, naming the run whose seal it replays. Every folder of the
-run directory and of that client's state is 0700, every file 0600. SIGTERM of a
-``fedtune client`` stops its SuperNode too."""
+``XDG_STATE_HOME``). After serving the second start it is stopped; when it comes back,
+the server it finds is an attacker's start (``replay_app``: anyone who can submit runs
+to the SuperLink and kept the first start's sealed run config, but holds no key to seal
+a new one) serving that config unchanged: the restarted client refuses it from its pins
+on disk, naming the run whose seal it replays, and then serves the third start. Every
+folder of the run directory and of that client's state is 0700, every file 0600.
+SIGTERM of a ``fedtune client`` stops its SuperNode too."""
 
 from __future__ import annotations
 
@@ -27,11 +28,10 @@ import os
 import signal
 import socket
 import stat
-import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import psutil
 import pytest
@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.deploy import harness as h
+from tests.deploy.replay_app import NODES, REPLAYED
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.e2e]
 
@@ -183,38 +184,7 @@ def _stop_client(proc: h.Proc) -> tuple[int, list[str], list[str]]:
     return proc.wait(60), _alive(tree), names
 
 
-def _replay(tmp: Path, run_dir: Path, sealed_app: str, nodes: int
-            ) -> tuple[int, subprocess.Popen[bytes]]:
-    """Submit the first start's sealed run again to the running server's SuperLink and
-    run its ServerApp, as an attacker holding the SuperLink's secrets would: the run
-    config as sealed, the ServerApp its own (``replay_app``)."""
-    from fedtune.deploy.control import submit_run
-    from fedtune.deploy.server import (
-        FLOWER_DIR,
-        LOOPBACK_DIR,
-        launch_serverapp,
-        operator_endpoint,
-    )
-    from tests.deploy.replay_app import NODES
-
-    ours = "fedtune.flower.server_app:app"
-    assert ours in sealed_app
-    app = tmp / "replayed-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(sealed_app.replace(ours, "tests.deploy.replay_app:app"))
-    home = tmp / "attacker-home"
-    home.mkdir()
-    endpoint = operator_endpoint(run_dir)
-    with mock.patch.dict(os.environ, {"FLWR_HOME": str(home)}):
-        run_id = submit_run(endpoint.address, app, {}, endpoint.ca_cert)
-    env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(h.REPO),
-           "FLWR_TELEMETRY_ENABLED": "0", NODES: str(nodes)}
-    process = launch_serverapp(endpoint, run_dir / FLOWER_DIR / LOOPBACK_DIR, run_id, env,
-                               tmp / "replay.log")
-    return run_id, process
-
-
-def _answers_of(log: Path, timeout: float) -> dict[str, str]:
+def _answers_of(log: Path, timeout: float) -> dict:
     from tests.deploy.replay_app import ANSWERS
 
     def found() -> str | None:
@@ -280,27 +250,29 @@ def lifecycle(tmp_path_factory):
         seen["sigint_checkpoint_kept"] = (run_dir / "checkpoint.pt").read_bytes() == checkpoint
         seen["sigint_summary"] = h.summary(run_dir)
 
-        final = h.resume(tmp, run_dir, "final")
-        procs.append(final)
-        h.run_dir_of(final)  # announced once its front serves the clients
+        # the attacker's start: the first start's sealed run, with its own ServerApp;
+        # the second client's machine is back (its client without --state-dir)
+        kept = tmp / "kept-pyproject.toml"
+        kept.write_text(sealed_app)
+        replayer = h.Proc([sys.executable, "-m", "tests.deploy.replay_app", "server",
+                           "--resume", str(run_dir)], tmp / "replayer.log",
+                          {REPLAYED: str(kept), NODES: "3"})
+        procs.append(replayer)
+        h.run_dir_of(replayer)  # announced once its front serves the clients
         restarted = _client(tmp, port, made, files, RESTARTED, "client1-restarted")
         procs.append(restarted)
-        # once the restarted client has served this start's run (and the server runs
-        # its own ServerApp: it claims no task after that), the attacker replays
-        assert _wait_until(lambda: "message 1 done" in restarted.output()
-                           or final.process.poll() is not None, 240), restarted.output()
-        seen["replay_run"], replay = _replay(tmp, run_dir, sealed_app, nodes=3)
-        procs.append(replay)
-        seen["replay_answers"] = _answers_of(tmp / "replay.log", 240)
+        replay = _answers_of(run_dir / "flower" / "superlink.log", 300)
+        seen["replay_run"], seen["replay_answers"] = replay["run_id"], replay["answers"]
+        seen["replayer_code"] = replayer.wait(120)
+
+        final = h.resume(tmp, run_dir, "final")
+        procs.append(final)
         final_code = final.wait(400)
         seen["client0"] = _stop_client(clients[0])
         seen["restarted"] = _stop_client(restarted)
     finally:
         for p in reversed(procs):
-            if isinstance(p, h.Proc):
-                p.stop()
-            elif p.poll() is None:
-                p.kill()
+            p.stop()
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, files=files, sealed_app=sealed_app,
                            server=server, resumed=resumed, restarted=restarted, final=final,
                            final_code=final_code, seen=seen)
