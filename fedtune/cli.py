@@ -1,4 +1,9 @@
-"""`fedtune` command line: simulate, compare, server, client, certs, export."""
+"""`fedtune` command line: simulate, plan, list, compare, server, client, keys, certs, export.
+
+Only typer and rich are imported here: each command imports what it needs when it runs,
+so ``fedtune --help``, ``-h`` and ``--version`` (and a typo) answer without loading torch
+(about 2 s of imports; benchmarks/RESULTS.md, "fedtune --help").
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from fedtune.config import ConfigError, load_scenario
+from fedtune import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Federated fine-tuning of language models with quantized LoRA adapters.")
 # soft_wrap: never break a message into lines (tools and tests read them whole)
 console = Console(stderr=True, soft_wrap=True)
@@ -83,6 +89,8 @@ def throttled(show: Callable[[Any], None], every: float = 1.0,
 @contextlib.contextmanager
 def _exits_on(*failures: type[BaseException]) -> Iterator[None]:
     """A configuration error exits 2, one of ``failures`` exits 1, each with its message."""
+    from fedtune.config import ConfigError
+
     try:
         yield
     except ConfigError as err:
@@ -104,16 +112,18 @@ def simulate(
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Parent folder for the run directory."),  # noqa: UP045
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's own logs."),
+    resume: Optional[Path] = typer.Option(  # noqa: UP045
+        None, "--resume", help="Continue the run in this run directory from its checkpoint "
+        "(after Ctrl-C or SIGTERM)."),
 ) -> None:
-    """Run a federated fine-tuning simulation with virtual clients on this machine."""
-    from fedtune.runs.simulate import SimulationError
+    """Run a federated fine-tuning simulation with virtual clients on this machine
+    (Ctrl-C or SIGTERM stop it and say how to resume)."""
+    from fedtune.config import ConfigError
+    from fedtune.runs.simulate import SimulationError, SimulationInterrupted, simulation_start
     from fedtune.runs.simulate import simulate as run
 
-    try:
-        chosen = load_scenario(scenario, overrides)
-    except ConfigError as err:
-        console.print(f"[red]configuration error:[/] {escape(str(err))}")
-        raise typer.Exit(2) from None
+    with _exits_on(SimulationError):
+        chosen = simulation_start(scenario, overrides, resume, out)
     rounds = chosen.run.rounds
     from fedtune.runs.cluster import resolve_address
 
@@ -123,15 +133,28 @@ def simulate(
         f"({chosen.model.quantization}), {chosen.data.num_clients} clients "
         f"({chosen.data.source}), {rounds} rounds, aggregator {chosen.federation.aggregator}"
         + ("" if address is None else f", on the Ray cluster at {escape(address)}")
+        + (f", resuming {escape(str(resume))}" if resume else "")
     )
     with console.status("starting the simulation engine and loading the model...") as status:
         def progress(record: dict[str, Any]) -> None:
             console.print(round_line(record, rounds))
-            status.update(f"round {record['round'] + 1}/{rounds} in progress...")
+            status.update(f"round {record['round'] + 1}/{rounds} in progress..."
+                          if record["round"] < rounds else "finishing the run...")
+
+        def say(text: str) -> None:
+            console.print(escape(text))
+            status.update(escape(text) + "...")
 
         replies = throttled(lambda p: console.print(reply_line(p, rounds)))
         try:
-            run_dir = run(chosen, out, progress=progress, verbose=verbose, on_replies=replies)
+            run_dir = run(chosen, out, progress=progress, verbose=verbose, resume=resume,
+                          on_replies=replies, say=say)
+        except SimulationInterrupted as stopped:
+            status.stop()
+            _say_how_to_continue(stopped)
+            from fedtune.runs.lifecycle import exit_at_once
+
+            exit_at_once(stopped.exit_code)
         except (SimulationError, ConfigError, FileNotFoundError, ValueError) as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             raise typer.Exit(1) from None
@@ -142,6 +165,133 @@ def simulate(
             console.print(line, markup=False, highlight=False)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
+
+
+def _say_how_to_continue(stopped: Any) -> None:
+    """What a stopped simulation leaves and the command that continues it."""
+    import shlex
+
+    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; Ray and its workers have "
+                  "ended")
+    if stopped.completed:
+        return
+    if stopped.rounds_done:
+        console.print(f"checkpoint after round {stopped.rounds_done} kept; continue with: "
+                      + escape(shlex.join(["fedtune", "simulate", "--resume",
+                                           str(stopped.run_dir)])))
+    else:
+        console.print("no round completed (no checkpoint): start it again")
+
+
+@app.command()
+def plan(
+    scenario: Optional[str] = typer.Option(  # noqa: UP045 - typer needs Optional here
+        None, "--scenario", "-s",
+        help="Scenario TOML file or bundled name (default: simulations/default.toml).",
+    ),
+    overrides: list[str] = typer.Option(  # noqa: B006
+        [], "--set", help="Override a scenario key: section.key=value (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="The plan as JSON on stdout."),
+) -> None:
+    """What `fedtune simulate` would do, without running it.
+
+    Each client's rank, quantization, batch and sequence length, its memory estimate
+    against its profile's budget, the data it holds, the bytes of a round each way, the
+    planned epsilon under client-level DP, and the device that trains."""
+    import json
+
+    from fedtune.config import load_scenario
+    from fedtune.planning.run_plan import plan_run
+
+    with _exits_on(ValueError, OSError):
+        chosen = load_scenario(scenario, overrides)
+        made = plan_run(chosen)
+    if as_json:
+        print(json.dumps(made.to_dict(), indent=2))
+        return
+    for line in plan_lines(made):
+        print(line)
+
+
+#: above this many clients, plan prints one line per kind of client, not per client
+PLAN_CLIENT_LINES = 24
+
+
+def plan_lines(made: Any) -> list[str]:
+    """A ``fedtune.planning.run_plan.RunPlan`` as lines for a terminal."""
+    def size(n: int | None) -> str:
+        return "n/a" if n is None else _fmt_bytes(n)
+
+    lines = [f"plan of {made.name!r}: model {made.model}, {len(made.clients)} clients, "
+             f"{made.clients_per_round} per round, {made.rounds} rounds, aggregator "
+             f"{made.aggregator}",
+             f"trains on: {made.device} ({made.device_reason})",
+             "client  data (train/eval texts)  profile  rank  alpha  quantization  "
+             "batch x seq_len  memory estimate / budget  down  up"]
+    def settings(c: Any) -> str:
+        budget = ("no budget (no profile)" if c.budget_mb is None else
+                  f"{c.budget_mb:,.0f} MB budget, {'fits' if c.fits else 'DOES NOT FIT'}")
+        return (f"{c.profile or '-'}  r={c.rank}  alpha={c.alpha:g}  {c.quantization}  "
+                f"{c.batch_size} x {c.seq_len}  {c.memory_mb:,.0f} MB on {c.memory_device} "
+                f"/ {budget}  {size(c.bytes_down)}  {size(c.bytes_up)}")
+
+    if len(made.clients) <= PLAN_CLIENT_LINES:
+        lines += [f"  {c.partition} {c.client}  {c.train_texts}/{c.eval_texts}  {settings(c)}"
+                  for c in made.clients]
+    else:  # one line per kind of client (a profile, or the scenario's own settings)
+        kinds: dict[str, list[Any]] = {}
+        for c in made.clients:
+            kinds.setdefault(settings(c), []).append(c)
+        for line, group in kinds.items():
+            texts = sorted(c.train_texts for c in group)
+            lines.append(f"  {len(group)} clients  {texts[0]}-{texts[-1]} train texts  {line}")
+    down, up = made.round_bytes("down"), made.round_bytes("up")
+    if down is not None or up is not None:
+        lines.append(f"per round from round 2 (round 1 sends no adapter): down {size(down)}, "
+                     f"up {size(up)}, over all {len(made.clients)} clients")
+    else:
+        lines.append("per round: the sum of the sampled clients' down / up above")
+    if made.privacy:
+        p = made.privacy
+        lines.append(f"client-level DP: noise multiplier {p['noise_multiplier']:.4g}, sample "
+                     f"rate {p['sample_rate']:g}, planned epsilon {p['planned_epsilon']:.4g} "
+                     f"after {p['rounds']:g} rounds (delta {p['delta']:g})")
+    else:
+        lines.append("client-level DP: off")
+    lines += [f"note: {note}" for note in made.notes]
+    return lines
+
+
+@app.command("list")
+def list_bundled() -> None:
+    """The bundled scenarios and device profiles, and the aggregators, one line each."""
+    from fedtune import resources
+    from fedtune.aggregation.registry import aggregator_class, available
+    from fedtune.planning.profiles import load_profile
+
+    print("scenarios (fedtune simulate -s NAME, fedtune plan -s NAME):")
+    for name in resources.names("scenario"):
+        print(f"  {name:<26} {_first_sentence(resources.path('scenario', name).read_text())}")
+    print("device profiles (fedtune client --profile NAME, [clients] profiles):")
+    for name in resources.names("profile"):
+        print(f"  {name:<26} {load_profile(name).description}")
+    print("aggregators (federation.aggregator):")
+    for name in available():
+        module = sys.modules[aggregator_class(name).__module__]
+        print(f"  {name:<26} {(module.__doc__ or '').strip().splitlines()[0]}")
+
+
+def _first_sentence(toml_text: str, limit: int = 100) -> str:
+    """The first sentence of a TOML file's leading comment."""
+    comment = []
+    for line in toml_text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    text = " ".join(comment)
+    text = text.split(". ", 1)[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3].rsplit(" ", 1)[0] + "..."
 
 
 @app.command()
@@ -166,6 +316,7 @@ def compare(
     import shlex
 
     from fedtune.aggregation import available
+    from fedtune.config import load_scenario
     from fedtune.runs.compare import (
         BASELINES,
         COMPARISON_MD,
@@ -207,6 +358,7 @@ def server(
     Ctrl-C stop it and every process it started, and say how to resume)."""
     import os
 
+    from fedtune.config import ConfigError, load_scenario
     from fedtune.core.files import PRIVATE_UMASK
     from fedtune.deploy.server import DeploymentError, ServerStopped, resumed_scenario, serve
 
@@ -344,6 +496,7 @@ RUN_OPTION = typer.Option(..., "--run", help="The run directory the server print
 def _running_server(run_dir: Path) -> Iterator[Any]:
     """The Control API endpoint of the server running ``run_dir`` (exit 1 if none), with
     its refusals as error exits."""
+    from fedtune.config import ConfigError
     from fedtune.deploy.control import ControlError
     from fedtune.deploy.server import operator_endpoint
 
@@ -429,8 +582,17 @@ def export(
     console.print(f"[green]done[/]: {kind} in {escape(str(written))}")
 
 
+def _show_version(asked: bool) -> None:
+    if asked:
+        print(f"fedtune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     """fedtune command line."""
 
 

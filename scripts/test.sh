@@ -20,10 +20,12 @@ PY=.venv/bin/python
 ATTACKS=(tests/deploy/test_security.py tests/deploy/test_flood.py
          tests/deploy/test_secagg_hostile.py tests/sdk/test_docs.py tests/examples)
 # every other process test: the hostile client, the deployment's failures and restarts,
-# the SDK, and `flwr run` (a SuperLink and Flower's engine: the one engine run outside the
-# Flower group). A folder named here must not be named by another group: pytest does not
+# the SDK, `flwr run` (a SuperLink and Flower's engine: the one engine run outside the
+# Flower group), the built wheel used from outside the checkout (its own engine run), and
+# `fedtune simulate` stopped by a signal and resumed (two engine runs). A folder named here must not be named by another group: pytest does not
 # apply --ignore to a folder given on its command line.
-PROCESSES=(tests/deploy tests/sdk tests/flower/test_flwr_run.py
+PROCESSES=(tests/deploy tests/sdk tests/flower/test_flwr_run.py tests/test_wheel.py
+           tests/test_simulate_lifecycle.py
            --ignore=tests/deploy/test_security.py --ignore=tests/deploy/test_flood.py
            --ignore=tests/deploy/test_secagg_hostile.py --ignore=tests/sdk/test_docs.py)
 # the Flower layer's in-process federations that start no engine run with the rest
@@ -34,7 +36,8 @@ FLOWER=(tests/flower tests/test_compare.py --ignore=tests/flower/test_flwr_run.p
         "${FLOWER_IN_REST[@]/#/--ignore=}")
 # the rest: everything the groups above do not name
 REST=(--ignore=tests/deploy --ignore=tests/sdk --ignore=tests/examples
-      --ignore=tests/test_compare.py)
+      --ignore=tests/test_compare.py --ignore=tests/test_wheel.py
+      --ignore=tests/test_simulate_lifecycle.py)
 for module in tests/flower/test_*.py; do
     [[ " ${FLOWER_IN_REST[*]} " == *" $module "* ]] || REST+=("--ignore=$module")
 done

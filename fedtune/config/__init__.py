@@ -12,9 +12,6 @@ from typing import Any
 
 from fedtune.aggregation import available, capabilities_of
 from fedtune.config.scenario import (
-    DEFAULT_SCENARIO,
-    REPO_ROOT,
-    SCENARIO_DIR,
     Scenario,
     apply_overrides,
     build_scenario,
@@ -61,13 +58,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "ATTACKS",
-    "DEFAULT_SCENARIO",
     "DEVICE_CHOICES",
     "DP_MODES",
     "DTYPES",
     "QUANTIZATIONS",
-    "REPO_ROOT",
-    "SCENARIO_DIR",
     "SCHEDULES",
     "AttackSpec",
     "ClientsSpec",

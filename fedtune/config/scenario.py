@@ -19,6 +19,7 @@ from typing import Any
 
 import tomllib
 
+import fedtune.resources as resources
 from fedtune.aggregation import available, capabilities_of
 from fedtune.config.sections import (
     AttackSpec,
@@ -43,10 +44,6 @@ from fedtune.privacy.accountant import (
     epsilon_after,
     noise_multiplier_for,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCENARIO_DIR = REPO_ROOT / "simulations"
-DEFAULT_SCENARIO = SCENARIO_DIR / "default.toml"
 
 
 @dataclass(frozen=True)
@@ -331,16 +328,24 @@ def _describe(hint: Any) -> str:
 
 # ---- loading and overriding ----------------------------------------------------------
 def resolve_scenario_path(name: str | Path | None) -> Path:
-    """A path, or the name of a bundled scenario (``default``, ``tiny``, ...)."""
-    if name is None:
-        return DEFAULT_SCENARIO
-    path = Path(name)
-    if path.exists():
-        return path
-    bundled = SCENARIO_DIR / (path.name if path.suffix else f"{path.name}.toml")
-    if path.parent == Path(".") and bundled.exists():  # a bare name, never a missing path
-        return bundled
-    choices = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.toml")))
+    """A path, or the name of a bundled scenario (``default``, ``tiny``, ...), or a
+    bundled file as the repository names it (``server/server.toml``) where no such file
+    is here. A bundled file missing from the installation is a ``ConfigError`` too."""
+    try:
+        if name is None:
+            return resources.default_scenario()
+        path = Path(name)
+        if path.exists():
+            return path
+        if path.parent == Path(".") and path.suffix in ("", resources.SUFFIX):
+            if path.stem in resources.names("scenario"):  # a bare name, never a missing path
+                return resources.path("scenario", path.stem)
+        bundled = resources.from_repository_path(path)
+        if bundled is not None:
+            return bundled
+    except resources.BundledFileMissing as err:
+        raise ConfigError(str(err)) from None
+    choices = ", ".join(resources.names("scenario")) or "(none: reinstall fedtune)"
     raise ConfigError(f"scenario file {str(name)!r} not found; bundled scenarios: {choices}")
 
 

@@ -306,6 +306,83 @@ def per_message_runner(options: ClientOptions, address: str, state: Path
     return run
 
 
+#: what flwr's SuperNode logs when it cannot set up its connection (it exits with status
+#: 1, as for every error) because the SuperLink refused to activate its node
+CONNECTION_ERROR = "Exit Code: 305"
+ACTIVATION_REFUSED = "Failed to activate SuperNode"
+
+
+def activation_wait() -> float:
+    """How long a SuperLink keeps a node online after its last heartbeat (flwr: 2 x its
+    30 s interval), plus a margin: with node authentication a node is its key, and one
+    still online cannot be activated again, so a client restarted within that window
+    (its old SuperNode killed, or stopped while the server was down) is refused until
+    then."""
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
+    return HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL + 15.0
+
+
+class SuperNode:
+    """The client's flower-supernode, started again while the SuperLink refuses to
+    activate its node because the node's previous connection has not expired yet
+    (:func:`activation_wait`); ``ended`` is set when it ends by itself for good."""
+
+    retry_pause = 5.0  # seconds between two starts
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path,
+                 stop: threading.Event, say: Callable[[str], None]) -> None:
+        self.command, self.env, self.log, self.stop_event, self.say = command, env, log, stop, say
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+        self.process = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        self.log_offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as handle:
+            return subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT,
+                                    env=self.env)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def _activation_refused(self) -> bool:
+        with open(self.log, "rb") as handle:
+            handle.seek(self.log_offset)
+            text = handle.read().decode(errors="replace")
+        return (self.process.returncode != 0 and CONNECTION_ERROR in text
+                and ACTIVATION_REFUSED in text)
+
+    def watch(self) -> None:
+        """Wait for the SuperNode; start it again while its activation is refused (for
+        :func:`activation_wait` at most), else set ``ended`` (unless we were asked to
+        stop: a Ctrl-C reaches both) and ``stop``."""
+        deadline: float | None = None
+        while True:
+            self.process.wait()
+            if self.stop_event.is_set() or not self._activation_refused():
+                break
+            now = time.monotonic()
+            deadline = deadline or now + activation_wait()
+            if now >= deadline or self.stop_event.wait(self.retry_pause):
+                break
+            with self.lock:
+                if self.stop_event.is_set():
+                    break
+                self.say("the server still holds this client's previous connection (until "
+                         "its heartbeats expire, at most a minute); connecting again")
+                self.process = self._start()
+        if not self.stop_event.is_set():
+            self.ended.set()
+        self.stop_event.set()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stop_event.set()
+            stop_process(self.process)
+
+
 def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
                stop: threading.Event | None = None, app: ClientApp | None = None) -> int:
     """Check, connect and serve until the SuperNode ends or ``stop`` is set; returns the
@@ -324,25 +401,16 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
     port = free_port()
     env = flower_env(state / "home")
     stop = stop or threading.Event()
-    with open(log, "ab") as handle:
-        process = subprocess.Popen(supernode_command(options, port, state / SUPEREXEC_SECRET),
-                                   stdout=handle, stderr=subprocess.STDOUT, env=env)
+    supernode = SuperNode(supernode_command(options, port, state / SUPEREXEC_SECRET), env,
+                          log, stop, say)
     say(f"client {options.client_name!r}: {texts} texts in {options.data}; connecting to "
         f"{options.server} ({'insecure' if options.insecure else 'TLS'}); log {log}")
 
-    ended = threading.Event()  # the SuperNode stopped by itself (refused, crashed)
     gave_up = threading.Event()  # the server stopped answering for options.reconnect_for
     if options.reconnect_for > 0:
         threading.Thread(target=watch_server, args=(options, stop, gave_up),
                          daemon=True).start()
-
-    def watch() -> None:
-        process.wait()
-        if not stop.is_set():  # not the end of a stop we were asked for (Ctrl-C reaches both)
-            ended.set()
-        stop.set()
-
-    threading.Thread(target=watch, daemon=True).start()
+    threading.Thread(target=supernode.watch, daemon=True).start()
     served = 0
 
     def count(status: str, seconds: float) -> None:
@@ -360,13 +428,14 @@ def run_client(options: ClientOptions, say: Callable[[str], None] | None = None,
         serve_forever(address, app, stop=stop, on_task=count,  # type: ignore[arg-type]
                       pin=pin, run_task=per_message, superexec_secret=secret)
     finally:
-        stop_process(process)
+        supernode.stop()
     if gave_up.is_set():
         raise ClientError(f"the server at {options.server} stopped answering (given up "
                           f"after --reconnect-for {options.reconnect_for:g} s)")
     # a SuperNode the server refused (a 401: it stops itself, exit 0) ends by itself too
-    if ended.is_set() and (process.returncode != 0 or served == 0):
+    code = supernode.returncode
+    if supernode.ended.is_set() and (code != 0 or served == 0):
         what = "did not accept this client" if served == 0 else "connection ended"
-        raise ClientError(f"the server {what} (SuperNode exit code {process.returncode}):\n"
+        raise ClientError(f"the server {what} (SuperNode exit code {code}):\n"
                           f"{tail(log, 8)}")
     return served

@@ -32,22 +32,29 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from fedtune.config import ConfigError, Scenario, ServerSpec, build_scenario
-from fedtune.config.scenario import apply_overrides, parse_override
+from fedtune.config import ConfigError, Scenario, ServerSpec
 from fedtune.core.files import PRIVATE_UMASK, private_folder, write_private
 from fedtune.deploy.certs import Certificates, make_certificates
 from fedtune.deploy.front import Front, Upstream, make_app
 from fedtune.deploy.seal import seal_config
 from fedtune.deploy.superlink import OPERATOR_SECRET, new_secret_file
-from fedtune.runs.rundir import SCENARIO_FILE, SUMMARY_FILE, new_run_dir
+from fedtune.runs.lifecycle import (  # shared with fedtune simulate
+    Interrupted,
+    check_resumable,
+    load_run_scenario,
+    mark_stopped,
+    resumed_scenario,  # noqa: F401 - `fedtune server --resume` (cli.py) imports it here
+    rounds_done,
+    stop_signals,
+)
+from fedtune.runs.rundir import SUMMARY_FILE, new_run_dir
 
 FLOWER_DIR = "flower"
 LOG_FILE = "superlink.log"
@@ -442,73 +449,6 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         process.wait()
 
 
-def load_run_scenario(run_dir: Path) -> Scenario:
-    """The scenario a run directory was started with (what a resume must continue)."""
-    path = Path(run_dir) / SCENARIO_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir} is not a fedtune run directory (no {SCENARIO_FILE})")
-    return build_scenario(json.loads(path.read_text()), origin=str(path))
-
-
-def rounds_done(run_dir: Path) -> int:
-    """The round of the run directory's checkpoint (0 without one): what ``--resume``
-    continues after. Not the summary's last round: a ServerApp stopped between writing
-    the summary and the checkpoint leaves the summary one round ahead."""
-    from fedtune.flower.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        return int(load_checkpoint(run_dir)["round"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return 0
-
-
-def resumed_scenario(run_dir: Path, overrides: list[str]) -> Scenario:
-    """The scenario ``--resume RUN_DIR --set ...`` continues: the saved one, with the
-    overrides that can change safely (``checkpoint.RESUMABLE_KEYS``: more rounds).
-    Any other key that would change is refused by name, never silently ignored."""
-    from fedtune.flower.checkpoint import RESUMABLE_KEYS
-
-    saved = load_run_scenario(run_dir)
-    flat = {}
-    for text in overrides:
-        section, key, value = parse_override(text)
-        flat[f"{section}.{key}"] = value
-    if not flat:
-        return saved
-    changed = build_scenario(apply_overrides(saved.to_dict(), flat),
-                             origin=f"{run_dir / SCENARIO_FILE} with --set")
-    before, after = saved.to_dict(), changed.to_dict()
-    different = sorted(f"{section}.{key}" for section, values in after.items()
-                       for key, value in values.items() if before[section].get(key) != value)
-    refused = [key for key in different if key not in RESUMABLE_KEYS]
-    if refused:
-        raise ConfigError(
-            f"--resume cannot change {', '.join(refused)}: the checkpoint was made under "
-            f"the saved scenario; only {', '.join(RESUMABLE_KEYS)} can change on a resume "
-            "(start a new run with --config to change the others)")
-    done = rounds_done(run_dir)
-    if "run.rounds" in different:
-        if changed.run.rounds < done:
-            raise ConfigError(f"--set run.rounds={changed.run.rounds}: {done} rounds of "
-                              f"{run_dir} are already done")
-        if saved.privacy.client_level:
-            raise ConfigError("--resume cannot change run.rounds under client-level DP: "
-                              "the noise and the privacy budget were planned for "
-                              f"{saved.run.rounds} rounds")
-    return changed
-
-
-def check_resumable(scenario: Scenario) -> None:
-    """A resumed run is a new Flower run: each client's run state starts empty. For
-    DP-SGD that state is the client's own privacy accountant, so a resume would report
-    too small an epsilon; refuse rather than under-count."""
-    if scenario.privacy.sample_level:
-        raise ConfigError(
-            "this run trains with DP-SGD (privacy.sample_noise_multiplier > 0): each client's "
-            "accountant lives in its Flower run state, which a resumed run does not have, "
-            "so its epsilon would be under-counted; start a new run instead")
-
-
 RoundReport = Callable[[dict[str, Any]], None]
 
 
@@ -534,57 +474,6 @@ class RoundWatcher:
                 self.seen.add(record["round"])
                 self.report(record)
         return summary
-
-
-@contextmanager
-def stop_signals() -> Iterator[list[int]]:
-    """While the block runs, SIGTERM and SIGINT end it with ``_Interrupted`` (so its
-    ``finally`` stops every process) and later ones are only noted: a second Ctrl-C
-    does not cut the clean-up short. The list holds the first signal's number. Outside
-    the main thread (where Python delivers signals) nothing changes."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if received:
-            return
-        received.append(signum)
-        raise _Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield received
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-class _Interrupted(BaseException):
-    """A stop signal, raised where the main thread happens to be (BaseException: no
-    ``except Exception`` on the way swallows it)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def mark_stopped(run_dir: Path, signum: int) -> None:
-    """The summary says "stopped" (with the signal) once nothing runs, not "running" or
-    the "failed" of a ServerApp that the stop ended; ``--resume`` rewrites it from the
-    checkpoint."""
-    from fedtune.runs.rundir import atomic_write_text
-
-    path = run_dir / SUMMARY_FILE
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return
-    if summary.get("status") != "completed":
-        summary["status"] = "stopped"
-        summary["error"] = f"the server was stopped by {signal.Signals(signum).name}"
-        atomic_write_text(path, json.dumps(summary, indent=2))
 
 
 class _Serving:
@@ -628,14 +517,15 @@ def serve(scenario: Scenario | None, out_dir: str | Path | None = None,
     with stop_signals():
         try:
             return _serve(scenario, out_dir, resume, report, announce, serving)
-        except _Interrupted as stop:
+        except Interrupted as stop:
             signum = stop.signum
         finally:
             serving.clean_up()
     if serving.run_dir is None:
         raise DeploymentError(f"stopped by {signal.Signals(signum).name} before the run "
                               "directory was made")
-    mark_stopped(serving.run_dir, signum)
+    mark_stopped(serving.run_dir, "stopped",
+                 f"the server was stopped by {signal.Signals(signum).name}")
     raise ServerStopped(signum, serving.run_dir, rounds_done(serving.run_dir))
 
 

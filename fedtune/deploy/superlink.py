@@ -19,6 +19,7 @@ import argparse
 import hmac
 import logging
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -95,6 +96,43 @@ class OperatorGuard:
                     "body": b"operator only: this SuperLink serves its own server\n"})
 
 
+#: flwr's per-message Fleet lines ("Push replies from node_id=...", pulls, receipts):
+#: which node answered when, i.e. under client-level DP which clients each round sampled
+#: (a secret); the run's own records say how many
+PER_MESSAGE_LINES = ("[Fleet.PushMessages]", "[Fleet.PullMessages]", "[Fleet.PushObject]",
+                     "[Fleet.PullObject]", "[Fleet.ConfirmMessageReceived]",
+                     "[Fleet.SendNodeHeartbeat]")
+
+
+class PerMessageFilter(logging.Filter):
+    """Keeps flwr's per-message Fleet lines out of the SuperLink's log (``superlink.log``
+    in the run directory), whatever the level: they would name the sampled cohort."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(PER_MESSAGE_LINES)
+
+
+def forget_messages(database: str | Path) -> None:
+    """Rewrite the SuperLink's database with only what it still holds (the nodes and
+    their keys, which a resumed server needs): a message's row, with its destination
+    node and round, stays in the write-ahead log and in freed pages after Flower deletes
+    it, so the run directory would tell, byte by byte, which node got which message.
+    Called when the SuperLink has stopped; a database already gone is left alone."""
+    import sqlite3
+
+    path = Path(database)
+    if not path.is_file():
+        return
+    with sqlite3.connect(path) as connection:
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("VACUUM")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        connection.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     """``--operator-secret-file PATH`` then ``flower-superlink``'s own arguments."""
     parser = argparse.ArgumentParser(prog="python -m fedtune.deploy.superlink")
@@ -105,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.operator_secret_file} is empty")
     sys.argv = ["flower-superlink", *flower_args]
     import uvicorn
-    from flwr.common.logger import console_handler
+    from flwr.common.logger import FLOWER_LOGGER, console_handler
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.superlink.cli.flower_superlink import (
         SuperLinkLifespan,
@@ -113,17 +151,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     from flwr.superlink.main import create_app
 
+    FLOWER_LOGGER.addFilter(PerMessageFilter())
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s fedtune: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     config = _parse_superlink_lifespan_config()
     app = create_app(config, SuperLinkLifespan)
-    # as flwr's _run_superlink_http_api, with the guard around the app
-    uvicorn.run(app=OperatorGuard(app, secret), host=config.host, port=config.port,
-                reload=False, access_log=True,
-                log_config=get_uvicorn_log_config(console_handler.level),
-                ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1)
+    # uvicorn re-raises the SIGTERM it stopped for once it is done: with Python's default
+    # handler the process would end there, before the database is cleaned
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        # as flwr's _run_superlink_http_api, with the guard around the app
+        uvicorn.run(app=OperatorGuard(app, secret), host=config.host, port=config.port,
+                    reload=False, access_log=True,
+                    log_config=get_uvicorn_log_config(console_handler.level),
+                    ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile,
+                    workers=1)
+    finally:
+        forget_messages(config.database)  # (an in-memory database is no file)
+
+
+def _exit_on_signal(number: int, frame: Any) -> None:
+    raise SystemExit(128 + number)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,13 @@ from fedtune.core.compress import CompressionSpec
 from fedtune.core.seeds import client_seed
 from fedtune.flower import messages as keys
 from fedtune.flower import ray_nodes, secagg
-from fedtune.flower.orders import order_refusal, scenario_orders, secagg_refusal
+from fedtune.flower.orders import (
+    allowed_settings,
+    order_refusal,
+    scenario_orders,
+    secagg_refusal,
+    settings_refusal,
+)
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal, spent_refusal
@@ -236,6 +242,29 @@ def train_refusal(scenario: Scenario, config: Any, floor: PrivacyFloor, trained:
                                                      p.accountant)
 
 
+def declared_profile(context: Context) -> str:
+    """The device profile a deployed client declares to the server, as TOML text ("": none)."""
+    profile = str(context.node_config.get(PROFILE, ""))
+    if not profile:
+        return ""
+    from fedtune.planning.profiles import profile_path
+
+    return profile_path(profile).read_text()
+
+
+def own_settings_refusal(scenario: Scenario, settings: ClientSettings, context: Context
+                         ) -> str | None:
+    """Why a train message's client settings (rank, alpha, batch size, sequence length,
+    quantization, profile) are not what this client derives from its sealed scenario
+    and, deployed, its own profile (``orders.settings_refusal``); None: they are."""
+    deployed = _deployed(context)
+    if context.node_config.get(MODEL) and context.run_config:  # resolved against the
+        scenario = scenario_from_flat(context.run_config)  # base, as the server did
+    allowed = allowed_settings(scenario, settings.partition,
+                               declared_profile(context) if deployed else None, deployed)
+    return settings_refusal(scenario, settings, allowed, deployed)
+
+
 def trained_so_far(context: Context) -> int:
     """How many train messages this node has trained for in this run (node state)."""
     record = context.state.config_records.get(TRAINED)
@@ -368,6 +397,7 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     trained = trained_so_far(context)
     reason = (train_refusal(scenario, config, own_floor(context, settings), trained,
                             message.content.config_records.get(secagg.SECAGG))
+              or own_settings_refusal(scenario, settings, context)
               or secagg.threshold_refusal(message))
     if reason is not None:
         listener("refused", _round(message), {"reason": reason})
@@ -463,15 +493,9 @@ def query_message(message: Message, context: Context) -> Message:
     name and device profile (the TOML text, so the server can resolve it) when deployed."""
     if not _deployed(context):
         return keys.reply(message, {keys.PARTITION: _partition_id(context)})
-    profile = str(context.node_config.get(PROFILE, ""))
-    text = ""
-    if profile:
-        from fedtune.planning.profiles import profile_path
-
-        text = profile_path(profile).read_text()
     return keys.reply(message, {keys.PARTITION: -1},
                       identity={keys.CLIENT_NAME: str(context.node_config.get(NAME, "")),
-                                keys.CLIENT_PROFILE: text})
+                                keys.CLIENT_PROFILE: declared_profile(context)})
 
 
 def make_client_app(scenario: Scenario | None = None, listener: Listener = _quiet,

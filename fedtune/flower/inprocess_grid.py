@@ -236,6 +236,7 @@ def _wait_all(futures: set[Future[Message]], timeout: float | None) -> None:
 def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
                         progress: Progress | None = None, verbose: bool = False,
                         resume: Path | None = None, on_replies: OnReplies | None = None,
+                        say: Callable[[str], None] | None = None,
                         **grid_options: Any) -> Path:
     """``fedtune.runs.simulate.simulate`` with the same contract (checks before any
     file, the run directory, ``SimulationError`` on failure) on an :class:`InProcessGrid`
@@ -246,11 +247,14 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
     from fedtune.flower.server_app import run_federation
     from fedtune.runs import SimulationError
     from fedtune.runs.rundir import new_run_dir
-    from fedtune.runs.simulate import completed, preflight
+    from fedtune.runs.simulate import check_output_folder, completed, preflight
 
     del verbose  # nothing of the engine's to show
+    check_output_folder(out_dir or scenario.run.out_dir, resume)
     preflight(scenario)
     run_dir = resume or new_run_dir(out_dir or scenario.run.out_dir, scenario.run.name)
+    if say is not None:
+        say(f"run directory {run_dir}")
     threads = torch.get_num_threads()  # the ClientApp sets simulation.cpus_per_client
     with InProcessGrid(make_client_app(scenario), scenario.data.num_clients,
                        **grid_options) as grid:
@@ -262,4 +266,4 @@ def simulate_in_process(scenario: Scenario, out_dir: str | Path | None = None,
                                   ) from err
         finally:
             torch.set_num_threads(threads)
-    return completed(scenario, run_dir)
+    return completed(scenario, run_dir, say)

@@ -3,6 +3,7 @@ directory current (a record and a checkpoint after every round)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from fedtune.flower.checkpoint import (
 from fedtune.flower.polling import bounded
 from fedtune.flower.replies import federation_reply_budget
 from fedtune.flower.rounds import OnReplies, announce_end, run_rounds
+from fedtune.flower.stop import RunStopped, StoppableGrid, StopRequest
 from fedtune.flower.strategy import FedtuneStrategy
 from fedtune.planning.client_settings import check_ranks_fit_model, client_settings
 from fedtune.privacy.publish import WITHHELD, adapter_bytes_by_rank, private_round
@@ -33,35 +35,63 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def save_global_adapter(strategy: FedtuneStrategy, scenario: Scenario, out: Path) -> Path | None:
-    """Write the global adapter in peft format (loadable by ``PeftModel.from_pretrained``)."""
-    from fedtune.core.codec import scale_folded_state_dict
-    from fedtune.model.lora import base_model_name, save_folded_adapter
+    """Write the global adapter by the Hub's conventions (see
+    ``fedtune.model.lora.save_global_factors``): peft's files with the configured
+    lora_alpha, the base's tokenizer and a model card, all in one atomic folder."""
+    from fedtune.model.lora import base_model_name, save_global_factors
+    from fedtune.runs.model_card import MODEL_CARD, model_card
 
     adapter = strategy.global_adapter
     if adapter is None:
         return None
-    # Scales folded into B: with lora_alpha == r peft applies exactly B @ A (modules of
-    # another rank get rank_pattern / alpha_pattern entries with the same scale 1).
-    return save_folded_adapter(out / ADAPTER_DIR, scale_folded_state_dict(adapter.factors),
-                               scenario.lora, base_model_name(scenario.model))
+    rounds_done = adapter.round  # rounds aggregated into it
+
+    def extras(folder: Path) -> None:
+        _save_tokenizer(scenario.model.source, folder)
+        card = model_card(scenario, rounds_done, privacy_report(strategy))
+        (folder / MODEL_CARD).write_text(card, encoding="utf-8")
+
+    return save_global_factors(out / ADAPTER_DIR, adapter.factors, scenario.lora,
+                               base_model_name(scenario.model), extras=extras)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(source: str) -> Any:
+    from fedtune.model.loading import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _save_tokenizer(source: str, folder: Path) -> None:
+    """The base's tokenizer beside the adapter. A server that cannot load it (a base that
+    only the clients hold) still exports the adapter, and says why it has none."""
+    try:
+        _tokenizer(source).save_pretrained(folder)
+    except Exception as err:  # noqa: BLE001 - the adapter matters more than its tokenizer
+        log.warning("fedtune: the exported adapter has no tokenizer: could not load the "
+                    "tokenizer of model source %r here: %s", source, err)
 
 
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, progress: Progress | None = None,
     resume: bool = False, on_replies: OnReplies | None = None,
+    stop: StopRequest | None = None, device: dict[str, Any] | None = None,
 ) -> RunRecorder:
     """Run every round of ``scenario`` on ``grid``, recording into ``run_dir`` and saving
     a checkpoint after each completed round; with ``resume``, go on from the run
     directory's checkpoint (see ``fedtune.flower.checkpoint``). ``progress`` hears of
     each round as it ends, ``on_replies`` of each client's reply within a round.
 
-    On a failure the last global adapter (if any round completed) is still exported."""
+    On a failure the last global adapter (if any round completed) is still exported.
+    Once ``stop`` is set the run ends at its next grid call (``fedtune.flower.stop``),
+    "interrupted" with every completed round kept, whatever the round in progress
+    failed with meanwhile."""
     strategy = FedtuneStrategy(scenario)  # validates client settings before any file
     first_round, saved = 1, None
     if resume:
         saved = load_checkpoint(run_dir)
         first_round = restore(strategy, scenario, run_dir, saved)
-    recorder = RunRecorder(run_dir, scenario.to_dict())
+    recorder = RunRecorder(run_dir, scenario.to_dict(), device=device)
     if saved is not None:
         recorder.restore(saved["recorder"])
     report = progress or (lambda record: None)
@@ -93,7 +123,10 @@ def run_federation(
         save_global_adapter(strategy, scenario, run_dir)
         _announce_end(strategy, grid, recorder)
     except BaseException as err:
-        recorder.close("failed", err)
+        if stop:
+            recorder.close("interrupted", stop.reason or "interrupted")
+        else:
+            recorder.close("failed", err)
         if strategy.global_adapter is not None:
             save_global_adapter(strategy, scenario, run_dir)
         raise
@@ -163,10 +196,13 @@ def make_server_app(
     progress: Progress | None = None,
     resume: bool = False,
     on_replies: OnReplies | None = None,
+    stop: StopRequest | None = None,
+    device: dict[str, Any] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to a scenario and run directory, or reading both from the run
     config (``scenario`` file + ``section.key`` overrides, ``out`` folder or ``run-dir``,
-    ``resume``) when None."""
+    ``resume``) when None; with ``stop``, one that ends "interrupted" once it is set;
+    ``device`` (which device the clients train on, and why) goes into the summary."""
     app = ServerApp()
 
     @app.main()
@@ -184,8 +220,14 @@ def make_server_app(
         resume_run = resume or bool(config.get("resume", False))
         budget = federation_reply_budget(chosen.model.source,
                                          tuple(chosen.lora.target_modules))
-        run_federation(bounded(grid, budget), chosen, target, progress, resume=resume_run,
-                       on_replies=on_replies)
+        grid = bounded(grid, budget)
+        if stop is not None:
+            grid = StoppableGrid(grid, stop)
+        try:
+            run_federation(grid, chosen, target, progress, resume=resume_run,
+                           on_replies=on_replies, stop=stop, device=device)
+        except RunStopped:  # recorded; the engine ends at once on a ServerApp that returns
+            log.info("fedtune: %s", stop.reason if stop else "stopped")
 
     return app
 

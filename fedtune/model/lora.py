@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -27,6 +27,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from fedtune.config import LoraSpec
+from fedtune.core.adapters import LoraFactors
+from fedtune.core.codec import (
+    factors_from_state_dict,
+    scale_folded_state_dict,
+    state_dict_from_factors,
+)
 from fedtune.core.files import atomic_directory
 from fedtune.core.init import seeded_latent_basis, seeded_lora_A
 from fedtune.model.loading import base_model_name
@@ -44,6 +50,9 @@ __all__ = [
     "load_adapter_state",
     "load_frozen_global",
     "reset_lora",
+    "exported_update",
+    "save_folded_adapter",
+    "save_global_factors",
     "save_peft_adapter",
     "training_adapter",
     "uninstall_latent",
@@ -373,13 +382,14 @@ def _export_config(
 ) -> LoraConfig:
     """Config for the saved tensors, whose rank may differ from training (e.g. stacking).
 
-    The scale alpha/rank is preserved unless ``alpha`` is given; modules whose rank differs
-    from the main one get ``rank_pattern``/``alpha_pattern`` entries with the same scale.
+    By default ``r`` and ``lora_alpha`` are the configured ones (peft's convention: the
+    factors are as trained, at scale alpha / r); ``rank``/``alpha`` override them. Modules
+    whose rank differs from ``r`` get ``rank_pattern``/``alpha_pattern`` entries with the
+    same scale alpha / r.
     """
     ranks = _module_ranks(state)
-    main_rank = rank if rank is not None else Counter(ranks.values()).most_common(1)[0][0]
-    if alpha is None:
-        alpha = spec.alpha if main_rank == spec.rank else spec.scale * main_rank
+    main_rank = spec.rank if rank is None else rank
+    alpha = spec.alpha if alpha is None else alpha
     scale = alpha / main_rank
     odd = {module: r for module, r in sorted(ranks.items()) if r != main_rank}
     return _lora_config(
@@ -399,11 +409,13 @@ def save_peft_adapter(
     base_model_name: str,
     rank: int | None = None,
     alpha: float | None = None,
+    extras: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a standard peft adapter folder atomically; returns its path.
 
-    ``rank``/``alpha`` override the spec when the exported tensors were re-shaped by the
-    aggregator; by default the rank is read from the tensors.
+    ``state`` holds the factors at the scale ``alpha / rank`` (by default the spec's);
+    ``extras(folder)`` writes more files into the folder before it appears (tokenizer,
+    model card), so a reader never sees an adapter without them.
     """
     out = Path(out_dir)
     config = _export_config(state, spec, base_model_name, rank, alpha)
@@ -411,13 +423,58 @@ def save_peft_adapter(
     with atomic_directory(out) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if extras is not None:
+            extras(tmp)
     return out
 
 
+def save_global_factors(
+    out_dir: str | Path,
+    factors: Mapping[str, LoraFactors],
+    spec: LoraSpec,
+    base_model_name: str,
+    extras: Callable[[Path], None] | None = None,
+) -> Path:
+    """Export a global adapter by peft's conventions: ``lora_alpha`` and ``r`` as
+    configured (``spec``) and every module's factors at the configured scale alpha / r.
+
+    Factors an aggregator keeps at that scale (fedavg, ffa, fedsb, lorafair, and zeropad
+    / hetlora when the clients share it) are written exactly as they are: what a client
+    of the scenario's settings would load to go on training. Factors held at another
+    scale (1 after a recompression: flexlora, flora's stack, zeropad with mixed scales)
+    are re-expressed at the configured one, B absorbing the ratio (A untouched), so the
+    update ``scale * B @ A`` is unchanged; modules whose rank is not ``r`` get
+    ``rank_pattern`` / ``alpha_pattern`` entries with the same scale."""
+    target = spec.scale
+    rescaled = {name: LoraFactors(A=f.A, B=f.B * (f.scale / target), scale=target)
+                for name, f in factors.items()}
+    return save_peft_adapter(out_dir, state_dict_from_factors(rescaled), spec,
+                             base_model_name, extras=extras)
+
+
 def save_folded_adapter(out_dir: str | Path, state: dict[str, Tensor], spec: LoraSpec,
-                        base_model_name: str) -> Path:
-    """Save a scale-folded state (its update is exactly B @ A, see
-    ``fedtune.core.codec.scale_folded_state_dict``) as a peft adapter with alpha = rank."""
-    rank = max(_module_ranks(state).values())
-    return save_peft_adapter(out_dir, state, spec, base_model_name, rank=rank,
-                             alpha=float(rank))
+                        base_model_name: str, extras: Callable[[Path], None] | None = None
+                        ) -> Path:
+    """Save a scale-folded state (its update is exactly B @ A, as the server's final
+    message carries it) by peft's conventions (see ``save_global_factors``)."""
+    return save_global_factors(out_dir, factors_from_state_dict(state, 1.0), spec,
+                               base_model_name, extras=extras)
+
+
+def exported_update(folder: str | Path) -> dict[str, Tensor]:
+    """An exported adapter's tensors with each module's peft scale folded into B (its
+    update is exactly B @ A, as ``load_frozen_global`` applies it)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = LoraConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    scales = {}
+    for module, rank in _module_ranks(state).items():
+        alpha = config.alpha_pattern.get(module, config.lora_alpha)
+        expected = config.rank_pattern.get(module, config.r)
+        if expected != rank:
+            raise ValueError(f"{folder}: module {module} has rank {rank} but the config "
+                             f"says {expected}")
+        scales[_PEFT_PREFIX + module] = alpha / rank
+    return scale_folded_state_dict(factors_from_state_dict(state, scales))

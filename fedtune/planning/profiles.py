@@ -1,9 +1,10 @@
 """Device profiles: what a client's hardware allows (memory, quantization, rank, speed).
 
 Federated fine-tuning is heterogeneous by nature; a profile describes one class of real
-device (``clients/profiles/*.toml``) so a simulation can mix them and a real client can
-say what it can afford. ``resolve_profile`` turns a profile into concrete settings for a
-given model using the memory planner; ``assign_profiles`` spreads profiles over clients.
+device (``clients/profiles/*.toml``, shipped in the package: ``fedtune.resources``) so
+a simulation can mix them and a real client can say what it can afford.
+``resolve_profile`` turns a profile into concrete settings for a given model using the
+memory planner; ``assign_profiles`` spreads profiles over clients.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 
 import tomllib
 
-from fedtune.config import REPO_ROOT, LoraSpec
+import fedtune.resources as resources
+from fedtune.config import LoraSpec
 from fedtune.model.memory import (
     DEVICES,
     QUANTIZATIONS,
@@ -31,7 +33,6 @@ from fedtune.model.memory import (
 )
 from fedtune.privacy.floor import PrivacyFloor
 
-PROFILE_DIR = REPO_ROOT / "clients" / "profiles"
 AUTO = "auto"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PROPORTION_TOLERANCE = 1e-6
@@ -141,24 +142,28 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def bundled_profiles() -> list[str]:
-    """Names of the profiles shipped in ``clients/profiles/``."""
-    return sorted(path.stem for path in PROFILE_DIR.glob("*.toml"))
+    """Names of the profiles shipped with fedtune (``clients/profiles/`` in the repository)."""
+    return resources.names("profile")
 
 
 def profile_path(name_or_path: str | Path) -> Path:
+    """A profile file by path, or a bundled profile by name; ``ProfileError`` names what
+    is missing (with the bundled names: none listed means a broken installation)."""
     text = str(name_or_path)
     path = Path(text).expanduser()
     if isinstance(name_or_path, Path) or "/" in text or text.endswith(".toml"):
-        if not path.is_file():
-            raise ProfileError(f"profile file {text!r} does not exist ({path.resolve()})")
-        return path
-    bundled = PROFILE_DIR / f"{text}.toml"
-    if not bundled.is_file():
+        if path.is_file():
+            return path
+        bundled = resources.from_repository_path(text)  # clients/profiles/NAME.toml
+        if bundled is not None:
+            return bundled
+        raise ProfileError(f"profile file {text!r} does not exist ({path.resolve()})")
+    if text not in bundled_profiles():
         raise ProfileError(
             f"unknown device profile {text!r}; bundled profiles: "
             f"{', '.join(bundled_profiles()) or '(none)'} (or pass a path to a .toml file)"
         )
-    return bundled
+    return resources.path("profile", text)
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:

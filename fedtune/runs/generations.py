@@ -183,12 +183,10 @@ def greedy_replies(model: torch.nn.Module, tokenizer: Any, prompts: list[str],
 
 
 def _adapter_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The final adapter's tensors (scale folded in: its update is exactly B @ A)."""
-    from safetensors.torch import load_file
+    """The final adapter's tensors, its peft scales folded in (the update is B @ A)."""
+    from fedtune.model.lora import exported_update
 
-    from fedtune.model.lora import ADAPTER_WEIGHTS
-
-    return load_file(str(Path(run_dir) / ADAPTER_DIR / ADAPTER_WEIGHTS))
+    return exported_update(Path(run_dir) / ADAPTER_DIR)
 
 
 def generate(scenario: Scenario, run_dir: Path) -> list[Generation]:

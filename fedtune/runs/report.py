@@ -132,7 +132,7 @@ def rounds_table(summary: dict[str, Any]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _scenario_toml(scenario: dict[str, Any]) -> str:
+def scenario_toml(scenario: dict[str, Any]) -> str:
     import tomli_w
 
     def plain(value: Any) -> Any:
@@ -212,6 +212,6 @@ def render_report(summary: dict[str, Any], generations: list[dict[str, Any]] | N
             f"<h1>fedtune run: {html.escape(name)}</h1><p>{' · '.join(facts)}</p>"
             f"{''.join(plots)}<h2>Rounds</h2>{rounds_table(summary)}"
             f"{generations_table(generations or [])}"
-            f"<h2>Scenario</h2><pre>{html.escape(_scenario_toml(scenario), quote=False)}</pre>"
+            f"<h2>Scenario</h2><pre>{html.escape(scenario_toml(scenario), quote=False)}</pre>"
             f"</body></html>")
 

@@ -87,6 +87,8 @@ class RunRecorder:
     error: str | None = None
     #: privacy plan and outcome (noise multiplier, epsilon spent, early stop), when DP is on
     privacy: dict[str, Any] | None = None
+    #: simulations: which device the clients train on, their GPU share, and why
+    device: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         private_folder(self.path)
@@ -136,6 +138,7 @@ class RunRecorder:
             "totals": self.totals(),
             "eval_tokens": eval_tokens(self.scenario),
             **({"privacy": self.privacy} if self.privacy is not None else {}),
+            **({"device": self.device} if self.device is not None else {}),
         }
 
     def totals(self) -> dict[str, Any]:
@@ -187,10 +190,13 @@ class RunRecorder:
             fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
         plt.close(fig)
 
-    def close(self, status: str, error: BaseException | None = None) -> None:
+    def close(self, status: str, error: BaseException | str | None = None) -> None:
+        """Final status; ``error`` is the exception that ended the run or why it stopped."""
         self.status = status
-        if error is not None:
+        if isinstance(error, BaseException):
             self.error = f"{type(error).__name__}: {error}"
+        elif error is not None:
+            self.error = error
         self.write_summary()
         self._metrics.close()
         try:

@@ -16,13 +16,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedtune.aggregation import Aggregator, Capabilities, register, unregister
 from fedtune.aggregation.base import example_weights, next_round
 from fedtune.config import load_scenario
 from fedtune.core.adapters import ClientUpdate, GlobalAdapter, LoraFactors
 from fedtune.core.codec import factors_from_state_dict
+from fedtune.model.lora import exported_update
 from tests.support.engine import engine_in_process
 
 TOY = "toy-first-client"
@@ -99,15 +99,14 @@ def test_the_run_completes_with_the_toy_aggregator(toy_run):
 
 def test_the_exported_adapter_is_what_the_toy_rule_gives(toy_run):
     """Recompute the rule from the last round's replies, independently of ``aggregate``,
-    and compare it with the adapter the run exported (scale folded in)."""
+    and compare it with the adapter the run exported (its peft scale folded in)."""
     _, run_dir = toy_run
     last = FirstClientWins.seen[-1]
     ids = sorted(u.client_id for u in last)
     assert len(set(ids)) == 2
     expected = next(u for u in last if u.client_id == ids[0]).factors
     other = next(u for u in last if u.client_id == ids[1]).factors
-    exported = factors_from_state_dict(
-        load_file(run_dir / "adapter" / "adapter_model.safetensors"), 1.0)
+    exported = factors_from_state_dict(exported_update(run_dir / "adapter"), 1.0)
     assert sorted(exported) == sorted(expected)
     for module, factors in expected.items():
         got = dense(exported[module])

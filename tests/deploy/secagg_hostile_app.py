@@ -4,7 +4,9 @@ round it is in (its own count of secure rounds, kept in its node state):
 1. adds 2^31 to one word of its masked vector (the range check must catch it);
 2. sends a junk ciphertext to one neighbour (it must be dropped, the round go on);
 3. does that and claims that another neighbour's shares did not open (two honest
-   clients are left: the round must release nothing of theirs).
+   clients are left: the round must release nothing of theirs);
+4. hands back junk for every share at unmask (the digests set them aside: the others'
+   shares rebuild the seeds, the round is released with its vector in the sum).
 
 Run as ``fedtune client --app tests.deploy.secagg_hostile_app:app``."""
 
@@ -42,6 +44,8 @@ def _cheat(attack_round: int, stage: str, message: Message, reply: Message) -> N
         texts = list(record["ciphertexts"])
         texts[0] = os.urandom(len(texts[0]))
         record["ciphertexts"] = texts
+    if attack_round == 4 and stage == secagg.UNMASK:
+        record["shares"] = [os.urandom(len(bytes(x))) for x in record["shares"]]
     if attack_round == 3 and stage == secagg.OPEN:
         sources = list(message.content.config_records[secagg.SECAGG]["sources"])
         record["rejected"] = [int(sources[-1])]

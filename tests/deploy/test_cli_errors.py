@@ -162,7 +162,7 @@ def test_a_stop_signal_ends_the_serve_block_once_and_a_second_is_only_noted(sign
     from fedtune.deploy import server
 
     cleaned = []
-    with pytest.raises(server._Interrupted) as stopped:  # noqa: SLF001
+    with pytest.raises(server.Interrupted) as stopped:
         with server.stop_signals() as received:
             try:
                 os.kill(os.getpid(), signum)

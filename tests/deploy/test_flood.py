@@ -129,7 +129,7 @@ def _bloated(tmp: Path, keys) -> dict | None:
     clients: list[h.Proc] = []
     try:
         run_dir = h.run_dir_of(server)
-        clients = _clients(tmp, port, keys, files, {2: "tests.deploy.bloated_app:app"})
+        clients = _clients(tmp, port, keys, files, {2: "tests.deploy.bloat_app:gigabytes"})
         code = server.wait(400)
     finally:
         peak = memory.stop()

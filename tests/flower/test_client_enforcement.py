@@ -177,6 +177,8 @@ def test_the_declared_dp_is_the_scenarios():
 SEALED = ["run.rounds=2", 'privacy.mode="distributed"', "privacy.noise_multiplier=1.0",
           "privacy.clip_norm=0.05", "privacy.min_clients=2", "privacy.sample_noise_multiplier=1.0",
           "train.steps=2"]
+#: ... and sealed with secure aggregation (the threshold attack needs it)
+SEALED_SECURE = [*SEALED, "privacy.secure_aggregation=true"]
 #: what each attack of ``evil_server.ATTACKS`` must be refused with (None: it trains)
 REFUSED = {"honest": None,
            "dp-fields = B": "dp-fields = 'B'; the run's sealed scenario orders dp-fields = 'A,B'",
@@ -188,22 +190,39 @@ REFUSED = {"honest": None,
            "weaker delta": "dpsgd-delta = 0.5; the run's sealed scenario orders dpsgd-delta",
            "smaller noise share": "dp-noise-std = 1e-06",
            "sparse upload": "upload-density = 0.01",
+           "threshold 1": "privacy.secagg_threshold = 1 is below 2",
+           "larger batch": "client.batch_size = 64; the run's sealed scenario orders "
+                           "client.batch_size = ",  # the scenario's (8 tiny, 4 deployed)
+           "shorter sequences": "client.seq_len = 8; the run's sealed scenario orders "
+                                "client.seq_len = 32",
+           "larger rank": "client.rank = 8; the run's sealed scenario orders client.rank = 4",
+           "larger alpha": "client.alpha = 80.0; the run's sealed scenario orders "
+                           "client.alpha = 8.0",
+           "other quantization": "client.quantization = 'nf4'; the run's sealed scenario "
+                                 "orders client.quantization = 'none'",
+           "more steps": "sets train.steps = 1000, which the run's sealed scenario does not "
+                         "order",
+           "larger lr": "sets train.lr = 1.0, which the run's sealed scenario does not order",
            "past run.rounds": "it has trained 2 times in this run, the sealed run.rounds = 2"}
 
 
-def check_attacked(captured, names=None):
+def check_attacked(captured, names=None, secure=False):
     """Each attack (of ``names``, or all) refused with its setting named, the honest
-    rounds trained, and what they sent back: the noised update, no number about the data."""
-    from tests.flower.evil_server import ATTACKS
+    rounds trained, and what they sent back: the noised update, no number about the data
+    (under secure aggregation: the train stage's two public keys, no update at all)."""
+    from tests.flower.evil_server import played
 
-    assert [c["attack"] for c in captured] == [name for name, _ in ATTACKS
-                                               if names is None or name in names]
+    assert [c["attack"] for c in captured] == played(names, secure)
     share = 1.0 * 0.05 / 2 ** 0.5  # z C / sqrt(min_clients)
     for got in captured:
         want = REFUSED[got["attack"]]
         if want is None:
             assert "refused" not in got, got
             assert set(got["metrics"]) <= DP_REPLY_METRICS, got["metrics"]
+            if secure:
+                assert set(got["records"]) == {"secagg", keys.METRICS}, got["records"]
+                assert got["secagg"] == ["pk1", "pk2"], got["secagg"]
+                continue
             assert set(got["records"]) == {keys.ADAPTER, keys.METRICS}
             # both factors carry this client's noise share: far more than the clip allows
             assert min(got["delta_norm"].values()) > 10 * share, got["delta_norm"]
@@ -217,8 +236,10 @@ def check_attacked(captured, names=None):
 def test_a_malicious_server_is_refused_each_setting_the_scenario_does_not_order(tmp_path):
     """On the in-process Grid, the real ClientApp reading its scenario from the run
     config (as a deployed client does): ``evil_server`` asks for dp-fields = B, a frozen
-    A, no DP-SGD, a weaker z, C and delta, a smaller noise share, a sparse upload, and a
-    train message past run.rounds. Each is refused, the setting named."""
+    A, no DP-SGD, a weaker z, C and delta, a smaller noise share, a sparse upload, other
+    client settings (batch size, sequence length, rank, alpha, quantization), steps and a
+    learning rate of its own, and a train message past run.rounds. Each is refused, the
+    setting named."""
     from tests.flower.evil_server import attack
 
     scenario = load_scenario("tiny", SEALED)
@@ -227,6 +248,19 @@ def test_a_malicious_server_is_refused_each_setting_the_scenario_does_not_order(
         captured = attack(grid, scenario)
     check_attacked(captured)
     assert all(c["refused"].startswith("client 0 refuses") for c in captured if "refused" in c)
+
+
+def test_the_deployed_attacks_under_secure_aggregation_in_process(tmp_path):
+    """What the real-process malicious server plays (``evil_server.DEPLOYED``, a run
+    sealed with secure aggregation, the threshold 1 attack included), on the in-process
+    Grid: the same refusals, and the honest train stages answered with two keys only."""
+    from tests.flower.evil_server import DEPLOYED, attack
+
+    scenario = load_scenario("tiny", [*SEALED_SECURE, "data.num_clients=2"])
+    with InProcessGrid(make_client_app(), scenario.data.num_clients,
+                       run_config=scenario.to_flat()) as grid:
+        captured = attack(grid, scenario, DEPLOYED)
+    check_attacked(captured, DEPLOYED, secure=True)
 
 
 def test_under_dpsgd_alone_a_reply_carries_the_update_and_the_expected_count(tmp_path):
@@ -247,6 +281,21 @@ def test_under_dpsgd_alone_a_reply_carries_the_update_and_the_expected_count(tmp
     rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
     assert rounds[0]["clients_replied"] == len(train)
     assert rounds[0]["train_loss"] is None
+    # the epsilon each client reports is Google's dp-accounting's for what it ran: the
+    # sealed steps of Poisson-sampled Gaussian updates, q = its batch / its own blocks
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from fedtune.train.batches import client_batch
+
+    for reply in train:
+        metrics = dict(reply.content.metric_records[keys.METRICS])
+        blocks = client_batch(scenario, int(metrics[keys.PARTITION])).train.input_ids.shape[0]
+        accountant = RdpAccountant()
+        accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+            min(1.0, 3 / blocks), dp_accounting.GaussianDpEvent(1.0)), 2))
+        assert metrics[keys.SAMPLE_EPSILON] == pytest.approx(
+            accountant.get_epsilon(scenario.privacy.delta), rel=1e-2)
 
 
 def test_under_secure_aggregation_the_record_must_be_what_the_scenario_orders():
@@ -318,3 +367,44 @@ def test_the_1001st_train_message_of_a_1000_round_run_is_refused():
     assert not trained.has_error()
     assert again.error.reason.endswith("it has trained 1000 times in this run, the sealed "
                                        "run.rounds = 1000")
+
+
+def test_a_deployed_client_with_a_profile_takes_the_servers_resolution_only(tmp_path):
+    """Deployed clients (named, own data files; the first declares the phone profile) on
+    the in-process Grid with the real strategy: the server resolves the profile (here at
+    the federation's fixed rank, fedavg needing one rank) and the client trains with
+    that; a message asking it for another batch size than its own profile's is refused,
+    naming the profile; and so is one for a client without a profile."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.flower.strategy import FedtuneStrategy
+    from tests.deploy.harness import client_files
+
+    scenario = load_scenario("tiny", ["run.rounds=2", "train.steps=1", "data.num_clients=3"])
+    files = client_files(tmp_path / "data", 3)
+    configs = [{"name": f"c{i}", "data-path": str(f), "profile": "phone-class-4gb" if i == 0
+                else ""} for i, f in enumerate(files)]
+    strategy = FedtuneStrategy(scenario)
+    with InProcessGrid(make_client_app(scenario), 3, node_configs=configs) as grid:
+        strategy.discover(grid)
+        phone, plain = (next(n for n, p in strategy.node_partition.items() if p == i)
+                        for i in (0, 1))
+        honest = strategy._train_messages([phone, plain], 1)
+        replies = grid.send_and_receive(honest, timeout=300)
+        attacked = []
+        for node in (phone, plain):
+            message = strategy._train_messages([node], 2)[0]
+            config = dict(message.content.config_records[keys.CONFIG])
+            config["client.batch_size"] = 64
+            message.content[keys.CONFIG] = ConfigRecord(config)
+            attacked.append(grid.send_and_receive([message], timeout=300)[0])
+    assert not any(r.has_error() for r in replies), [r.error.reason for r in replies
+                                                     if r.has_error()]
+    settings = strategy.population.settings_for(phone)
+    assert (settings.profile, settings.batch_size, settings.rank) == ("phone-class-4gb", 1, 4)
+    assert attacked[0].error.reason == (
+        "client 'c0' refuses to train: the message asks for client.batch_size = 64; the "
+        "run's sealed scenario and this client's profile order client.batch_size = 1")
+    assert attacked[1].error.reason == (
+        "client 'c1' refuses to train: the message asks for client.batch_size = 64; the "
+        "run's sealed scenario orders client.batch_size = 8")

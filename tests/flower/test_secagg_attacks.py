@@ -260,16 +260,17 @@ def test_the_real_client_app_refuses_threshold_1_and_the_run_completes(tmp_path,
     assert len(refused_at_train) == 8, dropped  # 4 clients x 2 rounds, before training
 
 
-def _attacker(default: ClientApp, attack_by_round: dict[int, Attack]) -> Callable:
-    """The real ClientApp for every client; partition 3 rewrites its replies, by the
-    number of secure rounds it has trained in."""
+def _attacker(default: ClientApp, attack_by_round: dict[int, Attack], bad: int = 3
+              ) -> Callable:
+    """The real ClientApp for every client; partition ``bad`` rewrites its replies, by
+    the number of secure rounds it has trained in."""
     trained = itertools.count(1)
     current = [0]
 
     def app(message: Message, context: Context) -> Message:
         reply = default(message=message, context=context)
         record = message.content.config_records.get(secagg.SECAGG)
-        if int(context.node_config["partition-id"]) != 3 or record is None or \
+        if int(context.node_config["partition-id"]) != bad or record is None or \
                 reply.has_error():
             return reply
         if record["stage"] == secagg.TRAIN:
@@ -314,6 +315,32 @@ def test_a_federation_with_distributed_dp_survives_a_malicious_client(tmp_path, 
     log = caplog.text
     assert "round 1 failed: secure aggregation: 1 of" in log and "outside" in log
     assert "round 3 failed: secure aggregation: after open, 2 nodes are left" in log
+
+
+def test_a_five_client_run_completes_with_the_bad_client_dropped(tmp_path):
+    """(c), the issue's case: five clients, the real ClientApp, strategy and round loop.
+    Round 1 the bad client sends garbage ciphertexts to every neighbour: it is dropped
+    at open and the four honest clients' sum is released; round 2 it sends junk shares
+    at unmask: they are set aside by the digests (its masked vector is in the sum, its
+    masks removed with the others' shares) and the round is released. The run
+    completes (before, round 1 raised RoundFailedError out of run_rounds)."""
+    scenario = load_scenario("tiny", [
+        "privacy.secure_aggregation=true", "run.rounds=2", "train.steps=1",
+        "data.num_clients=5", "data.max_eval_sequences=2", "privacy.secagg_threshold=3"])
+    run_dir = new_run_dir(tmp_path, "attacked")
+    app = _attacker(make_client_app(scenario), {1: junk_to(4), 2: junk_shares}, bad=4)
+    with InProcessGrid(app, scenario.data.num_clients) as grid:
+        run_federation(grid, scenario, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    trained = [r for r in summary["rounds"] if r["round"] >= 1]
+    assert [r.get("secagg_failed", 0) for r in trained] == [0, 0]
+    assert [r["clients_replied"] for r in trained] == [4, 5]
+    assert [r["secagg_dropped"] for r in trained] == [1, 1]
+    first, second = (" ".join(r["dropped"]) for r in trained)
+    assert "could not open the shares" in first, first
+    assert "unmask" in second, second
+    assert summary["rounds"][-1]["eval_loss"] is not None
 
 
 def test_a_share_sent_twice_at_unmask_is_set_aside():
