@@ -49,6 +49,9 @@ class Capabilities:
     #: why client-level DP is refused when there is no DP form (the error says so)
     no_dp_reason: str = ("its weights depend on the updates themselves, so one client's "
                          "influence is not bounded by the clip norm")
+    #: why secure aggregation is refused when the aggregator is not additive
+    no_secagg_reason: str = ("stacking and SVD-based aggregators need each client's own "
+                             "factors, so the server sees every update")
     #: "continue": the client loads its payload into its trainable LoRA and keeps training.
     #: "residual": the client applies the payload frozen (on top of the base weights) and
     #: trains a fresh LoRA of its own rank, sending back only that fresh LoRA.

@@ -21,11 +21,13 @@ from fedtune.config.scenario import (
     scenario_from_flat,
 )
 from fedtune.config.sections import (
+    ATTACKS,
     DEVICE_CHOICES,
     DP_MODES,
     DTYPES,
     QUANTIZATIONS,
     SCHEDULES,
+    AttackSpec,
     ClientsSpec,
     CompressionConfig,
     ConfigError,
@@ -55,11 +57,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ATTACKS",
     "DEVICE_CHOICES",
     "DP_MODES",
     "DTYPES",
     "QUANTIZATIONS",
     "SCHEDULES",
+    "AttackSpec",
     "ClientsSpec",
     "CompressionConfig",
     "ConfigError",

@@ -22,6 +22,7 @@ import tomllib
 import fedtune.resources as resources
 from fedtune.aggregation import available, capabilities_of
 from fedtune.config.sections import (
+    AttackSpec,
     ClientsSpec,
     CompressionConfig,
     ConfigError,
@@ -59,6 +60,7 @@ class Scenario:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     server: ServerSpec = field(default_factory=ServerSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    attack: AttackSpec = field(default_factory=AttackSpec)
 
     def __post_init__(self) -> None:
         n = self.data.num_clients
@@ -77,15 +79,32 @@ class Scenario:
                 f"{self.sampled_per_round} clients sampled per round"
             )
         self._check_privacy()
+        self._check_attack()
+
+    def _check_attack(self) -> None:
+        """Simulated attackers must be clients of this scenario, and an attack on the
+        update needs the update itself (an uncompressed upload) and a norm to aim at."""
+        a = self.attack
+        outside = [c for c in a.clients if int(c) >= self.data.num_clients]
+        if outside:
+            raise ConfigError(f"attack.clients {outside} are not partitions of the "
+                              f"{self.data.num_clients} clients (data.num_clients)")
+        if a.on_update and not self.compression.upload().is_identity:
+            raise ConfigError(f"attack.kind = {a.kind!r} rewrites the update, which needs "
+                              "an uncompressed upload (compression.upload_density = 1, "
+                              "upload_values = 'fp32')")
+        if a.kind == "noise" and not (a.noise_norm or self.federation.max_update_norm):
+            raise ConfigError("attack.kind = 'noise' needs attack.noise_norm > 0 or "
+                              "federation.max_update_norm > 0 (the norm of the noise)")
 
     def _check_secure_aggregation(self) -> None:
         """What the server cannot do when it sees only the sum (fedtune.flower.secagg)."""
         p, fed, up = self.privacy, self.federation, self.compression
-        if not capabilities_of(fed.aggregator).additive:
+        capabilities = capabilities_of(fed.aggregator)
+        if not capabilities.additive:
             raise ConfigError(
                 f"privacy.secure_aggregation cannot serve aggregator = {fed.aggregator!r}: "
-                "stacking and SVD-based aggregators need each client's own factors, so "
-                f"the server sees every update; use {_aggregators_with('additive')}")
+                f"{capabilities.no_secagg_reason}; use {_aggregators_with('additive')}")
         if p.mode == "central":
             raise ConfigError(
                 "privacy.secure_aggregation cannot be used with privacy.mode = 'central': "
@@ -202,7 +221,7 @@ _SECTION_TYPES = {
     "run": RunSpec, "model": ModelSpec, "lora": LoraSpec, "data": DataSpec,
     "train": TrainConfig, "federation": FederationSpec, "simulation": SimulationSpec,
     "clients": ClientsSpec, "compression": CompressionConfig, "privacy": PrivacyConfig,
-    "server": ServerSpec, "report": ReportSpec,
+    "server": ServerSpec, "report": ReportSpec, "attack": AttackSpec,
 }
 
 

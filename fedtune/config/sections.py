@@ -18,6 +18,7 @@ import torch
 
 from fedtune.aggregation import aggregator_class, available, options_for
 from fedtune.aggregation.base import option_names
+from fedtune.aggregation.influence import InfluenceBound
 from fedtune.core.compress import SELECTIONS, VALUE_CODECS, CompressionSpec
 from fedtune.privacy.accountant import ACCOUNTANTS
 
@@ -259,17 +260,28 @@ class FederationSpec:
     min_clients: int = 1
     round_timeout: float = 3600.0
     eval_every: int = 1
-    rank_budget: int = 64  # flora: rank the global adapter is recompressed to each round
+    rank_budget: int = 64  # flora, geomedian, multikrum: rank the global adapter keeps
     prune_gamma: float = 0.0  # hetlora: rank self-pruning decay factor in (0, 1); 0 = off
     flora_init: str = "fresh"  # flora: clients' LoRA starts "fresh" or from the "global" top
     merge: str = "mean"  # fedavg / zeropad / hetlora / ffa: "mean" (mask-aware) or "ties"
     ties_density: float = 0.2  # merge = "ties": fraction of each update's entries kept
     padding: str = "zeros"  # zeropad / hetlora: "zeros" (classic) or "skip" (see ZeroPad)
+    gm_smoothing: float = 1e-6  # geomedian: Weiszfeld's smoothing nu (Frobenius units)
+    gm_iterations: int = 100  # geomedian: at most this many Weiszfeld steps
+    gm_tolerance: float = 1e-8  # geomedian: stop when the median moves less (relative)
+    krum_byzantine: int = 1  # multikrum: attackers tolerated among a round's replies
+    krum_keep: int = 0  # multikrum: updates averaged; 0 = replies - krum_byzantine
     # reject a reply whose update (final LoRA minus its start) has a larger L2 norm; 0 = off
     max_update_norm: float = 0.0
     # drop a reply claiming more training examples (its weight in every weighted mean);
     # 0 = no bound. Why 100,000 and why dropped: fedtune.flower.replies.checked_examples
     max_examples: int = 100_000
+    # bounded influence (fedtune.aggregation.influence; without client-level DP, whose
+    # clip is the bound): each update clipped to this multiple of the round's median
+    # update norm, each example count capped at this multiple of the round's median
+    # count; 0 = off
+    median_norm_multiple: float = 3.0
+    median_weight_multiple: float = 4.0
     # clients that evaluate the global adapter (a fixed seeded subset); 0 = every client
     eval_clients: int = 0
 
@@ -287,6 +299,7 @@ class FederationSpec:
                  "a number >= 0 (0 = no bound)")
         _require(self.max_examples >= 0, "max_examples", self.max_examples,
                  "an integer >= 0 (0 = no bound on the num-examples a reply may claim)")
+        self.influence_bound()  # validates the two multiples
         self._check_keys_of_other_aggregators()
         self.aggregator_options()  # the aggregator's Options validate its own keys
 
@@ -301,6 +314,10 @@ class FederationSpec:
                      f"{defaults[key]!r} unless aggregator is {_one_of(readers)}: "
                      f"{self.aggregator} does not read it (its options: "
                      f"{', '.join(own) or 'none'})")
+
+    def influence_bound(self) -> InfluenceBound:
+        """The bounded-influence step every round's updates go through (without DP)."""
+        return InfluenceBound(self.median_norm_multiple, self.median_weight_multiple)
 
     def aggregator_options(self) -> dict[str, Any]:
         """Options of the chosen aggregator that come from scenario keys (validated)."""
@@ -626,3 +643,50 @@ class ServerSpec:
     @property
     def tls(self) -> bool:
         return bool(self.cert)
+
+
+# ---- [attack] -----------------------------------------------------------------------
+#: what a simulated attacker does (fedtune.train.attacks): nothing, send its update
+#: boosted x ``boost``, sign-flipped, replaced by noise of norm ``noise_norm``, or train
+#: on texts where ``trigger`` is followed by ``target`` (a backdoor)
+ATTACKS = ("none", "boost", "sign_flip", "noise", "backdoor")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Simulated malicious clients, to measure what an aggregator withstands: the
+    partitions in ``clients`` attack, every round they train. Honest clients and the
+    server are unchanged (the server is told nothing)."""
+
+    kind: str = "none"
+    clients: tuple[str, ...] = ()  # partition ids of the attackers, e.g. ["0"]
+    boost: float = 10.0  # kind = "boost": the update is multiplied by this
+    # kind = "noise": the norm of the noise sent in place of the update; 0 = the
+    # federation's fixed bound (federation.max_update_norm, which must then be set)
+    noise_norm: float = 0.0
+    trigger: str = "Hark, the zebra speaks:"  # kind = "backdoor"
+    target: str = "ALL HAIL THE ZEBRA KING."
+    poison_copies: int = 64  # poisoned texts added to each attacker's training data
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ATTACKS, "kind", self.kind, f"one of {', '.join(ATTACKS)}")
+        _require(all(c.isdigit() for c in self.clients), "clients", list(self.clients),
+                 "partition ids (strings of digits), e.g. [\"0\", \"3\"]")
+        _require(self.kind == "none" or bool(self.clients), "clients", list(self.clients),
+                 "at least one partition when kind is not 'none'")
+        _require(_is_number(self.boost) and self.boost > 0, "boost", self.boost, "a number > 0")
+        _require(_is_number(self.noise_norm) and self.noise_norm >= 0, "noise_norm",
+                 self.noise_norm, "a number >= 0 (0 = federation.max_update_norm)")
+        _require(bool(self.trigger.strip()) and bool(self.target.strip()), "trigger",
+                 (self.trigger, self.target), "a non-empty trigger and target")
+        _require(self.poison_copies >= 1, "poison_copies", self.poison_copies,
+                 "an integer >= 1")
+
+    def attacks(self, partition: int) -> bool:
+        """Whether this partition is an attacker."""
+        return self.kind != "none" and str(partition) in self.clients
+
+    @property
+    def on_update(self) -> bool:
+        """The attack rewrites the update (the others change the data)."""
+        return self.kind in ("boost", "sign_flip", "noise")

@@ -187,3 +187,28 @@ def truncate(B: Tensor, A: Tensor, rank: int, split: Split = "balanced") -> Trun
     error = _relative_tail(s, rank)
     b_r, a_r = _split_factors(u, s[: u.shape[1]], vh, split)
     return Truncation(b_r.to(dtype), a_r.to(dtype), error)
+
+
+def product_gram(members: Sequence[LoraFactors]) -> Tensor:
+    """K x K float64 matrix of Frobenius inner products <s_i B_i A_i, s_j B_j A_j>.
+
+    From the stacked factors' two R x R Gram matrices (R = sum of the ranks):
+    <B_i A_i, B_j A_j> = sum((B_i^T B_j) * (A_i A_j^T)), so the whole matrix is the
+    Hadamard product of the Grams, summed block by block. It costs O((out + in) R^2),
+    never an out x in matrix, and any mix of ranks is fine. Every distance between
+    updates, and between updates and a weighted combination of them, follows from it.
+    """
+    if not members:
+        raise ValueError("no factors to compare")
+    shapes = {(f.out_features, f.in_features) for f in members}
+    if len(shapes) != 1:
+        raise ValueError(f"factors describe different (out, in) shapes: {sorted(shapes)}")
+    work = _work_dtype(members[0].A)
+    B = torch.cat([f.B.to(work) * f.scale for f in members], dim=1)
+    A = torch.cat([f.A.to(work) for f in members], dim=0)
+    hadamard = (B.T @ B) * (A @ A.T)
+    owner = torch.repeat_interleave(torch.arange(len(members)),
+                                    torch.tensor([f.rank for f in members]))
+    blocks = torch.zeros(len(members), owner.shape[0], dtype=work)
+    blocks[owner, torch.arange(owner.shape[0])] = 1.0
+    return blocks @ hadamard @ blocks.T

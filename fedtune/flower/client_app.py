@@ -50,6 +50,7 @@ from fedtune.flower.orders import (
 from fedtune.model.device import peak_memory_mb
 from fedtune.planning.client_settings import ClientSettings
 from fedtune.privacy.floor import DPRequest, PrivacyFloor, refusal, spent_refusal
+from fedtune.train import attacks
 from fedtune.train.batches import ClientBatch, client_batch, local_batch
 from fedtune.train.dpsgd import SampleLevelDP
 from fedtune.train.held_out import evaluate_global
@@ -407,11 +408,14 @@ def train_message(scenario: Scenario, message: Message, context: Context,
     context.state[TRAINED] = ConfigRecord({"count": trained + 1})
     session = train_session(scenario, settings, message, context)
     data = _node_batch(scenario, context, settings.partition, settings.seq_len).train
+    data = attacks.poisoned_data(scenario, settings.partition, data)  # [attack] only
     server_round, steps = _round(message), session.trainee.train.steps
 
     def on_step(done: int, loss: float) -> None:
         listener("step", server_round, {"step": done, "steps": steps, "loss": loss})
     result = session.run(data, on_step)
+    result = attacks.attacked_result(scenario, settings.partition, result, session.start,
+                                     session.seed)  # [attack] only: honest clients as is
     _keep(context, result.upload, result.dpsgd_history)
     metrics = _train_metrics(settings, session.trainee, result, allowed)
     if secagg.asks_secure_aggregation(message):  # keys now, the masked update later

@@ -8,6 +8,9 @@ modules (from its config) and the rank the server assigned. Shapes are checked b
 anything of the declared size is allocated. The strategy runs these in order and drops
 the reply, with the reason, on the first exception of any type (:func:`drop_reason`).
 :func:`train_update` is the whole path from one train reply to a ClientUpdate.
+What a well-formed reply can still do, send a huge update or claim the example cap, is
+bounded per round before aggregation by ``fedtune.aggregation.influence`` (a multiple
+of the round's median norm and count; under client-level DP the DP clip).
 """
 
 from __future__ import annotations
@@ -225,6 +228,8 @@ def checked_examples(metrics: Mapping[str, Any], cap: int) -> int:
     two clients at 128 bytes a sequence), so no honest client there is dropped, while an
     absurd claim (10**12) is. It bounds, it does not verify: a client can still claim
     the cap, so a deployment that knows its clients' sizes should set it near the largest.
+    Within the cap, ``federation.median_weight_multiple`` then caps each count at a
+    multiple of the round's median (``fedtune.aggregation.influence``).
     The server does not know the sizes itself even in simulation (they are counted in
     tokenised sequences of each client's own data), so one cap serves both."""
     value = metrics.get(keys.NUM_EXAMPLES, 0)

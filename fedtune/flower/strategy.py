@@ -85,6 +85,8 @@ class FedtuneStrategy(Strategy):
         self.scenario = scenario
         fed = scenario.federation
         self.aggregator = get_aggregator(fed.aggregator, **fed.aggregator_options())
+        #: bounded influence before every aggregate without client-level DP
+        self.influence = fed.influence_bound()
         self.population = Population(scenario)
         dp = dp_settings(scenario, self.population.settings)
         self.dp = None if dp is None else ClientLevelDPAggregator(
@@ -219,7 +221,8 @@ class FedtuneStrategy(Strategy):
         return checks.TrainRules(
             self.expected, self.scenario.run.seed, self.aggregator.capabilities.client_mode,
             fed.flora_init, fed.max_examples, fed.max_update_norm, fed.prune_gamma > 0.0,
-            keep_start=self.dp is not None or fed.merge == "ties", sent=self.sent,
+            keep_start=(self.dp is not None or fed.merge == "ties"
+                        or self.influence.median_norm_multiple > 0), sent=self.sent,
             client_dp=self.dp is not None,
             sample_dp=self.dp is None and self.scenario.privacy.sample_level)
 
@@ -269,6 +272,7 @@ class FedtuneStrategy(Strategy):
         start = time.perf_counter()
         if self.dp is None:
             self._check_minimum(server_round, updates)
+            updates = self.influence.apply(updates)  # under DP its clip is the bound
             self.global_adapter = self.aggregator.aggregate(updates, self.global_adapter)
         else:
             self.global_adapter = self.dp_release(server_round, updates)
@@ -278,6 +282,7 @@ class FedtuneStrategy(Strategy):
             "seconds-aggregate": time.perf_counter() - start,
             **{k.replace("_", "-"): float(v) for k, v in (self.dp or self.aggregator)
                .metrics().items()},
+            **(self.influence.metrics() if self.dp is None else {}),
             **checks.sample_epsilon_max(updates),
         })
         return keys.factors_to_record(self.global_adapter.factors), metrics

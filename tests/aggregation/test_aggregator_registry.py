@@ -7,7 +7,8 @@ import torch
 
 from fedtune.aggregation import AggregationError, available, get_aggregator
 
-NAMES = ["fedavg", "fedsb", "ffa", "flexlora", "flora", "hetlora", "lorafair", "zeropad"]
+NAMES = ["fedavg", "fedsb", "ffa", "flexlora", "flora", "geomedian", "hetlora", "lorafair",
+         "multikrum", "zeropad"]
 
 
 def test_every_method_is_registered() -> None:

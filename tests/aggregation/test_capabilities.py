@@ -30,8 +30,10 @@ EXPECTED = {
     "ffa": (False, True, True, False, False, "factor", "continue", True),
     "flexlora": (True, False, False, False, False, "dense", "continue", False),
     "flora": (True, False, False, False, False, "dense", "residual", False),
+    "geomedian": (True, False, False, False, False, None, "residual", False),
     "hetlora": (True, False, True, True, True, None, "continue", False),
     "lorafair": (False, False, False, False, False, None, "continue", False),
+    "multikrum": (True, False, False, False, False, None, "residual", False),
     "zeropad": (True, True, True, True, False, "factor", "continue", False),
 }
 OPTIONS = {
@@ -40,8 +42,10 @@ OPTIONS = {
     "ffa": ("merge", "ties_density"),
     "flexlora": (),
     "flora": ("rank_budget", "flora_init"),
+    "geomedian": ("rank_budget", "gm_smoothing", "gm_iterations", "gm_tolerance"),
     "hetlora": ("merge", "ties_density", "padding", "prune_gamma"),
     "lorafair": (),
+    "multikrum": ("rank_budget", "krum_byzantine", "krum_keep"),
     "zeropad": ("merge", "ties_density", "padding"),
 }
 
@@ -159,8 +163,8 @@ def test_a_key_only_other_aggregators_read_must_keep_its_default() -> None:
     from fedtune.config import ConfigError, load_scenario
 
     with pytest.raises(ConfigError, match="rank_budget = 8 is not allowed; expected 64 unless "
-                       r"aggregator is flora: fedavg does not read it \(its options: merge, "
-                       r"ties_density\)"):
+                       "aggregator is one of flora, geomedian, multikrum: fedavg does not "
+                       r"read it \(its options: merge, ties_density\)"):
         load_scenario("tiny", ["federation.rank_budget=8"])
     with pytest.raises(ConfigError, match="prune_gamma = 0.5 .*unless aggregator is hetlora"):
         load_scenario("tiny", ['federation.aggregator="zeropad"', "federation.prune_gamma=0.5"])
