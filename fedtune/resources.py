@@ -30,11 +30,18 @@ class BundledFileMissing(LookupError):
 
 def folder(kind: str) -> Path:
     """The folder of bundled files of ``kind`` (``scenario``, ``profile``, ``server``)."""
-    inside, _ = KINDS[kind]
-    found = files("fedtune") / "bundled" / inside
+    inside, repository_folder = KINDS[kind]
+    package = files("fedtune")
+    found = package / "bundled" / inside
     if not isinstance(found, Path):  # a zipped install: not supported, say so
         raise BundledFileMissing(f"fedtune's bundled {kind} files are not on the file "
                                  f"system ({found}); install fedtune unzipped")
+    if not found.is_dir():
+        # a Flower app bundle (`flwr run`): flwr copies the project's files but not the
+        # symbolic links, so the top-level folders sit beside the package instead
+        beside = found.parents[2] / repository_folder
+        if beside.is_dir():
+            return beside
     return found
 
 

@@ -16,16 +16,17 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 # the attacked deployment (the longest modules: local users and a hostile server, an
 # outsider's flood, a hostile SecAgg client), the SDK's documented snippets and the
-# example app
+# example app, and `fedtune simulate` stopped by a signal and resumed (two engine runs:
+# here to even the groups' walls)
 ATTACKS=(tests/deploy/test_security.py tests/deploy/test_flood.py
-         tests/deploy/test_secagg_hostile.py tests/sdk/test_docs.py tests/examples)
+         tests/deploy/test_secagg_hostile.py tests/sdk/test_docs.py tests/examples
+         tests/test_simulate_lifecycle.py)
 # every other process test: the hostile client, the deployment's failures and restarts,
 # the SDK, `flwr run` (a SuperLink and Flower's engine: the one engine run outside the
-# Flower group), the built wheel used from outside the checkout (its own engine run), and
-# `fedtune simulate` stopped by a signal and resumed (two engine runs). A folder named here must not be named by another group: pytest does not
-# apply --ignore to a folder given on its command line.
+# Flower group), and the built wheel used from outside the checkout (its own engine run).
+# A folder named here must not be named by another group: pytest does not apply --ignore
+# to a folder given on its command line.
 PROCESSES=(tests/deploy tests/sdk tests/flower/test_flwr_run.py tests/test_wheel.py
-           tests/test_simulate_lifecycle.py
            --ignore=tests/deploy/test_security.py --ignore=tests/deploy/test_flood.py
            --ignore=tests/deploy/test_secagg_hostile.py --ignore=tests/sdk/test_docs.py)
 # the Flower layer's in-process federations that start no engine run with the rest

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedtune.config import load_scenario
 from fedtune.core.codec import scale_folded_state_dict
@@ -17,6 +16,7 @@ from fedtune.flower.checkpoint import (
     load_checkpoint,
 )
 from fedtune.flower.inprocess_grid import simulate_in_process
+from fedtune.model.lora import exported_update
 from fedtune.runs import SimulationError
 
 # clients_per_round < num_clients: the sampler's state must survive the restart too
@@ -34,8 +34,8 @@ def _crash_after(round_number):
     return progress
 
 
-def _adapter(run_dir):
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+def _adapter(run_dir):  # the exported update, each module's scale folded into B
+    return exported_update(run_dir / "adapter")
 
 
 @pytest.mark.parametrize("aggregator", ["fedavg"])
