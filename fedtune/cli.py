@@ -151,7 +151,8 @@ def simulate(
                           on_replies=replies, say=say)
         except SimulationInterrupted as stopped:
             status.stop()
-            _say_how_to_continue(stopped)
+            _say_how_to_continue(stopped, "simulate", "Ray and its workers have ended",
+                                 "start it again")
             from fedtune.runs.lifecycle import exit_at_once
 
             exit_at_once(stopped.exit_code)
@@ -167,20 +168,21 @@ def simulate(
     print(run_dir)
 
 
-def _say_how_to_continue(stopped: Any) -> None:
-    """What a stopped simulation leaves and the command that continues it."""
+def _say_how_to_continue(stopped: Any, command: str, what_ended: str,
+                         start_again: str) -> None:
+    """What a stopped run (``fedtune simulate`` or ``fedtune server``) leaves and the
+    command that continues it."""
     import shlex
 
-    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; Ray and its workers have "
-                  "ended")
-    if stopped.completed:
+    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; {what_ended}")
+    if getattr(stopped, "completed", False):
         return
     if stopped.rounds_done:
         console.print(f"checkpoint after round {stopped.rounds_done} kept; continue with: "
-                      + escape(shlex.join(["fedtune", "simulate", "--resume",
+                      + escape(shlex.join(["fedtune", command, "--resume",
                                            str(stopped.run_dir)])))
     else:
-        console.print("no round completed (no checkpoint): start it again")
+        console.print(f"no round completed (no checkpoint): {start_again}")
 
 
 @app.command()
@@ -385,26 +387,13 @@ def server(
                             report=lambda record: console.print(round_line(record, rounds)),
                             announce=lambda text: console.print(escape(text)))
     except ServerStopped as stopped:
-        _say_how_to_resume(stopped)
+        _say_how_to_continue(stopped, "server", "every process of the server has ended",
+                             "start it again with --config")
         raise typer.Exit(stopped.exit_code) from None
     finally:
         os.umask(umask)
     console.print(f"[green]done[/]: run directory {escape(str(run_dir))}")
     print(run_dir)
-
-
-def _say_how_to_resume(stopped: Any) -> None:
-    """What a stopped server leaves and the command that continues it."""
-    import shlex
-
-    console.print(f"[yellow]stopped[/]: {escape(str(stopped))}; every process of the "
-                  "server has ended")
-    if stopped.rounds_done:
-        console.print(f"checkpoint after round {stopped.rounds_done} kept; continue with: "
-                      + escape(shlex.join(["fedtune", "server", "--resume",
-                                           str(stopped.run_dir)])))
-    else:
-        console.print("no round completed (no checkpoint): start it again with --config")
 
 
 @app.command()

@@ -133,15 +133,13 @@ class _OverBudget(Exception):
     pass
 
 
-class BoundedGrid(Grid):
-    """A deployed SuperLink's Grid (flwr's ``HttpGrid``) whose replies are pulled with
-    :func:`pull_bounded`: Flower's own ``pull_messages`` reads every object of a reply
-    into memory before anyone can look at it. A refused reply comes back as an error
-    reply of its sender, its reason logged, and is confirmed so the SuperLink frees it.
-    Everything else is the wrapped Grid's."""
+class WrappedGrid(Grid):
+    """A Grid that hands every call to ``grid``; subclasses change the calls they need.
+    ``send_and_receive`` goes through :func:`exchange` on the wrapper, so its pulls and
+    pushes are the wrapper's own."""
 
-    def __init__(self, grid: Any, budget: ReplyBudget) -> None:
-        self.grid, self.budget = grid, budget
+    def __init__(self, grid: Any) -> None:
+        self.grid = grid
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -157,14 +155,29 @@ class BoundedGrid(Grid):
         return self.grid.get_node_ids()
 
     def get_nodes(self) -> Iterable[Any]:
-        return self.grid.get_nodes()
+        return self.grid.get_nodes()  # type: ignore[no-any-return]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
+        return self.grid.push_messages(messages)  # type: ignore[no-any-return]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)  # type: ignore[no-any-return]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return exchange(self, list(messages), 3600.0 if timeout is None else timeout)
+
+
+class BoundedGrid(WrappedGrid):
+    """A deployed SuperLink's Grid (flwr's ``HttpGrid``) whose replies are pulled with
+    :func:`pull_bounded`: Flower's own ``pull_messages`` reads every object of a reply
+    into memory before anyone can look at it. A refused reply comes back as an error
+    reply of its sender, its reason logged, and is confirmed so the SuperLink frees it.
+    Everything else is the wrapped Grid's."""
+
+    def __init__(self, grid: Any, budget: ReplyBudget) -> None:
+        super().__init__(grid)
+        self.budget = budget
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest

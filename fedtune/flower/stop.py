@@ -17,7 +17,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.flower.polling import exchange
+from fedtune.flower.polling import WrappedGrid
 
 
 class RunStopped(RuntimeError):
@@ -48,38 +48,25 @@ class StopRequest:
             raise RunStopped(self.reason or "stopped")
 
 
-class StoppableGrid(Grid):
+class StoppableGrid(WrappedGrid):
     """``grid``, whose every call first checks ``stop`` (see the module's docstring)."""
 
     def __init__(self, grid: Grid, stop: StopRequest) -> None:
-        self.grid, self.stop = grid, stop
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
+        super().__init__(grid)
+        self.stop = stop
 
     def get_node_ids(self) -> Iterable[int]:
         self.stop.check()
-        return self.grid.get_node_ids()
+        return super().get_node_ids()
 
     def get_nodes(self) -> Iterable[Any]:
         self.stop.check()
-        return self.grid.get_nodes()  # type: ignore[attr-defined,no-any-return]
+        return super().get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         self.stop.check()
-        return self.grid.push_messages(messages)
+        return super().push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         self.stop.check()
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        return exchange(self, list(messages), 3600.0 if timeout is None else timeout)
+        return super().pull_messages(message_ids)
